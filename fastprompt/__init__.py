@@ -1,0 +1,11 @@
+"""fastprompt: parameter-efficient prompt tuning of frozen ViTs at high resolution."""
+
+from fastprompt._compat import import_torchvision
+
+import_torchvision()
+
+from fastprompt.patch import apply, available_methods, count_parameters, merge  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "apply", "available_methods", "count_parameters", "merge"]

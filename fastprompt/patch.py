@@ -1,0 +1,69 @@
+"""`fastprompt.apply`: turn a timm VisionTransformer into a parameter-efficient model in place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from fastprompt.methods import registry
+from fastprompt.methods.registry import available_methods, check_int
+
+__all__ = ["apply", "available_methods", "count_parameters", "merge"]
+
+METHOD_ATTR = "fastprompt_method"
+
+
+def check_vit(model: object) -> VisionTransformer:
+    """Raise a TypeError unless `model` is a timm VisionTransformer."""
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f"fastprompt methods patch timm VisionTransformer models, got {type(model).__name__}; "
+            "create one with timm.create_model('vit_base_patch16_224', ...)"
+        )
+    return model
+
+
+def apply(model: nn.Module, method: str, *, num_classes: int | None = None, **options: Any) -> nn.Module:
+    """Apply a parameter-efficient `method` to a timm ViT and return the model.
+
+    Patch methods (linear, partial, full, bitfit, lora, adapter, vpt, ept) change `model` in place
+    and return the same object; wrapper methods (fpt, fpt+) return a new module around it.
+    Everything the method does not train is frozen. When `num_classes` is given the classifier is
+    reset to that many outputs (and trained).
+    """
+    spec = registry.get_method(method)
+    check_vit(model)
+    if getattr(model, METHOD_ATTR, None) is not None:
+        raise ValueError(
+            f"model already has method {getattr(model, METHOD_ATTR)!r} applied; apply methods to a fresh model"
+        )
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        valid = ", ".join(("num_classes",) + spec.options)
+        raise ValueError(f"unknown option(s) {unknown} for method {spec.name!r}; valid options: {valid}")
+    if num_classes is not None:
+        check_int("num_classes", num_classes, minimum=1)
+        model.reset_classifier(num_classes)
+    model.requires_grad_(False)
+    result = spec.fn(model, **options)
+    setattr(result, METHOD_ATTR, spec.name)
+    return result
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared parameter counted once."""
+    trainable = total = 0
+    for param in model.parameters():  # nn.Module.parameters() already de-duplicates shared tensors
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold mergeable method weights (LoRA) into the frozen weights, in place, for inference."""
+    from fastprompt.methods.lora import merge_lora
+
+    return merge_lora(model)

@@ -1,0 +1,33 @@
+"""Device dispatch shared by every kernel: Triton on CUDA, a memory-lean PyTorch path elsewhere."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """Whether the `triton` package imports on this machine."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in interpreter mode (TRITON_INTERPRET=1), i.e. kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is on a CUDA device and Triton is importable.
+
+    Setting FASTPROMPT_DISABLE_TRITON=1 forces the PyTorch path (for debugging and comparisons).
+    """
+    if os.environ.get("FASTPROMPT_DISABLE_TRITON", "0") == "1" or not triton_importable():
+        return False
+    return all(t.is_cuda for t in tensors)
