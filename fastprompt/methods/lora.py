@@ -69,9 +69,7 @@ def lora(
     if isinstance(targets, str):
         targets = (targets,)
     if not targets or any(t not in LORA_TARGETS for t in targets):
-        raise ValueError(
-            f"option 'targets' must be a non-empty subset of {list(LORA_TARGETS)}, got {targets!r}"
-        )
+        raise ValueError(f"option 'targets' must be a non-empty subset of {list(LORA_TARGETS)}, got {targets!r}")
     for block in model.blocks:
         for name in dict.fromkeys(targets):
             base = getattr(block.attn, name)

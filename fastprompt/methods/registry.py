@@ -50,9 +50,7 @@ def available_methods() -> dict[str, tuple[str, ...]]:
 def get_method(name: str) -> MethodSpec:
     """The spec registered under `name`; a ValueError listing the valid names otherwise."""
     if not isinstance(name, str):
-        raise TypeError(
-            f"method must be a string naming one of {sorted(_REGISTRY)}, got {type(name).__name__}"
-        )
+        raise TypeError(f"method must be a string naming one of {sorted(_REGISTRY)}, got {type(name).__name__}")
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
@@ -68,9 +66,7 @@ def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
     return value
 
 
-def check_float(
-    name: str, value: object, *, minimum: float | None = None, maximum: float | None = None
-) -> float:
+def check_float(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None) -> float:
     """Validate a real-valued option and return it as float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"option {name!r} must be a number, got {type(value).__name__} ({value!r})")
