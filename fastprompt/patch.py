@@ -45,9 +45,16 @@ def apply(model: nn.Module, method: str, *, num_classes: int | None = None, **op
         raise ValueError(f"unknown option(s) {unknown} for method {spec.name!r}; valid options: {valid}")
     if num_classes is not None:
         check_int("num_classes", num_classes, minimum=1)
-        model.reset_classifier(num_classes)
     model.requires_grad_(False)
-    result = spec.fn(model, **options)
+    if spec.wrapper:
+        if num_classes is None:
+            raise ValueError(f"method {spec.name!r} builds a new classifier: pass num_classes=<number of classes>")
+        result = spec.fn(model, num_classes, **options)
+    else:
+        if num_classes is not None:
+            model.reset_classifier(num_classes)
+            model.get_classifier().requires_grad_(False)
+        result = spec.fn(model, **options)
     setattr(result, METHOD_ATTR, spec.name)
     return result
 

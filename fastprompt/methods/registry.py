@@ -17,16 +17,21 @@ class MethodSpec:
     fn: Callable[..., nn.Module]
     options: tuple[str, ...]
     doc: str
+    wrapper: bool
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_method(
+    name: str, *, wrapper: bool = False
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register `fn(model, **options) -> model` under `name`.
 
-    The keyword-only parameters of `fn` are the method's options; `num_classes` is handled by
-    `fastprompt.apply` for every method and must not be one of them.
+    The keyword-only parameters of `fn` are the method's options. For a patch method (the default)
+    `num_classes` is handled by `fastprompt.apply` (it resets the backbone's classifier) and must not be
+    one of them. A `wrapper` method returns a new module around the frozen backbone and receives
+    `num_classes` itself, as its first positional argument after the model.
     """
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -36,7 +41,7 @@ def register_method(name: str) -> Callable[[Callable[..., nn.Module]], Callable[
         params = inspect.signature(fn).parameters.values()
         options = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
         doc = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        _REGISTRY[key] = MethodSpec(name=key, fn=fn, options=options, doc=doc)
+        _REGISTRY[key] = MethodSpec(name=key, fn=fn, options=options, doc=doc, wrapper=wrapper)
         return fn
 
     return decorator
