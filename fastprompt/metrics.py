@@ -1,0 +1,206 @@
+"""Classification metrics on scikit-learn: accuracy, macro one-vs-rest AUC, mAP and per-class multi-label AUC.
+
+Every function takes ``scores`` of shape ``[N, C]`` and ``targets`` (class indices ``[N]`` for single-label
+tasks, 0/1 multi-hot ``[N, C]`` for multi-label tasks). Scores are logits by default (``from_logits=True``):
+softmax for single-label, sigmoid for multi-label; pass ``from_logits=False`` when they already are
+probabilities. A class whose targets hold a single value in the evaluated set has no defined AUC: it is left
+out of the average, named in ``skipped_classes`` and reported with a :class:`SkippedClassWarning` — never
+given another class's value.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.special import expit, softmax
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+
+
+class SkippedClassWarning(UserWarning):
+    """A class was left out of an AUC/AP average because its targets hold a single value."""
+
+
+def _check_scores(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(
+            f"scores must have shape [N, C] with N >= 1 samples and C >= 1 classes, got {scores.shape}; "
+            "stack the model outputs of the evaluated set into one 2-D array"
+        )
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise ValueError(
+            f"scores contain {int(bad.sum())} NaN/inf values (first in sample {row}); the model diverged or "
+            "its outputs overflowed — check the loss and the learning rate before evaluating"
+        )
+    return scores
+
+
+def _check_single_label(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = _check_scores(scores)
+    targets = np.asarray(targets)
+    if scores.shape[1] < 2:
+        raise ValueError(
+            f"single-label scores need one column per class (C >= 2), got {scores.shape}; a binary task "
+            "takes two columns (negative, positive)"
+        )
+    if targets.shape != (scores.shape[0],):
+        raise ValueError(
+            f"single-label targets must be class indices of shape [{scores.shape[0]}], got {targets.shape}; "
+            "for multi-hot targets pass multilabel=True"
+        )
+    if not np.issubdtype(targets.dtype, np.integer):
+        if not np.all(np.equal(np.mod(targets, 1), 0)):
+            raise ValueError("single-label targets must be integer class indices, got fractional values")
+        targets = targets.astype(np.int64)
+    if targets.min() < 0 or targets.max() >= scores.shape[1]:
+        raise ValueError(
+            f"targets hold class indices in [{targets.min()}, {targets.max()}] but scores have "
+            f"{scores.shape[1]} columns; the class list of the model and of the data disagree"
+        )
+    return scores, targets
+
+
+def _check_multilabel(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = _check_scores(scores)
+    targets = np.asarray(targets)
+    if targets.shape != scores.shape:
+        raise ValueError(
+            f"multi-label targets must be multi-hot with the shape of scores {scores.shape}, got {targets.shape}"
+        )
+    if not np.isin(targets, (0, 1)).all():
+        raise ValueError("multi-label targets must be 0/1; threshold soft labels before evaluating")
+    return scores, targets.astype(np.int64)
+
+
+def _probabilities(scores: np.ndarray, *, multilabel: bool, from_logits: bool) -> np.ndarray:
+    if from_logits:
+        return expit(scores) if multilabel else softmax(scores, axis=1)
+    if scores.min() < 0 or scores.max() > 1:
+        raise ValueError("from_logits=False needs probabilities in [0, 1]; pass logits with from_logits=True")
+    return scores
+
+
+def _names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    if class_names is None:
+        return [str(c) for c in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f"got {len(class_names)} class names for {num_classes} score columns")
+    return [str(name) for name in class_names]
+
+
+def _per_class(metric, probs: np.ndarray, onehot: np.ndarray, names: list[str]) -> tuple[dict[str, float], list[str]]:
+    """Apply a binary sklearn metric column by column; classes with a single target value are skipped."""
+    values: dict[str, float] = {}
+    skipped: list[str] = []
+    for c, name in enumerate(names):
+        column = onehot[:, c]
+        if column.min() == column.max():
+            skipped.append(name)
+            continue
+        values[name] = float(metric(column, probs[:, c]))
+    return values, skipped
+
+
+def _warn_skipped(skipped: list[str], what: str) -> None:
+    if skipped:
+        warnings.warn(
+            f"{what}: class(es) {skipped} have a single target value in the evaluated set and were left out "
+            "of the average; evaluate on a set holding positives and negatives of every class",
+            SkippedClassWarning,
+            stacklevel=3,
+        )
+
+
+def _mean(values: dict[str, float]) -> float:
+    return float(np.mean(list(values.values()))) if values else float("nan")
+
+
+def _single_label_auc(probs: np.ndarray, targets: np.ndarray, names: list[str]) -> tuple[dict[str, float], list[str]]:
+    if probs.shape[1] == 2:  # binary: one AUC, on the positive-class score
+        if targets.min() == targets.max():
+            return {}, [names[1]]
+        return {names[1]: float(roc_auc_score(targets, probs[:, 1]))}, []
+    onehot = np.eye(probs.shape[1], dtype=np.int64)[targets]
+    return _per_class(roc_auc_score, probs, onehot, names)
+
+
+def accuracy(scores: np.ndarray, targets: np.ndarray, *, multilabel: bool = False, from_logits: bool = True) -> float:
+    """Top-1 accuracy (argmax), or for multi-label the exact-match accuracy at probability 0.5."""
+    if multilabel:
+        scores, targets = _check_multilabel(scores, targets)
+        probs = _probabilities(scores, multilabel=True, from_logits=from_logits)
+        return float(accuracy_score(targets, (probs > 0.5).astype(np.int64)))
+    scores, targets = _check_single_label(scores, targets)
+    return float(accuracy_score(targets, scores.argmax(axis=1)))
+
+
+def macro_auc(
+    scores: np.ndarray, targets: np.ndarray, *, from_logits: bool = True, class_names: Sequence[str] | None = None
+) -> float:
+    """Single-label AUC: the positive-class AUC for 2 classes, else macro one-vs-rest; NaN when undefined."""
+    scores, targets = _check_single_label(scores, targets)
+    probs = _probabilities(scores, multilabel=False, from_logits=from_logits)
+    values, skipped = _single_label_auc(probs, targets, _names(class_names, scores.shape[1]))
+    _warn_skipped(skipped, "AUC")
+    return _mean(values)
+
+
+def multilabel_auc(
+    scores: np.ndarray, targets: np.ndarray, *, from_logits: bool = True, class_names: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Per-class AUC of a multi-label task, keyed by class name; single-value classes are absent (and warned)."""
+    scores, targets = _check_multilabel(scores, targets)
+    probs = _probabilities(scores, multilabel=True, from_logits=from_logits)
+    values, skipped = _per_class(roc_auc_score, probs, targets, _names(class_names, scores.shape[1]))
+    _warn_skipped(skipped, "AUC")
+    return values
+
+
+def mean_average_precision(
+    scores: np.ndarray, targets: np.ndarray, *, from_logits: bool = True, class_names: Sequence[str] | None = None
+) -> float:
+    """Mean over classes of sklearn's average precision (multi-label); single-value classes are skipped."""
+    scores, targets = _check_multilabel(scores, targets)
+    probs = _probabilities(scores, multilabel=True, from_logits=from_logits)
+    values, skipped = _per_class(average_precision_score, probs, targets, _names(class_names, scores.shape[1]))
+    _warn_skipped(skipped, "mAP")
+    return _mean(values)
+
+
+def compute_metrics(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    *,
+    multilabel: bool,
+    from_logits: bool = True,
+    class_names: Sequence[str] | None = None,
+) -> dict:
+    """All metrics of one evaluated set, as a JSON-ready dict.
+
+    Keys: ``acc``, ``auc`` (binary positive-class / macro one-vs-rest / macro over labels), ``per_class_auc``
+    (class name -> AUC, evaluated classes only), ``skipped_classes`` (names whose targets hold one value),
+    and for multi-label also ``map`` and ``per_class_ap``. ``auc``/``map`` are NaN when no class is defined.
+    """
+    if multilabel:
+        scores, targets = _check_multilabel(scores, targets)
+        names = _names(class_names, scores.shape[1])
+        probs = _probabilities(scores, multilabel=True, from_logits=from_logits)
+        per_auc, skipped = _per_class(roc_auc_score, probs, targets, names)
+        per_ap, _ = _per_class(average_precision_score, probs, targets, names)
+        acc = float(accuracy_score(targets, (probs > 0.5).astype(np.int64)))
+        result = {"acc": acc, "auc": _mean(per_auc), "map": _mean(per_ap), "per_class_auc": per_auc}
+        result["per_class_ap"] = per_ap
+    else:
+        scores, targets = _check_single_label(scores, targets)
+        names = _names(class_names, scores.shape[1])
+        probs = _probabilities(scores, multilabel=False, from_logits=from_logits)
+        per_auc, skipped = _single_label_auc(probs, targets, names)
+        acc = float(accuracy_score(targets, probs.argmax(axis=1)))
+        result = {"acc": acc, "auc": _mean(per_auc), "per_class_auc": per_auc}
+    result["skipped_classes"] = skipped
+    _warn_skipped(skipped, "AUC" + ("/mAP" if multilabel else ""))
+    return result
