@@ -1,0 +1,256 @@
+"""Memory per method and resolution: trainable %, bytes saved for backward, peak RSS / GPU peak, batch budget.
+
+python -m benchmarks.memory                       # ViT-B/16 at 224 and 512, batch 1, CPU, every method
+python -m benchmarks.memory --device cuda --precision bf16 --resolutions 512 1024 --budget 24GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import budget, models, results
+from fastprompt import count_parameters
+from fastprompt.profiling import saved_tensor_bytes
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+MB = 1e6
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux); False where that is not possible."""
+    try:
+        CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def read_rss() -> tuple[int, int]:
+    """(current RSS, peak RSS since the last reset) of this process in bytes, from /proc/self/status."""
+    text = STATUS.read_text()
+    current = re.search(r"^VmRSS:\s+(\d+) kB", text, flags=re.MULTILINE)
+    peak = re.search(r"^VmHWM:\s+(\d+) kB", text, flags=re.MULTILINE)
+    if current is None or peak is None:
+        raise OSError("/proc/self/status has no VmRSS/VmHWM lines")
+    return int(current.group(1)) * 1024, int(peak.group(1)) * 1024
+
+
+def measure_step_cpu(step: models.TrainingStep) -> dict[str, int | None]:
+    """Run one training step and return the process's RSS before it and its peak RSS during it."""
+    gc.collect()
+    if not reset_peak_rss():
+        step()
+        return {"rss_before_bytes": None, "peak_rss_bytes": None}
+    before, _ = read_rss()
+    step()
+    _, peak = read_rss()
+    return {"rss_before_bytes": before, "peak_rss_bytes": peak}
+
+
+def measure_step_cuda(step: models.TrainingStep) -> dict[str, int]:
+    """Run one training step and return the CUDA peak allocated and reserved bytes during it."""
+    device = step.images.device
+    gc.collect()
+    torch.cuda.empty_cache()
+    with models.fresh_cuda_peak(device) as peak:
+        step()
+        torch.cuda.synchronize(device)
+        return {"peak_allocated_bytes": peak(), "peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+
+
+def saved_bytes_at(
+    model: torch.nn.Module, args: argparse.Namespace, resolution: int, batch_size: int, device: torch.device
+) -> int:
+    """Bytes saved for backward by the forward pass and loss at `batch_size`."""
+    images, labels = models.synthetic_batch(batch_size, resolution, args.num_classes, device, args.seed)
+    step = models.TrainingStep(model, images, labels, args.precision)
+    return saved_tensor_bytes(step.forward_loss, exclude=model)
+
+
+def cpu_budget_model(fixed: int, saved1: int, saved2: int) -> Callable[[int], int]:
+    """Bytes of a training step at batch b: `fixed` + saved bytes, linear through the measurements at b=1 and b=2."""
+    slope = saved2 - saved1
+    return lambda batch: fixed + saved1 + (batch - 1) * slope
+
+
+def gpu_fits(
+    model: torch.nn.Module, args: argparse.Namespace, resolution: int, device: torch.device, limit: int
+) -> Callable[[int], bool]:
+    """A predicate: does one full training step at batch b stay within `limit` bytes of CUDA memory?"""
+
+    def fits(batch: int) -> bool:
+        images, labels = models.synthetic_batch(batch, resolution, args.num_classes, device, args.seed)
+        try:
+            figures = measure_step_cuda(models.TrainingStep(model, images, labels, args.precision))
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del images, labels
+            gc.collect()
+            torch.cuda.empty_cache()
+        return figures["peak_allocated_bytes"] <= limit
+
+    return fits
+
+
+def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """All memory figures of one (method, resolution) row."""
+    model = models.build_model(
+        variant,
+        args.model,
+        resolution,
+        num_classes=args.num_classes,
+        grad_checkpointing=args.grad_checkpointing,
+        device=device,
+    )
+    trainable, total = count_parameters(model)
+    saved = saved_bytes_at(model, args, resolution, args.batch_size, device)
+    images, labels = models.synthetic_batch(args.batch_size, resolution, args.num_classes, device, args.seed)
+    step = models.TrainingStep(model, images, labels, args.precision)
+    figures = measure_step_cuda(step) if device.type == "cuda" else measure_step_cpu(step)
+    row: dict[str, Any] = {
+        "model": args.model,
+        "method": variant.label,
+        "apply_method": variant.method,
+        "options": variant.options,
+        "resolution": resolution,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "grad_checkpointing": args.grad_checkpointing,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100.0 * trainable / total,
+        "saved_bytes": saved,
+        "param_bytes": models.parameter_bytes(model),
+        "grad_bytes": models.parameter_bytes(model, trainable_only=True),
+        "optimizer_bytes": models.optimizer_state_bytes(step.optimizer),
+        **figures,
+    }
+    if args.budget is not None:
+        row.update(search_budget(model, row, args, device))
+    del step, model
+    gc.collect()
+    return row
+
+
+def search_budget(model: torch.nn.Module, row: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """The largest batch whose training step fits `args.budget` bytes (GPU: measured; CPU: a memory model)."""
+    limit = budget.parse_bytes(args.budget)
+    if device.type == "cuda":
+        fits = gpu_fits(model, args, row["resolution"], device, limit)
+        how = "measured: torch.cuda.max_memory_allocated over one full training step"
+    else:
+        fixed = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
+        saved1 = saved_bytes_at(model, args, row["resolution"], 1, device)
+        saved2 = saved_bytes_at(model, args, row["resolution"], 2, device)
+        total_at = cpu_budget_model(fixed, saved1, saved2)
+        fits = lambda batch: total_at(batch) <= limit
+        how = "model: parameters + gradients + AdamW state + saved-for-backward bytes (linear fit at batch 1 and 2)"
+    batch, probes = budget.largest_fitting(fits, limit=args.budget_limit)
+    return {"budget_bytes": limit, "max_batch": batch, "budget_probes": probes, "budget_method": how}
+
+
+def format_row(row: dict) -> str:
+    """One printed line of the memory table."""
+    peak = row.get("peak_allocated_bytes", row.get("peak_rss_bytes"))
+    parts = [
+        f"{row['method']:<14}",
+        f"{row['resolution']:>5}",
+        f"{row['trainable_pct']:>9.3f}",
+        f"{row['saved_bytes'] / MB:>11.1f}",
+        f"{peak / MB:>10.1f}" if peak is not None else f"{'n/a':>10}",
+    ]
+    if "max_batch" in row:
+        parts.append(f"{row['max_batch']:>9}")
+    return " ".join(parts)
+
+
+def header(device: torch.device, with_budget: bool) -> str:
+    """The printed table's header line."""
+    peak = "GPU peak MB" if device.type == "cuda" else "peak RSS MB"
+    columns = [f"{'method':<14}", f"{'res':>5}", f"{'train %':>9}", f"{'saved MB':>11}", f"{peak:>10}"]
+    if with_budget:
+        columns.append(f"{'max batch':>9}")
+    return " ".join(columns)
+
+
+def output_stem(args: argparse.Namespace) -> str:
+    """The default result file name: suite, model, resolutions, precision, batch and flags."""
+    parts = ["memory", args.model, "r" + "-".join(map(str, args.resolutions)), args.precision, f"b{args.batch_size}"]
+    if args.grad_checkpointing:
+        parts.append("gc")
+    if args.methods:
+        parts.append("m-" + "-".join(args.methods))
+    if args.budget:
+        parts.append(f"budget{args.budget}")
+    return "_".join(re.sub(r"[^A-Za-z0-9.+-]+", "", part) for part in parts)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the memory suite."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[224, 512])
+    parser.add_argument("--methods", nargs="+", help="method labels (default: every registered method)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-classes", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
+    parser.add_argument("--precision", choices=sorted(models.PRECISIONS), default="fp32")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the blocks")
+    parser.add_argument("--budget", help="memory budget, e.g. 24GB: report the largest batch that fits")
+    parser.add_argument("--budget-limit", type=int, default=4096, help="largest batch the budget search tries")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, help="result JSON path (default: benchmarks/results/<device>/...)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    if args.budget is not None:
+        try:
+            budget.parse_bytes(args.budget)
+        except ValueError as error:
+            parser.error(str(error))
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run the memory suite, print its table and write the result JSON; return the JSON path."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+    variants = models.select_variants(args.methods)
+    torch.manual_seed(args.seed)
+    rows = []
+    print(header(device, args.budget is not None))
+    cells = [(resolution, variant) for resolution in args.resolutions for variant in variants]
+    for resolution, variant in tqdm(cells, desc="memory", file=sys.stderr):
+        rows.append(measure(variant, resolution, args, device))
+        tqdm.write(format_row(rows[-1]))
+    config = {key: value for key, value in vars(args).items() if key != "output"}
+    notes = [
+        "saved_bytes: tensors autograd keeps for backward (forward + loss), de-duplicated by storage, "
+        "parameters excluded; device-independent"
+    ]
+    if device.type == "cpu":
+        notes.append(
+            "peak_rss_bytes: process peak RSS (VmHWM, reset before the step) over one full training step "
+            "(forward, backward, AdamW); includes the model, the interpreter and the libraries"
+        )
+    record = results.run_record("memory", device, config, rows, notes)
+    path = results.write_record(record, args.output or results.default_path(record, output_stem(args)))
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

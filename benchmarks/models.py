@@ -1,0 +1,141 @@
+"""What the model-level suites measure: method variants from the registry, model building, one training step."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastprompt
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row label of the tables: a registered method with the options that distinguish it."""
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def registered_variants() -> list[Variant]:
+    """Every registered method with its default options, plus the EPT official-style variant once it exists."""
+    methods = fastprompt.available_methods()
+    variants = [Variant(name, name) for name in methods]
+    if "attention" in methods.get("ept", ()):
+        variants.append(Variant("ept-official", "ept", {"attention": "official"}))
+    return variants
+
+
+def select_variants(labels: list[str] | None) -> list[Variant]:
+    """The variants named by `labels` (all registered ones when None); a ValueError names unknown labels."""
+    variants = registered_variants()
+    if not labels:
+        return variants
+    by_label = {variant.label: variant for variant in variants}
+    unknown = [label for label in labels if label not in by_label]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(by_label)}")
+    return [by_label[label] for label in labels]
+
+
+def build_model(
+    variant: Variant,
+    model_name: str,
+    resolution: int,
+    *,
+    num_classes: int,
+    grad_checkpointing: bool,
+    device: torch.device,
+) -> nn.Module:
+    """A randomly initialised timm model at `resolution` with `variant` applied, in train mode on `device`."""
+    import timm  # imported here, after fastprompt's torchvision shim has run
+
+    backbone = timm.create_model(model_name, pretrained=False, img_size=resolution)
+    if grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    model = fastprompt.apply(backbone, variant.method, num_classes=num_classes, **variant.options)
+    return model.to(device).train()
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision autocast for bf16 on `device`; a no-op for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def synthetic_batch(
+    batch_size: int, resolution: int, num_classes: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images `[B, 3, R, R]` and labels, reproducible from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, resolution, resolution, generator=generator)
+    labels = torch.randint(num_classes, (batch_size,), generator=generator)
+    return images.to(device), labels.to(device)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a training step updates."""
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+@dataclass
+class TrainingStep:
+    """One optimizer step (AdamW) of `model` on a fixed batch; `forward_loss` alone is the forward pass."""
+
+    model: nn.Module
+    images: torch.Tensor
+    labels: torch.Tensor
+    precision: str
+    optimizer: torch.optim.Optimizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        params = trainable_parameters(self.model)
+        if not params:
+            raise ValueError("the model has no trainable parameters; apply a method before benchmarking it")
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def forward_loss(self) -> torch.Tensor:
+        """Forward pass and cross-entropy loss."""
+        with autocast(self.images.device, self.precision):
+            logits = self.model(self.images)
+        return F.cross_entropy(logits.float(), self.labels)
+
+    def __call__(self) -> float:
+        """Forward, backward and optimizer step; returns the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_loss()
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state tensors (after at least one step)."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
+    )
+
+
+def parameter_bytes(model: nn.Module, trainable_only: bool = False) -> int:
+    """Bytes of the model's parameters (only the trainable ones when asked)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@contextlib.contextmanager
+def fresh_cuda_peak(device: torch.device) -> Iterator[Callable[[], int]]:
+    """Reset CUDA peak statistics; yields a function returning the peak bytes allocated since."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    yield lambda: torch.cuda.max_memory_allocated(device)
