@@ -11,6 +11,8 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import fastprompt  # noqa: E402,F401  (repairs the torchvision mismatch before any test module imports timm)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

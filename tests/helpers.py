@@ -1,0 +1,26 @@
+"""Small models and tasks shared by the tests."""
+
+from __future__ import annotations
+
+import fastprompt  # noqa: F401  (runs the torchvision shim before timm)
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+
+def tiny_vit(img_size: int = 32, patch_size: int = 8, num_classes: int = 4, **kwargs) -> VisionTransformer:
+    """A 2-block ViT small enough for CPU tests (embed 32, 4 heads)."""
+    torch.manual_seed(0)
+    options = dict(
+        img_size=img_size, patch_size=patch_size, embed_dim=32, depth=2, num_heads=4, num_classes=num_classes
+    )
+    options.update(kwargs)
+    return VisionTransformer(**options)
+
+
+def learnable_task(num_classes: int = 4, count: int = 16, img_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy images whose class is a per-class colour shift: learnable in a few steps by any method."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(count) % num_classes
+    colours = 2.0 * torch.randn(num_classes, 3, 1, 1, generator=generator)
+    images = 0.3 * torch.randn(count, 3, img_size, img_size, generator=generator) + colours[labels]
+    return images, labels
