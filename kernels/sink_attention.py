@@ -1,0 +1,219 @@
+"""EPT sink attention: softmax over [sink, q kᵀ·scale] with the sink column dropped, times V, in O(N) memory.
+
+The forward keeps only O and the row normaliser lse' = logaddexp(lse, g); the backward is the flash-attention
+backward run with (O, lse'), which gives exact dq, dk, dv, plus one reduction for the sink:
+dg = −exp(g − lse')·Δ with Δ = rowsum(dO ⊙ O). Backends: Triton on CUDA, PyTorch's CPU flash attention on CPU,
+and a query-chunked PyTorch implementation on any other device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastprompt.kernels.dispatch import use_triton
+
+_CHUNK_ELEMENTS = 1 << 24  # logits materialised at once by the chunked backend
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_HEAD_DIM = 256
+
+
+def _check_tensor(name: str, tensor: object) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}; convert it with .float()")
+    return tensor
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor | None, scale: float | None
+) -> float:
+    """Validate shapes, dtypes and devices; return the softmax scale."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, tensor)
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(tensor.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and D")
+    if q.shape[-1] == 0 or q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError(f"q and k need at least one token and one channel, got {tuple(q.shape)}, {tuple(k.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if sink is not None:
+        _check_tensor("sink", sink)
+        if sink.device != q.device:
+            raise ValueError(f"sink is on {sink.device} but q is on {q.device}; move it with .to(q.device)")
+        rows = q.shape[:-1]
+        if sink.dim() > 3 or any(s not in (1, r) for s, r in zip(reversed(sink.shape), reversed(rows))):
+            raise ValueError(f"sink of shape {tuple(sink.shape)} does not broadcast to [B, H, N] = {tuple(rows)}")
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _stat_dtype(q: torch.Tensor) -> torch.dtype:
+    """dtype of the row statistics (lse', scale map, sink): fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _triton_supports(q: torch.Tensor) -> bool:
+    return q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM
+
+
+def _auto_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    if use_triton(q, k, v) and _triton_supports(q):
+        return "triton"
+    return "flash_cpu" if q.device.type == "cpu" else "chunked"
+
+
+def _flash_cpu_forward(q, k, v, g, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+    lse = lse.to(g.dtype)
+    keep = torch.sigmoid(lse - g)
+    return (out * keep.unsqueeze(-1)).to(q.dtype), torch.logaddexp(lse, g), keep
+
+
+def _flash_cpu_backward(dout, q, k, v, out, lse_p, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse_p, 0.0, False, scale=scale
+    )
+
+
+def _query_chunks(q: torch.Tensor, k: torch.Tensor) -> range:
+    batch, heads, n_q, _ = q.shape
+    step = max(1, _CHUNK_ELEMENTS // (batch * heads * k.shape[-2]))
+    return range(0, n_q, step)
+
+
+def _chunked_forward(q, k, v, g, scale):
+    acc = torch.promote_types(q.dtype, torch.float32)
+    k_acc, v_acc = k.to(acc), v.to(acc)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:-1], dtype=g.dtype, device=q.device)
+    chunks = _query_chunks(q, k)
+    for start in chunks:
+        rows = slice(start, start + chunks.step)
+        logits = q[:, :, rows].to(acc) @ k_acc.transpose(-2, -1) * scale
+        lse[:, :, rows] = torch.logsumexp(logits, dim=-1).to(g.dtype)
+        lse_p = torch.logaddexp(lse[:, :, rows], g[:, :, rows]).to(acc)
+        out[:, :, rows] = (torch.exp(logits - lse_p.unsqueeze(-1)) @ v_acc).to(q.dtype)
+    return out, torch.logaddexp(lse, g), torch.sigmoid(lse - g)
+
+
+def _chunked_backward(dout, q, k, v, out, lse_p, scale):
+    acc = torch.promote_types(q.dtype, torch.float32)
+    k_acc, v_acc = k.to(acc), v.to(acc)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k_acc, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v_acc, memory_format=torch.contiguous_format)
+    chunks = _query_chunks(q, k)
+    for start in chunks:
+        rows = slice(start, start + chunks.step)
+        q_c, do_c = q[:, :, rows].to(acc), dout[:, :, rows].to(acc)
+        delta = (do_c * out[:, :, rows].to(acc)).sum(-1, keepdim=True)
+        probs = torch.exp(q_c @ k_acc.transpose(-2, -1) * scale - lse_p[:, :, rows].to(acc).unsqueeze(-1))
+        dv += probs.transpose(-2, -1) @ do_c
+        dlogits = probs * (do_c @ v_acc.transpose(-2, -1) - delta) * scale
+        dq[:, :, rows] = (dlogits @ k_acc).to(q.dtype)
+        dk += dlogits.transpose(-2, -1) @ q_c
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _triton_module():
+    from fastprompt.kernels import sink_attention_triton
+
+    return sink_attention_triton
+
+
+def _forward(backend: str, q, k, v, g, scale):
+    """(O, lse', σ(lse − g)) for g already expanded to [B, H, N] in the statistics dtype."""
+    if backend == "triton":
+        return _triton_module().forward(q, k, v, g, scale)
+    if backend == "flash_cpu":
+        return _flash_cpu_forward(q, k, v, g, scale)
+    return _chunked_forward(q, k, v, g, scale)
+
+
+def _backward(backend: str, dout, q, k, v, out, lse_p, scale):
+    """(dq, dk, dv): the flash-attention backward with the sink-aware normaliser lse'."""
+    if backend == "triton":
+        return _triton_module().backward(dout, q, k, v, out, lse_p, scale)
+    if backend == "flash_cpu":
+        return _flash_cpu_backward(dout, q, k, v, out, lse_p, scale)
+    return _chunked_backward(dout, q, k, v, out, lse_p, scale)
+
+
+def _sink_weight(g: torch.Tensor, lse_p: torch.Tensor) -> torch.Tensor:
+    """Probability mass on the sink, exp(g − lse'), defined as 1 where both are +inf."""
+    return torch.where(g == lse_p, torch.ones_like(g), torch.exp(g - lse_p))
+
+
+class _SinkAttention(torch.autograd.Function):
+    """Saves q, k, v, O, lse' and the expanded sink: nothing with N×N elements."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, backend):
+        out, lse_p, keep = _forward(backend, q, k, v, g, scale)
+        ctx.save_for_backward(q, k, v, g, out, lse_p)
+        ctx.scale, ctx.backend = scale, backend
+        ctx.mark_non_differentiable(keep)
+        return out, keep
+
+    @staticmethod
+    def backward(ctx, dout, _dkeep):
+        q, k, v, g, out, lse_p = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.backend, dout, q, k, v, out, lse_p, ctx.scale)
+        dg = None
+        if ctx.needs_input_grad[3]:
+            delta = (dout.to(g.dtype) * out.to(g.dtype)).sum(-1)
+            dg = -_sink_weight(g, lse_p) * delta
+        return dq, dk, dv, dg, None, None
+
+
+def _sink_attention(q, k, v, sink, scale, return_scale, backend):
+    scale = _check_inputs(q, k, v, sink, scale)
+    g = sink.to(_stat_dtype(q)).expand(q.shape[:-1])
+    out, keep = _SinkAttention.apply(q, k, v, g, scale, backend or _auto_backend(q, k, v))
+    return (out, keep) if return_scale else out
+
+
+def sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    *,
+    scale: float | None = None,
+    return_scale: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention with one extra sink logit per query row (EPT): softmax([g, q kᵀ·scale]) minus the sink column, @ V.
+
+    q, k, v are [B, H, N, D] (any strides); `sink` broadcasts to [B, H, N] (EPT passes logsumexp(prompt, -1) of
+    shape [N]). Returns O [B, H, N, D] in q's dtype, and with `return_scale=True` also the non-differentiable
+    patch-wise scaling σ(lse − g) [B, H, N]. Differentiable in q, k, v and sink; saves O(N) memory for backward.
+    """
+    return _sink_attention(q, k, v, sink, scale, return_scale, None)
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor | None = None, *, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad forward returning (O, lse') with lse' = logaddexp(lse, sink) per row, fp32 [B, H, N] (fp64 inputs: fp64).
+
+    With sink=None this is plain attention and lse' its log-sum-exp.
+    """
+    scale = _check_inputs(q, k, v, sink, scale)
+    stat = _stat_dtype(q)
+    if sink is None:
+        g = torch.full((1, 1, 1), float("-inf"), dtype=stat, device=q.device).expand(q.shape[:-1])
+    else:
+        g = sink.to(stat).expand(q.shape[:-1])
+    with torch.no_grad():
+        out, lse_p, _ = _forward(_auto_backend(q, k, v), q, k, v, g, scale)
+    return out, lse_p

@@ -1,0 +1,204 @@
+"""EPT sink attention: every backend against the materialised reference, forward and backward."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from fastprompt.kernels import attention_forward, sink_attention
+from fastprompt.kernels.reference import ept_attention_reference, sink_attention_reference
+
+sink_module = importlib.import_module("fastprompt.kernels.sink_attention")  # the package attribute is the function
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def make_qkv(batch, heads, tokens, dim, dtype=torch.float32, seed=0):
+    """q, k, v as the strided views timm's Attention produces from one fused qkv projection."""
+    torch.manual_seed(seed)
+    qkv = torch.randn(batch, tokens, 3 * heads * dim, dtype=dtype)
+    return [t.requires_grad_() for t in qkv.reshape(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)]
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def run(fn, q, k, v, sink, dout, **kwargs):
+    """Output and gradients (q, k, v, sink) of fn for upstream gradient dout."""
+    q, k, v, sink = leaves(q, k, v, sink)
+    out = fn(q, k, v, sink, **kwargs)
+    grads = torch.autograd.grad(out, (q, k, v, sink), dout)
+    return out.detach(), grads
+
+
+def assert_matches(fn, q, k, v, sink, dtype, **kwargs):
+    """fn in `dtype` agrees with the fp64 reference in output and all four gradients (relative to their size)."""
+    torch.manual_seed(1)
+    dout = torch.randn(q.shape, dtype=torch.float64)
+    want_out, want_grads = run(sink_attention_reference, *(t.double() for t in (q, k, v, sink)), dout, **kwargs)
+    cast = [t.detach().to(dtype) for t in (q, k, v)]
+    sink = sink.double() if dtype == torch.float64 else sink.float()  # low-precision q, k, v with an fp32 prompt
+    got_out, got_grads = run(fn, *cast, sink, dout.to(dtype), **kwargs)
+    assert got_out.dtype == dtype
+    for name, got, want in zip(("out", "dq", "dk", "dv", "dsink"), (got_out, *got_grads), (want_out, *want_grads)):
+        assert got.shape == want.shape, name
+        assert torch.isfinite(got).all(), name
+        err = (got.double() - want).abs().max().item()
+        assert err <= TOLERANCE[dtype] * max(1.0, want.abs().max().item()), f"{name}: max error {err}"
+
+
+def sink_of_shape(shape, seed=2):
+    torch.manual_seed(seed)
+    return (torch.randn(shape) * 2 + 1).requires_grad_()
+
+
+@pytest.mark.parametrize("tokens", [1, 17, 65])
+@pytest.mark.parametrize("sink_shape", ["n", "bhn", "1h1"])
+def test_cpu_path_matches_reference_fp64(tokens, sink_shape):
+    q, k, v = make_qkv(2, 2, tokens, 32, torch.float64)
+    shape = {"n": (tokens,), "bhn": (2, 2, tokens), "1h1": (1, 2, 1)}[sink_shape]
+    assert_matches(sink_attention, q, k, v, sink_of_shape(shape), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_path_low_precision(dtype):
+    q, k, v = make_qkv(2, 2, 33, 64)
+    assert_matches(sink_attention, q, k, v, sink_of_shape((33,)), dtype)
+
+
+def test_cpu_path_long_sequence():
+    q, k, v = make_qkv(1, 2, 1025, 32)
+    assert_matches(sink_attention, q, k, v, sink_of_shape((1025,)), torch.float32, scale=0.3)
+
+
+def test_chunked_backend_matches_reference(monkeypatch):
+    monkeypatch.setattr(sink_module, "_CHUNK_ELEMENTS", 2 * 2 * 40 * 7)  # 7 query rows per chunk: ragged chunks
+    q, k, v = make_qkv(2, 2, 40, 16, torch.float64)
+
+    def chunked(q, k, v, sink):
+        return sink_module._sink_attention(q, k, v, sink, None, False, "chunked")
+
+    assert_matches(chunked, q, k, v, sink_of_shape((2, 1, 40)), torch.float64)
+
+
+def test_ept_reference_is_a_sink():
+    q, k, v = make_qkv(2, 3, 17, 16, torch.float64)
+    torch.manual_seed(3)
+    prompt = (torch.randn(17, 5, dtype=torch.float64) * 0.5).requires_grad_()
+    dout = torch.randn(q.shape, dtype=torch.float64)
+    official = ept_attention_reference(q, k, v, prompt)
+    ours = sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1))
+    torch.testing.assert_close(ours, official)
+    want = torch.autograd.grad(official, (q, k, v, prompt), dout)
+    got = torch.autograd.grad(ours, (q, k, v, prompt), dout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_return_scale_is_patchwise_scaling():
+    q, k, v = make_qkv(1, 2, 17, 32, torch.float64)
+    sink = sink_of_shape((17,)).double()
+    out, scale = sink_attention(q, k, v, sink, return_scale=True)
+    want_out, want_scale = sink_attention_reference(q, k, v, sink, return_scale=True)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(scale, want_scale)
+    assert not scale.requires_grad
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, plain * scale.unsqueeze(-1))
+
+
+def test_saves_no_quadratic_tensor():
+    tokens = 256
+    q, k, v = make_qkv(1, 2, tokens, 16)
+    sink = sink_of_shape((tokens,))
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        sink_attention(q, k, v, sink)
+    assert shapes and max(torch.Size(s).numel() for s in shapes) < tokens * tokens, shapes
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        sink_attention_reference(q, k, v, sink)
+    assert max(torch.Size(s).numel() for s in shapes) >= tokens * tokens  # the check can fail
+
+
+def test_negative_infinite_sink_is_plain_attention():
+    q, k, v = make_qkv(2, 2, 17, 32)
+    sink = torch.full((17,), float("-inf"), requires_grad=True)
+    out = sink_attention(q, k, v, sink)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert torch.equal(sink.grad, torch.zeros_like(sink))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_large_sink_gives_near_zero_output_and_finite_grads(dtype):
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in make_qkv(1, 2, 17, 32))
+    sink = torch.full((17,), 80.0, requires_grad=True)
+    out = sink_attention(q, k, v, sink)
+    assert out.abs().max().item() < 1e-20 or (dtype != torch.float32 and out.abs().max().item() == 0)
+    out.float().sum().backward()
+    for t in (q, k, v, sink):
+        assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_huge_logits_stay_finite(dtype):
+    q, k, v = make_qkv(1, 2, 17, 32)
+    q = (q.detach() * 60).to(dtype).requires_grad_()  # logits of magnitude ~1e4
+    k, v = k.detach().to(dtype).requires_grad_(), v.detach().to(dtype).requires_grad_()
+    sink = sink_of_shape((17,))
+    out = sink_attention(q, k, v, sink)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all()
+    for t in (q, k, v, sink):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_attention_forward_returns_normaliser():
+    q, k, v = make_qkv(2, 2, 17, 32)
+    logits = q @ k.transpose(-2, -1) * 32**-0.5
+    out, lse = attention_forward(q, k, v)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 17) and not out.requires_grad
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1))
+    sink = sink_of_shape((17,))
+    out, lse = attention_forward(q, k, v, sink)
+    torch.testing.assert_close(out, sink_attention_reference(q, k, v, sink))
+    torch.testing.assert_close(lse, torch.logaddexp(torch.logsumexp(logits, dim=-1), sink))
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        (lambda q, k, v, s: (q.numpy(), k, v, s), TypeError, "q must be a torch.Tensor"),
+        (lambda q, k, v, s: (q, k.long(), v, s), TypeError, "k must have a floating dtype"),
+        (lambda q, k, v, s: (q, k, v.double(), s), TypeError, "share a dtype"),
+        (lambda q, k, v, s: (q[0], k, v, s), ValueError, "q must be"),
+        (lambda q, k, v, s: (q, k, v[..., :8], s), ValueError, "k and v must have the same shape"),
+        (lambda q, k, v, s: (q, k[:, :1], v[:, :1], s), ValueError, "must agree"),
+        (lambda q, k, v, s: (q, k, v, torch.zeros(5)), ValueError, "does not broadcast"),
+        (lambda q, k, v, s: (q, k, v, torch.zeros(2, 2, 2, 9)), ValueError, "does not broadcast"),
+        (lambda q, k, v, s: (q, k, v, torch.zeros(9, dtype=torch.long)), TypeError, "sink must have a floating"),
+        (lambda q, k, v, s: (q, k, v, s.to("meta")), ValueError, "sink is on meta"),
+    ],
+)
+def test_bad_inputs(args, error, message):
+    q, k, v = (t.detach() for t in make_qkv(2, 2, 9, 16))
+    with pytest.raises(error, match=message):
+        sink_attention(*args(q, k, v, torch.zeros(9)))
+
+
+def test_bad_scale():
+    q, k, v = make_qkv(1, 1, 4, 8)
+    with pytest.raises(TypeError, match="scale must be a float"):
+        sink_attention(q, k, v, torch.zeros(4), scale="0.5")
