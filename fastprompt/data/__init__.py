@@ -1,0 +1,21 @@
+"""Medical image data: decoding, folder/CSV datasets, high-resolution transforms, few-shot splits."""
+
+from fastprompt.data.datasets import CsvDataset, EmptyClassWarning, ImageFolderDataset, SkippedImageWarning
+from fastprompt.data.images import IMAGE_EXTENSIONS, CorruptImageError, load_image
+from fastprompt.data.splits import make_few_shot_splits, train_val_split
+from fastprompt.data.transforms import AUGMENTATIONS, build_transforms, transforms_for_model
+
+__all__ = [
+    "AUGMENTATIONS",
+    "IMAGE_EXTENSIONS",
+    "CorruptImageError",
+    "CsvDataset",
+    "EmptyClassWarning",
+    "ImageFolderDataset",
+    "SkippedImageWarning",
+    "build_transforms",
+    "load_image",
+    "make_few_shot_splits",
+    "train_val_split",
+    "transforms_for_model",
+]
