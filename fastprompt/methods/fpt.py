@@ -1,0 +1,275 @@
+"""FPT and FPT+: a frozen high-resolution ViT tap, important-token fusion, and a small trainable side ViT.
+
+Trainable parameters (D = backbone width, S = side width, L = extracted layers = side depth, P = prompts,
+C = input channels, p = patch size, T = (side input / p)² + 1 side tokens, K = classes):
+
+    side ViT  = (C·p²·S + S) + S + T·S + L·(12·S² + 13·S) + 2·S + (S·K + K)
+    fusion    = L·P·D + 2·D + (D·S + S)              FPT+: prompts, LayerNorm, output Linear
+              = L·P·S + (S·D + D) + (D·S + S)        FPT:  prompts, query Linear, output Linear
+
+ViT-B/16 (D = 768, 12 heads), 5 classes, S = 96, P = 16:
+FPT+ (L = 6, side 128, T = 65): 751,877 + 149,088 = 900,965;
+FPT (L = 12, side 224, T = 197): 1,435,589 + 166,752 = 1,602,341 — both as published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from fastprompt import kernels
+from fastprompt.methods.fpt_side import FusionModule, build_side_vit, side_forward
+from fastprompt.methods.registry import check_choice, check_float, check_int, check_layers, register_method
+
+VARIANTS = ("fpt+", "fpt")
+IMPORTANCE_MODES = ("global", "cls")
+FEATURE_FORMAT = 1  # bump when the layout of extract_features' output changes
+SIDE_INPUT_SIZE = {"fpt+": 128, "fpt": 224}
+SIDE_REDUCTION = 8  # side width = backbone width / 8
+
+
+def _check_backbone(backbone: object) -> VisionTransformer:
+    """Raise unless `backbone` is a timm ViT whose blocks FPT can run itself (pre-norm Block + Attention)."""
+    if not isinstance(backbone, VisionTransformer):
+        raise TypeError(
+            f"FPT wraps a timm VisionTransformer, got {type(backbone).__name__}; "
+            "create one with timm.create_model('vit_base_patch16_384', img_size=512)"
+        )
+    for i, block in enumerate(backbone.blocks):
+        if type(block) is not Block or type(block.attn) is not Attention:
+            raise TypeError(
+                f"FPT runs the frozen blocks itself and supports timm's Block with Attention; block {i} is "
+                f"{type(block).__name__} with {type(block.attn).__name__}. Use a plain ViT (vit_*_patch16_*)."
+            )
+    return backbone
+
+
+def _qkv(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block input's normalised tokens and their q, k, v `[B, H, N, Dh]` exactly as timm's Attention makes them."""
+    attn = block.attn
+    normed = block.norm1(x)
+    batch, tokens, _ = normed.shape
+    qkv = attn.qkv(normed).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return normed, attn.q_norm(q), attn.k_norm(k), v
+
+
+def _finish_block(block: Block, x: torch.Tensor, normed: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of timm's Block after softmax(q kᵀ)·v: output projection, residuals and MLP."""
+    attn = block.attn
+    out = attended.transpose(1, 2).reshape(x.shape[0], x.shape[1], attn.attn_dim)
+    out = attn.norm(out)
+    if attn.gate is not None:
+        out = out * attn.gate(normed).sigmoid()
+    out = attn.proj_drop(attn.proj(out))
+    x = x + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+class FPT(nn.Module):
+    """FPT / FPT+ around a frozen timm ViT: only the fusion module and the side ViT train.
+
+    The backbone sees the full-resolution image without gradients and always stays in eval mode; per extracted
+    layer it yields, per head, the keys and values of the `int(N·token_ratio)` most attended tokens. Learnable
+    prompts attend to them (fusion) and join the side ViT, which sees the image at `side_input_size`.
+    """
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        num_classes: int,
+        *,
+        variant: str = "fpt+",
+        layers: list[int] | None = None,
+        num_prompts: int = 16,
+        token_ratio: float = 0.2,
+        token_importance: str = "global",
+        side_width: int | None = None,
+        side_input_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_backbone(backbone)
+        check_int("num_classes", num_classes, minimum=1)
+        variant = check_choice("variant", variant.lower() if isinstance(variant, str) else variant, VARIANTS)
+        depth = len(backbone.blocks)
+        if layers is None:
+            layers = range(depth // 2, depth) if variant == "fpt+" else range(depth)
+        self.layers = check_layers("layers", layers, depth)
+        check_int("num_prompts", num_prompts, minimum=1)
+        self.token_ratio = check_float("token_ratio", token_ratio, minimum=0.0, maximum=1.0)
+        if self.token_ratio == 0.0:
+            raise ValueError("option 'token_ratio' must be > 0 (the share of tokens kept per head), got 0")
+        self.token_importance = check_choice("token_importance", token_importance, IMPORTANCE_MODES)
+        embed_dim, num_heads = backbone.embed_dim, backbone.blocks[0].attn.num_heads
+        if side_width is None:
+            side_width = embed_dim // SIDE_REDUCTION
+        check_int("side_width", side_width, minimum=1)
+        if side_width % num_heads:
+            raise ValueError(
+                f"option 'side_width' ({side_width}) must be divisible by the backbone's {num_heads} heads "
+                "(the side ViT uses as many heads); pass a multiple of it"
+            )
+        self.side_input_size = check_int(
+            "side_input_size", SIDE_INPUT_SIZE[variant] if side_input_size is None else side_input_size, minimum=1
+        )
+        self.variant = variant
+        self.num_classes = num_classes
+
+        backbone.requires_grad_(False)
+        self.backbone = backbone.eval()
+        ref = next(backbone.parameters())
+        self.fusion = FusionModule(
+            len(self.layers), num_prompts, embed_dim, num_heads, side_width, query_projection=variant == "fpt"
+        ).to(device=ref.device, dtype=ref.dtype)
+        self.side = build_side_vit(
+            img_size=self.side_input_size,
+            patch_size=backbone.patch_embed.patch_size[0],
+            in_chans=backbone.patch_embed.proj.in_channels,
+            width=side_width,
+            depth=len(self.layers),
+            num_heads=num_heads,
+            num_classes=num_classes,
+        ).to(device=ref.device, dtype=ref.dtype)
+        self._weights_digest: str | None = None
+
+    def train(self, mode: bool = True) -> FPT:
+        """Set the trainable parts' mode; the frozen backbone stays in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen branch alone: selected `keys` and `values`, each `[B, L, H, int(N·ratio), Dh]`.
+
+        Runs the backbone blocks up to the last extracted layer (no further); what the feature cache stores.
+        """
+        backbone = self.backbone
+        x = backbone.patch_embed(images.to(next(backbone.parameters()).dtype))
+        x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(x)))
+        wanted, last = set(self.layers), self.layers[-1]
+        keys, values = [], []
+        for i, block in enumerate(backbone.blocks[: last + 1]):
+            if i not in wanted:
+                x = block(x)
+                continue
+            normed, q, k, v = _qkv(block, x)
+            options = dict(mode=self.token_importance, scale=block.attn.scale)
+            if i == last:
+                scores = kernels.attention_importance(q, k, **options)
+            else:
+                attended, scores = kernels.attention_with_importance(q, k, v, **options)
+                x = _finish_block(block, x, normed, attended)
+            k_sel, v_sel = kernels.select_tokens(k, v, scores, self.token_ratio)
+            keys.append(k_sel)
+            values.append(v_sel)
+        return {"keys": torch.stack(keys, dim=1), "values": torch.stack(values, dim=1)}
+
+    def resize_for_side(self, images: torch.Tensor) -> torch.Tensor:
+        """`images` resized to the side input size (bilinear, antialiased)."""
+        size = (self.side_input_size, self.side_input_size)
+        if tuple(images.shape[-2:]) == size:
+            return images
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    def forward_features_cached(self, features: dict[str, torch.Tensor], side_images: torch.Tensor) -> torch.Tensor:
+        """Logits from frozen-branch features (from `extract_features` or the cache) and the side images."""
+        if not isinstance(features, dict) or not {"keys", "values"} <= set(features):
+            raise TypeError("features must be the dict {'keys': ..., 'values': ...} that extract_features returns")
+        prompts = self.fusion(features["keys"], features["values"])
+        return side_forward(self.side, side_images, prompts)
+
+    def forward(self, images: torch.Tensor, side_images: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits: frozen branch on `images` (full resolution), side branch on `side_images` or resized `images`."""
+        features = self.extract_features(images)
+        if side_images is None:
+            side_images = self.resize_for_side(images)
+        return self.forward_features_cached(features, side_images)
+
+    def num_selected_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+        """Tokens kept per head and layer, `int(N·token_ratio)`, at `image_size` (default: the backbone's)."""
+        patch_embed = self.backbone.patch_embed
+        grid = patch_embed.grid_size if image_size is None else patch_embed.dynamic_feat_size(image_size)
+        return int((grid[0] * grid[1] + self.backbone.num_prefix_tokens) * self.token_ratio)
+
+    def weights_digest(self) -> str:
+        """SHA-256 of the frozen backbone's weights (names, dtypes, shapes, bytes); computed once, then reused."""
+        if self._weights_digest is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.backbone.state_dict().items()):
+                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._weights_digest = digest.hexdigest()
+        return self._weights_digest
+
+    def feature_signature(self) -> dict[str, Any]:
+        """Everything the frozen features depend on besides the image: backbone identity and selection settings."""
+        backbone = self.backbone
+        name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
+        return {
+            "format": FEATURE_FORMAT,
+            "backbone": name,
+            "weights_sha256": self.weights_digest(),
+            "image_size": list(backbone.patch_embed.img_size),
+            "layers": list(self.layers),
+            "token_ratio": self.token_ratio,
+            "token_importance": self.token_importance,
+        }
+
+
+@register_method("fpt+", wrapper=True)
+def fpt_plus(
+    model: VisionTransformer,
+    num_classes: int,
+    *,
+    layers: list[int] | None = None,
+    num_prompts: int = 16,
+    token_ratio: float = 0.2,
+    token_importance: str = "global",
+    side_width: int | None = None,
+    side_input_size: int | None = None,
+) -> FPT:
+    """FPT+: layers 6–11 (last half), prompts of backbone width with LayerNorm, side ViT at 128×128."""
+    return FPT(
+        model,
+        num_classes,
+        variant="fpt+",
+        layers=layers,
+        num_prompts=num_prompts,
+        token_ratio=token_ratio,
+        token_importance=token_importance,
+        side_width=side_width,
+        side_input_size=side_input_size,
+    )
+
+
+@register_method("fpt", wrapper=True)
+def fpt(
+    model: VisionTransformer,
+    num_classes: int,
+    *,
+    layers: list[int] | None = None,
+    num_prompts: int = 16,
+    token_ratio: float = 0.2,
+    token_importance: str = "global",
+    side_width: int | None = None,
+    side_input_size: int | None = None,
+) -> FPT:
+    """FPT: all layers, side-width prompts with a query projection, side ViT at 224×224."""
+    return FPT(
+        model,
+        num_classes,
+        variant="fpt",
+        layers=layers,
+        num_prompts=num_prompts,
+        token_ratio=token_ratio,
+        token_importance=token_importance,
+        side_width=side_width,
+        side_input_size=side_input_size,
+    )
