@@ -1,11 +1,11 @@
 """Classification metrics on scikit-learn: accuracy, macro one-vs-rest AUC, mAP and per-class multi-label AUC.
 
-Every function takes ``scores`` of shape ``[N, C]`` and ``targets`` (class indices ``[N]`` for single-label
-tasks, 0/1 multi-hot ``[N, C]`` for multi-label tasks). Scores are logits by default (``from_logits=True``):
-softmax for single-label, sigmoid for multi-label; pass ``from_logits=False`` when they already are
-probabilities. A class whose targets hold a single value in the evaluated set has no defined AUC: it is left
-out of the average, named in ``skipped_classes`` and reported with a :class:`SkippedClassWarning` — never
-given another class's value.
+Every function takes ``scores`` ``[N, C]`` and ``targets``: class indices ``[N]`` for single-label tasks, 0/1
+multi-hot ``[N, C]`` for multi-label tasks (NumPy arrays or torch tensors). Scores are logits by default
+(``from_logits=True``): softmax for single-label, sigmoid for multi-label; pass ``from_logits=False`` when they
+already are probabilities. A class whose targets hold a single value in the evaluated set has no defined AUC:
+it is left out of the average, named in ``skipped_classes`` and reported with a :class:`SkippedClassWarning` —
+never given another class's value.
 """
 
 from __future__ import annotations
@@ -22,8 +22,17 @@ class SkippedClassWarning(UserWarning):
     """A class was left out of an AUC/AP average because its targets hold a single value."""
 
 
+def _numpy(values) -> np.ndarray:
+    """Arrays, lists or torch tensors (any device, any float dtype, bf16 included) as a NumPy array."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu()
+        values = values.float() if values.is_floating_point() else values
+        return values.numpy()
+    return np.asarray(values)
+
+
 def _check_scores(scores: np.ndarray) -> np.ndarray:
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = _numpy(scores).astype(np.float64)
     if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(
             f"scores must have shape [N, C] with N >= 1 samples and C >= 1 classes, got {scores.shape}; "
@@ -41,7 +50,7 @@ def _check_scores(scores: np.ndarray) -> np.ndarray:
 
 def _check_single_label(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scores = _check_scores(scores)
-    targets = np.asarray(targets)
+    targets = _numpy(targets)
     if scores.shape[1] < 2:
         raise ValueError(
             f"single-label scores need one column per class (C >= 2), got {scores.shape}; a binary task "
@@ -66,7 +75,7 @@ def _check_single_label(scores: np.ndarray, targets: np.ndarray) -> tuple[np.nda
 
 def _check_multilabel(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scores = _check_scores(scores)
-    targets = np.asarray(targets)
+    targets = _numpy(targets)
     if targets.shape != scores.shape:
         raise ValueError(
             f"multi-label targets must be multi-hot with the shape of scores {scores.shape}, got {targets.shape}"

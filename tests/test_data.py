@@ -408,3 +408,15 @@ def test_train_val_split_is_stratified_and_disjoint():
     assert train_val_split(labels, 0.2, 3) == (train, val)
     with pytest.raises(ValueError, match="class 2 has a single sample"):
         train_val_split(np.array([0, 0, 1, 1, 2]))
+
+
+def test_transforms_for_model_finds_the_backbone_inside_a_wrapper():
+    from timm.models.vision_transformer import VisionTransformer
+
+    backbone = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+    backbone.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    wrapper = torch.nn.Sequential(torch.nn.Identity(), backbone)
+    out = transforms_for_model(wrapper, 16, train=False)(torch.full((3, 4, 4), 1.0))
+    torch.testing.assert_close(out, torch.ones(3, 16, 16), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pretrained_cfg"):
+        transforms_for_model(torch.nn.Linear(2, 2), 16, train=False)

@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from scipy.special import expit, softmax
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
@@ -150,3 +151,11 @@ def test_bad_inputs_raise_clear_errors(scores, targets, multilabel, match):
 def test_probabilities_out_of_range_rejected():
     with pytest.raises(ValueError, match="from_logits=True"):
         compute_metrics(np.array([[2.0, -1.0], [0.0, 1.0]]), np.array([0, 1]), multilabel=False, from_logits=False)
+
+
+def test_torch_tensors_any_float_dtype_are_accepted():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 1.5], [-1.0, 1.0], [1.0, 0.0]])
+    targets = torch.tensor([0, 1, 1, 1])
+    expected = compute_metrics(logits.numpy(), targets.numpy(), multilabel=False)
+    assert compute_metrics(logits.requires_grad_(), targets, multilabel=False) == expected
+    assert compute_metrics(logits.detach().bfloat16(), targets, multilabel=False)["acc"] == expected["acc"]

@@ -4,7 +4,7 @@ Both scan their source at construction and keep one ``(path, target)`` pair per 
 Unreadable images are handled by ``on_error``: ``"skip"`` records them in ``skipped`` (path -> reason), warns,
 and serves the next readable sample; ``"raise"`` raises :class:`CorruptImageError`. Call :meth:`verify`
 before splitting a dataset to drop unreadable files up-front, so a replacement sample can never come from
-outside a split.
+outside a split (and so the count is complete: DataLoader workers each record skips in their own copy).
 """
 
 from __future__ import annotations

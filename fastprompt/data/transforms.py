@@ -109,13 +109,21 @@ def transforms_for_model(
 ) -> v2.Compose:
     """:func:`build_transforms` with mean/std/interpolation from the timm model's pretrained config.
 
+    ``model`` may wrap the timm backbone (e.g. an FPT model): the first sub-module with a config is used.
+
     ``augment`` picks a recipe from ``AUGMENTATIONS`` for training; ``overrides`` replace any argument.
     """
     from timm.data import resolve_data_config
 
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}, got {augment!r}")
-    config = resolve_data_config({}, model=model)
+    owner = next((m for m in model.modules() if getattr(m, "pretrained_cfg", None)), None)
+    if owner is None:
+        raise ValueError(
+            f"{type(model).__name__} carries no timm pretrained_cfg (nor does any sub-module); pass the timm "
+            "backbone, or call build_transforms with the mean/std the backbone was pretrained with"
+        )
+    config = resolve_data_config({}, model=owner)
     interpolation = config.get("interpolation", "bicubic")
     options = {
         "mean": tuple(config["mean"]),
