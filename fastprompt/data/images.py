@@ -3,7 +3,8 @@
 :func:`load_image` returns a PIL RGB image for 8-bit sources and a float32 tensor ``[3, H, W]`` in [0, 1] for
 higher bit depths (16-bit, 32-bit integer or float images, DICOM), so no precision is lost to an 8-bit round
 trip. Files are decoded by content, not by extension. Anything that cannot be decoded raises
-:class:`CorruptImageError`.
+:class:`CorruptImageError`. Limitation: Pillow decodes 16-bit *colour* PNGs to 8 bits (16-bit grayscale,
+the usual medical case, keeps its precision).
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ def _gray_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _decode_pil(path: str) -> Image.Image | torch.Tensor:
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)  # loads the pixels; a truncated file fails here
-        image.load()
+    with Image.open(path) as opened:
+        opened.load()  # a truncated or corrupt file fails here
+        image = ImageOps.exif_transpose(opened)  # a transposed copy (a plain copy without an orientation tag)
         if image.mode in _HIGH_DEPTH_MODES:
             return _gray_to_tensor(_scale_to_unit(np.asarray(image)))
         if image.mode == "RGB":
-            return image.copy()
+            return image
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")  # alpha composited over black: transparent pixels carry no colour
             black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
