@@ -158,6 +158,7 @@ def test_folder_classes_samples_and_duplicate_names(tmp_path):
     _rgb(root / "tumour" / "nested" / "img0.png")  # same file name as others, in a sub-folder
     (root / "tumour" / "notes.txt").write_text("ignored")
     (root / "tumour" / ".hidden.png").write_text("ignored")
+    _rgb(root / "tumour" / ".ipynb_checkpoints" / "img0.png")  # hidden folder: ignored
     data = ImageFolderDataset(root)
     assert data.classes == ["normal", "tumour"] and not data.multilabel
     assert data.targets == [0, 0, 1, 1, 1, 1]

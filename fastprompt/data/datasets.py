@@ -136,8 +136,9 @@ class _ImageDataset(Dataset):
         return dropped
 
 
-def _is_image(path: Path, extensions: Sequence[str]) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in extensions
+def _is_image(path: Path, folder: Path, extensions: Sequence[str]) -> bool:
+    hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)  # .DS_Store, .ipynb_checkpoints/
+    return not hidden and path.suffix.lower() in extensions and path.is_file()
 
 
 class ImageFolderDataset(_ImageDataset):
@@ -195,7 +196,7 @@ class ImageFolderDataset(_ImageDataset):
     def _scan(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
         if not folder.is_dir():
             return []
-        return sorted(p for p in folder.rglob("*") if _is_image(p, extensions))
+        return sorted(p for p in folder.rglob("*") if _is_image(p, folder, extensions))
 
 
 def _parse_binary(value: str, line: int, column: str, csv_path: Path) -> float:
