@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import re
 import sys
 from collections.abc import Callable
@@ -143,6 +144,15 @@ def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, 
     return row
 
 
+def run_row(variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """Measure one row; on CPU in a freshly forked process, so that heap kept by earlier rows (the allocator does
+    not hand all freed memory back) cannot inflate this row's peak RSS."""
+    if device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        return measure(variant, resolution, args, device)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply(measure, (variant, resolution, args, device))
+
+
 def search_budget(model: torch.nn.Module, row: dict, args: argparse.Namespace, device: torch.device) -> dict:
     """The largest batch whose training step fits `args.budget` bytes (GPU: measured; CPU: a memory model)."""
     limit = budget.parse_bytes(args.budget)
@@ -234,7 +244,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(header(device, args.budget is not None))
     cells = [(resolution, variant) for resolution in args.resolutions for variant in variants]
     for resolution, variant in tqdm(cells, desc="memory", file=sys.stderr):
-        rows.append(measure(variant, resolution, args, device))
+        rows.append(run_row(variant, resolution, args, device))
         tqdm.write(format_row(rows[-1]))
     config = {key: value for key, value in vars(args).items() if key != "output"}
     notes = [
@@ -243,8 +253,9 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     if device.type == "cpu":
         notes.append(
-            "peak_rss_bytes: process peak RSS (VmHWM, reset before the step) over one full training step "
-            "(forward, backward, AdamW); includes the model, the interpreter and the libraries"
+            "each CPU row runs in a freshly forked process; peak_rss_bytes: that process's peak RSS (VmHWM, reset "
+            "before the step) over one full training step (forward, backward, AdamW); includes the model, the "
+            "interpreter and the libraries"
         )
     record = results.run_record("memory", device, config, rows, notes)
     path = results.write_record(record, args.output or results.default_path(record, output_stem(args)))
