@@ -10,11 +10,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 
-import fastprompt  # noqa: F401  (import before timm: torchvision shim)
+import fastprompt
 from benchmarks.results import RESULTS_DIR, run_record, write_record
 from fastprompt import FPT
 from fastprompt.profiling import saved_tensor_bytes
@@ -23,10 +22,17 @@ MODEL = "vit_base_patch16_384"
 LIMIT_RATIO = 0.05
 
 
+def vit_b(image_size: int, **kwargs: Any) -> torch.nn.Module:
+    """Randomly initialised ViT-B/16 (384 pretraining config) at `image_size`."""
+    import timm  # imported after fastprompt, whose shim lets timm import torchvision on CPU torch
+
+    return timm.create_model(MODEL, img_size=image_size, **kwargs)
+
+
 def full_finetune_bytes(image_size: int = 512, batch: int = 1, num_classes: int = 5) -> int:
     """Bytes saved for backward by a full fine-tuning forward + loss (every parameter trainable)."""
     torch.manual_seed(0)
-    model = timm.create_model(MODEL, img_size=image_size, num_classes=num_classes).train()
+    model = vit_b(image_size, num_classes=num_classes).train()
     images = torch.randn(batch, 3, image_size, image_size)
     labels = torch.arange(batch) % num_classes
     return saved_tensor_bytes(lambda: F.cross_entropy(model(images), labels), exclude=model)
@@ -41,7 +47,7 @@ def fpt_cached_bytes(
 ) -> dict[str, Any]:
     """Bytes saved for backward by one FPT training step (fusion + side ViT) from cached features of `dtype`."""
     torch.manual_seed(0)
-    backbone = timm.create_model(MODEL, img_size=image_size)
+    backbone = vit_b(image_size)
     model = FPT(backbone, num_classes, variant=variant).train()
     heads = backbone.blocks[0].attn.num_heads
     shape = (batch, len(model.layers), heads, model.num_selected_tokens(), backbone.embed_dim // heads)
