@@ -10,12 +10,12 @@ import math
 
 import torch
 
-from .dispatch import interpreting, triton_importable, use_triton
+from fastprompt.kernels.dispatch import triton_importable, use_triton
+from fastprompt.kernels.sink_attention import attention_forward
 
 MODES = ("global", "cls")
 CHUNK_ROWS = 128  # query rows of q kᵀ the PyTorch path holds at once
 MAX_TRITON_HEAD_DIM = 128
-_LOG2E = 1.4426950408889634
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -88,6 +88,16 @@ def attention_importance(
     return _importance_torch(q, k, rows, scale, lse)
 
 
+@torch.no_grad()
+def attention_with_importance(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str = "global", scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frozen block's attention: (O [B, H, N, D], scores [B, H, N]) from one forward and a score pass on its lse."""
+    scale, _ = _check_attention_inputs(q, k, mode, scale, None)
+    out, lse = attention_forward(q, k, v, scale=scale)
+    return out, attention_importance(q, k, mode=mode, scale=scale, lse=lse)
+
+
 def attention_importance_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -102,22 +112,9 @@ def attention_importance_triton(
         raise RuntimeError("attention_importance_triton needs triton; call attention_importance for the PyTorch path")
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"the Triton path takes head dim D <= {MAX_TRITON_HEAD_DIM}, got D={q.shape[-1]}")
-    batch, heads, tokens, dim = q.shape
-    block_d = max(16, triton.next_power_of_2(dim))
-    precision = "tf32x3" if q.dtype == torch.float32 and not interpreting() else "ieee"
-    qk_scale = scale * _LOG2E
-    if lse is None:
-        lse = torch.empty(batch, heads, rows, dtype=torch.float32, device=q.device)
-        _row_lse_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batch * heads)](
-            q, k, lse, *q.stride(), *k.stride(), *lse.stride(), heads, rows, tokens, dim, qk_scale,
-            BLOCK_D=block_d, PRECISION=precision,
-        )  # fmt: skip
-    scores = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device)
-    _column_mass_kernel[lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]), batch * heads)](
-        q, k, lse, scores, *q.stride(), *k.stride(), *lse.stride(), *scores.stride(), heads, rows, tokens, dim,
-        qk_scale, 1.0 / rows, BLOCK_D=block_d, PRECISION=precision,
-    )  # fmt: skip
-    return scores
+    from fastprompt.kernels import importance_triton  # imported late: triton.jit reads TRITON_INTERPRET at import
+
+    return importance_triton.attention_importance(q, k, lse, rows, scale)
 
 
 def _check_selection_inputs(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, ratio: float) -> int:
@@ -154,96 +151,3 @@ def select_tokens(
     k_sel = k.gather(2, rows.expand(*indices.shape, k.shape[-1]))
     v_sel = v.gather(2, rows.expand(*indices.shape, v.shape[-1]))
     return (k_sel, v_sel, indices) if return_indices else (k_sel, v_sel)
-
-
-if triton_importable():
-    import triton
-    import triton.language as tl
-
-    def _configs() -> list[triton.Config]:
-        """Autotuning space on CUDA; one small config under the interpreter (which cannot benchmark)."""
-        if interpreting():
-            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1)]
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [
-                (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-                (128, 128, 8, 3), (128, 64, 8, 2), (32, 64, 4, 4), (64, 32, 4, 4),
-            ]
-        ]  # fmt: skip
-
-    @triton.autotune(configs=_configs(), key=["ROWS", "N", "BLOCK_D"])
-    @triton.jit
-    def _row_lse_kernel(
-        Q, K, LSE,
-        stride_qb, stride_qh, stride_qn, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_lb, stride_lh, stride_ln,
-        H, ROWS, N, D, qk_scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """Pass 1: each program owns BLOCK_M query rows and runs the online log-sum-exp over every key block."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        off_b = (pid_bh // H).to(tl.int64)
-        off_h = (pid_bh % H).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_m = offs_m < ROWS
-        mask_d = offs_d < D
-        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        k_base = K + off_b * stride_kb + off_h * stride_kh
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            cols = start_n + offs_n
-            mask_n = cols < N
-            k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
-            k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-            m_i = m_new
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-        tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln, lse, mask=mask_m)
-
-    @triton.autotune(configs=_configs(), key=["ROWS", "N", "BLOCK_D"])
-    @triton.jit
-    def _column_mass_kernel(
-        Q, K, LSE, OUT,
-        stride_qb, stride_qh, stride_qn, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_lb, stride_lh, stride_ln,
-        stride_ob, stride_oh, stride_on,
-        H, ROWS, N, D, qk_scale, inv_rows,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """Pass 2: each program owns BLOCK_N keys and sums exp(s − lse) over every query block (no atomics)."""
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        off_b = (pid_bh // H).to(tl.int64)
-        off_h = (pid_bh % H).to(tl.int64)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_n = offs_n < N
-        mask_d = offs_d < D
-        k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        lse_base = LSE + off_b * stride_lb + off_h * stride_lh
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start_m in range(0, ROWS, BLOCK_M):
-            rows = start_m + offs_m
-            mask_m = rows < ROWS
-            q_ptrs = q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd
-            q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            lse = tl.load(lse_base + rows * stride_ln, mask=mask_m, other=0.0).to(tl.float32) * 1.4426950408889634
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.exp2(s - lse[:, None])
-            total += tl.sum(tl.where(mask_m[:, None], p, 0.0), axis=0)
-        out_ptrs = OUT + off_b * stride_ob + off_h * stride_oh + offs_n * stride_on
-        tl.store(out_ptrs, total * inv_rows, mask=mask_n)

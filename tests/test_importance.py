@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprompt  # noqa: F401  (import before timm/triton users: torchvision shim)
-from fastprompt.kernels import attention_importance, select_tokens
+from fastprompt.kernels import attention_importance, attention_with_importance, select_tokens
 from fastprompt.kernels import importance as importance_module
 from fastprompt.kernels.importance import attention_importance_triton
 from fastprompt.kernels.reference import attention_importance_reference, select_tokens_reference
@@ -82,6 +82,17 @@ def test_extreme_logits_stay_finite_and_exact(mode, path):
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, attention_importance_reference(q, k, mode=mode), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got.sum(-1), torch.ones(1, 2))  # each softmax row sums to 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_with_importance_reuses_the_forward_lse(mode):
+    torch.manual_seed(8)
+    q, k, v = (t.requires_grad_() for t in strided_qk(2, 3, 70, 32, torch.float32))
+    out, scores = attention_with_importance(q, k, v, mode=mode, scale=0.2)
+    probs = torch.softmax(q @ k.transpose(-2, -1) * 0.2, dim=-1)
+    torch.testing.assert_close(out, probs @ v, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scores, attention_importance_reference(q, k, mode=mode, scale=0.2), rtol=1e-4, atol=1e-7)
+    assert not out.requires_grad and not scores.requires_grad
 
 
 def test_chunked_path_never_holds_an_n_by_n_tensor(monkeypatch):
@@ -175,3 +186,14 @@ def test_gpu_given_lse_and_selection(mode):
     torch.testing.assert_close(scores, attention_importance(q, k, mode=mode), rtol=2e-3, atol=1e-6)
     for got, want in zip(select_tokens(k, v, scores, 0.2), select_tokens_reference(k, v, scores, 0.2)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_attention_with_importance(mode):
+    torch.manual_seed(9)
+    q, k, v = strided_qk(2, 12, 1025, 64, torch.bfloat16, device="cuda")
+    out, scores = attention_with_importance(q, k, v, mode=mode)
+    probs = torch.softmax(q.float() @ k.float().transpose(-2, -1) * 64**-0.5, dim=-1)
+    torch.testing.assert_close(out.float(), probs @ v.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(scores, attention_importance_reference(q, k, mode=mode), rtol=2e-3, atol=1e-6)
