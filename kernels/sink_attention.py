@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from fastprompt.kernels.dispatch import use_triton
+from fastprompt.kernels.dispatch import triton_importable, use_triton
 
 _CHUNK_ELEMENTS = 1 << 24  # logits materialised at once by the chunked backend
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_MAX_HEAD_DIM = 256
+_TRITON_MAX_HEAD_DIM = 128
 
 
 def _check_tensor(name: str, tensor: object) -> torch.Tensor:
@@ -80,9 +80,10 @@ def _flash_cpu_forward(q, k, v, g, scale):
 
 
 def _flash_cpu_backward(dout, q, k, v, out, lse_p, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse_p, 0.0, False, scale=scale
     )
+    return (*grads, None)
 
 
 def _query_chunks(q: torch.Tensor, k: torch.Tensor) -> range:
@@ -122,7 +123,7 @@ def _chunked_backward(dout, q, k, v, out, lse_p, scale):
         dlogits = probs * (do_c @ v_acc.transpose(-2, -1) - delta) * scale
         dq[:, :, rows] = (dlogits @ k_acc).to(q.dtype)
         dk += dlogits.transpose(-2, -1) @ q_c
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def _triton_module():
@@ -141,7 +142,7 @@ def _forward(backend: str, q, k, v, g, scale):
 
 
 def _backward(backend: str, dout, q, k, v, out, lse_p, scale):
-    """(dq, dk, dv): the flash-attention backward with the sink-aware normaliser lse'."""
+    """(dq, dk, dv, Δ or None): the flash-attention backward with the sink-aware normaliser lse'."""
     if backend == "triton":
         return _triton_module().backward(dout, q, k, v, out, lse_p, scale)
     if backend == "flash_cpu":
@@ -168,16 +169,22 @@ class _SinkAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dkeep):
         q, k, v, g, out, lse_p = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.backend, dout, q, k, v, out, lse_p, ctx.scale)
+        dq, dk, dv, delta = _backward(ctx.backend, dout, q, k, v, out, lse_p, ctx.scale)
         dg = None
         if ctx.needs_input_grad[3]:
-            delta = (dout.to(g.dtype) * out.to(g.dtype)).sum(-1)
+            if delta is None:
+                delta = (dout.to(g.dtype) * out.to(g.dtype)).sum(-1)
             dg = -_sink_weight(g, lse_p) * delta
         return dq, dk, dv, dg, None, None
 
 
 def _sink_attention(q, k, v, sink, scale, return_scale, backend):
     scale = _check_inputs(q, k, v, sink, scale)
+    if backend == "triton" and not _triton_supports(q):
+        raise ValueError(
+            f"the Triton kernels take fp16/bf16/fp32 and head dims up to {_TRITON_MAX_HEAD_DIM}, got {q.dtype} and "
+            f"D = {q.shape[-1]}; call sink_attention, which falls back to PyTorch"
+        )
     g = sink.to(_stat_dtype(q)).expand(q.shape[:-1])
     out, keep = _SinkAttention.apply(q, k, v, g, scale, backend or _auto_backend(q, k, v))
     return (out, keep) if return_scale else out
@@ -199,6 +206,21 @@ def sink_attention(
     patch-wise scaling σ(lse − g) [B, H, N]. Differentiable in q, k, v and sink; saves O(N) memory for backward.
     """
     return _sink_attention(q, k, v, sink, scale, return_scale, None)
+
+
+def sink_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    *,
+    scale: float | None = None,
+    return_scale: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """sink_attention forced through the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    if not triton_importable():
+        raise RuntimeError("sink_attention_triton needs triton; call sink_attention for the PyTorch path")
+    return _sink_attention(q, k, v, sink, scale, return_scale, "triton")
 
 
 def attention_forward(

@@ -8,17 +8,22 @@ import pytest
 import torch
 
 from fastprompt.kernels import attention_forward, sink_attention
+from fastprompt.kernels.dispatch import triton_importable
 from fastprompt.kernels.reference import ept_attention_reference, sink_attention_reference
 
 sink_module = importlib.import_module("fastprompt.kernels.sink_attention")  # the package attribute is the function
+sink_attention_triton = sink_module.sink_attention_triton
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# Triton runs on CUDA tensors on a GPU and on CPU tensors through the interpreter (tests/conftest.py).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not triton_importable(), reason="needs triton")
 
 
-def make_qkv(batch, heads, tokens, dim, dtype=torch.float32, seed=0):
+def make_qkv(batch, heads, tokens, dim, dtype=torch.float32, seed=0, device="cpu"):
     """q, k, v as the strided views timm's Attention produces from one fused qkv projection."""
     torch.manual_seed(seed)
-    qkv = torch.randn(batch, tokens, 3 * heads * dim, dtype=dtype)
+    qkv = torch.randn(batch, tokens, 3 * heads * dim, dtype=dtype).to(device)
     return [t.requires_grad_() for t in qkv.reshape(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)]
 
 
@@ -37,7 +42,7 @@ def run(fn, q, k, v, sink, dout, **kwargs):
 def assert_matches(fn, q, k, v, sink, dtype, **kwargs):
     """fn in `dtype` agrees with the fp64 reference in output and all four gradients (relative to their size)."""
     torch.manual_seed(1)
-    dout = torch.randn(q.shape, dtype=torch.float64)
+    dout = torch.randn(q.shape, dtype=torch.float64).to(q.device)
     want_out, want_grads = run(sink_attention_reference, *(t.double() for t in (q, k, v, sink)), dout, **kwargs)
     cast = [t.detach().to(dtype) for t in (q, k, v)]
     sink = sink.double() if dtype == torch.float64 else sink.float()  # low-precision q, k, v with an fp32 prompt
@@ -50,9 +55,9 @@ def assert_matches(fn, q, k, v, sink, dtype, **kwargs):
         assert err <= TOLERANCE[dtype] * max(1.0, want.abs().max().item()), f"{name}: max error {err}"
 
 
-def sink_of_shape(shape, seed=2):
+def sink_of_shape(shape, seed=2, device="cpu"):
     torch.manual_seed(seed)
-    return (torch.randn(shape) * 2 + 1).requires_grad_()
+    return (torch.randn(shape) * 2 + 1).to(device).requires_grad_()
 
 
 @pytest.mark.parametrize("tokens", [1, 17, 65])
@@ -202,3 +207,116 @@ def test_bad_scale():
     q, k, v = make_qkv(1, 1, 4, 8)
     with pytest.raises(TypeError, match="scale must be a float"):
         sink_attention(q, k, v, torch.zeros(4), scale="0.5")
+
+
+def test_cross_attention_lengths():
+    q = make_qkv(2, 2, 9, 16, torch.float64)[0]
+    _, k, v = make_qkv(2, 2, 23, 16, torch.float64, seed=5)
+    assert_matches(sink_attention, q, k, v, sink_of_shape((9,)), torch.float64)
+
+
+# Triton kernels: through the interpreter on CPU (small ragged shapes), on CUDA tensors on a GPU.
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("batch", "tokens", "dim", "sink_shape"),
+    [(2, 1, 32, "n"), (2, 17, 64, "bhn"), (2, 65, 32, "1h1"), (1, 197, 64, "n")],
+)
+def test_triton_matches_reference(dtype, batch, tokens, dim, sink_shape):
+    q, k, v = make_qkv(batch, 2, tokens, dim, device=TRITON_DEVICE)
+    shape = {"n": (tokens,), "bhn": (batch, 2, tokens), "1h1": (1, 2, 1)}[sink_shape]
+    assert_matches(sink_attention_triton, q, k, v, sink_of_shape(shape, device=TRITON_DEVICE), dtype)
+
+
+@needs_triton
+def test_triton_padded_head_dim_and_cross_lengths():
+    q = make_qkv(1, 2, 20, 80, device=TRITON_DEVICE)[0]
+    _, k, v = make_qkv(1, 2, 37, 80, seed=5, device=TRITON_DEVICE)
+    assert_matches(sink_attention_triton, q, k, v, sink_of_shape((1, 1, 20), device=TRITON_DEVICE), torch.float32)
+
+
+@needs_triton
+def test_triton_return_scale_and_contiguous_inputs():
+    q, k, v = (t.detach().contiguous() for t in make_qkv(1, 2, 17, 32, device=TRITON_DEVICE))
+    sink = sink_of_shape((17,), device=TRITON_DEVICE).detach()
+    out, scale = sink_attention_triton(q, k, v, sink, return_scale=True, scale=0.2)
+    want_out, want_scale = sink_attention_reference(q, k, v, sink, return_scale=True, scale=0.2)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scale, want_scale, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("sink_value", [float("-inf"), 80.0])
+def test_triton_extreme_sinks_fp16(sink_value):
+    q, k, v = (t.detach().half().requires_grad_() for t in make_qkv(1, 2, 17, 32, device=TRITON_DEVICE))
+    sink = torch.full((17,), sink_value, device=TRITON_DEVICE, requires_grad=True)
+    out = sink_attention_triton(q, k, v, sink)
+    out.float().sum().backward()
+    for t in (out, q.grad, k.grad, v.grad, sink.grad):
+        assert torch.isfinite(t).all()
+    if sink_value < 0:
+        plain = sink_attention_reference(*(t.detach().double() for t in (q, k, v)), sink.detach().double())
+        torch.testing.assert_close(out.double(), plain, rtol=0, atol=2e-3)
+        assert torch.equal(sink.grad, torch.zeros_like(sink))
+    else:
+        assert out.abs().max().item() == 0
+
+
+@needs_triton
+def test_triton_huge_logits_fp16():
+    q, k, v = make_qkv(1, 2, 17, 32, device=TRITON_DEVICE)
+    q = (q.detach() * 60).half().requires_grad_()  # logits of magnitude ~1e4
+    k, v = k.detach().half().requires_grad_(), v.detach().half().requires_grad_()
+    sink = sink_of_shape((17,), device=TRITON_DEVICE)
+    out = sink_attention_triton(q, k, v, sink)
+    out.float().sum().backward()
+    for t in (out, q.grad, k.grad, v.grad, sink.grad):
+        assert torch.isfinite(t).all()
+    want = sink_attention_reference(*(t.detach().double() for t in (q, k, v)), sink.detach().double())
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-2)
+
+
+@needs_triton
+def test_triton_rejects_unsupported_inputs():
+    q, k, v = make_qkv(1, 1, 4, 8, torch.float64, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="fp16/bf16/fp32"):
+        sink_attention_triton(q, k, v, torch.zeros(4, device=TRITON_DEVICE))
+
+
+# GPU only: the shapes EPT meets at 224-1024 px, bf16, and the dispatch.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("tokens", "dim"), [(197, 64), (577, 80), (1025, 64), (1025, 32), (2305, 96), (4097, 128)])
+def test_gpu_matches_reference(dtype, tokens, dim):
+    q, k, v = make_qkv(2, 3, tokens, dim, device="cuda")
+    assert_matches(sink_attention, q, k, v, sink_of_shape((tokens,), device="cuda"), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_dispatches_to_triton_and_forward_agrees():
+    q, k, v = (t.detach().bfloat16() for t in make_qkv(2, 4, 1025, 64, device="cuda"))
+    sink = sink_of_shape((1025,), device="cuda").detach()
+    assert sink_module._auto_backend(q, k, v) == "triton"
+    out, lse = attention_forward(q, k, v, sink)
+    torch.testing.assert_close(out, sink_attention(q, k, v, sink), rtol=0, atol=0)
+    logits = q.float() @ k.float().transpose(-2, -1) * 64**-0.5
+    torch.testing.assert_close(lse, torch.logaddexp(torch.logsumexp(logits, -1), sink), rtol=1e-3, atol=1e-3)
+    plain_out, plain_lse = attention_forward(q, k, v)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(plain_out, sdpa, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(plain_lse, torch.logsumexp(logits, -1), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sink_value", [float("-inf"), 80.0])
+def test_gpu_extreme_sinks_bf16(sink_value):
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(2, 2, 577, 64, device="cuda"))
+    sink = torch.full((577,), sink_value, device="cuda", requires_grad=True)
+    out = sink_attention(q, k, v, sink)
+    out.float().sum().backward()
+    for t in (out, q.grad, k.grad, v.grad, sink.grad):
+        assert torch.isfinite(t).all()

@@ -1,0 +1,285 @@
+"""Triton kernels for sink attention: a forward seeded with the sink and a two-kernel flash backward.
+
+Imported only when Triton is used (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). All kernels take
+explicit strides, mask every tail (tokens and the head dimension padded to a power of two) and keep row statistics
+in fp32, in log2 units inside the kernels and natural units outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastprompt.kernels.dispatch import interpreting
+
+LOG2E = math.log2(math.e)
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constants, usable inside kernels
+LN2_C: tl.constexpr = tl.constexpr(math.log(2.0))
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    """One small config under the interpreter; a handful to autotune over on a GPU."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=1)]
+    if kind == "forward":
+        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4)]
+    else:
+        shapes = [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _block_d(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs: full-precision products (3×TF32 on a GPU, IEEE in the interpreter); ignored for fp16/bf16."""
+    return "tf32x3" if q.dtype == torch.float32 and not interpreting() else "ieee"
+
+
+@triton.autotune(configs=_configs("forward"), key=["N_Q", "N_K", "BLOCK_D"])
+@triton.jit
+def _forward_kernel(
+    Q, K, V, G, Out, LSE, KEEP,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, N_Q, N_K, D, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N_Q
+    dim_ok = dims < D
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    sink = tl.load(G + b * stride_gb + h * stride_gh + rows * stride_gm, mask=row_ok, other=0.0).to(tl.float32)
+    sink = sink * LOG2E_C
+    row_max = sink  # the online softmax is seeded with the sink logit
+    key_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for start in range(0, N_K, BLOCK_N):
+        keys = start + cols
+        key_ok = keys < N_K
+        tile_ok = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :] * stride_kd, mask=tile_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        alpha = tl.where(new_max == row_max, 1.0, tl.exp2(row_max - new_max))
+        p = tl.exp2(s - new_max[:, None])
+        key_mass = key_mass * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :] * stride_vd, mask=tile_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+    sink_mass = tl.where(sink == row_max, 1.0, tl.exp2(sink - row_max))
+    total = key_mass + sink_mass
+    out = acc / total[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    stat = pid_bh.to(tl.int64) * N_Q + rows
+    tl.store(LSE + stat, (row_max + tl.log2(total)) * LN2_C, mask=row_ok)
+    tl.store(KEEP + stat, key_mass / total, mask=row_ok)
+
+
+@triton.jit
+def _delta_kernel(
+    Out, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    H, N_Q, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N_Q
+    mask = row_ok[:, None] & (dims < D)[None, :]
+    o = tl.load(
+        Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + dims[None, :] * stride_dd, mask=mask, other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + rows, delta, mask=row_ok)
+
+
+@triton.autotune(configs=_configs("backward"), key=["N_Q", "N_K", "BLOCK_D"])
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    H, N_Q, N_K, D, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows0 = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < N_K
+    dim_ok = dims < D
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kn + dims[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + keys[:, None] * stride_vn + dims[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_db + h * stride_dh
+    stat_base = pid_bh.to(tl.int64) * N_Q
+    for start in range(0, N_Q, BLOCK_M):
+        rows = start + rows0
+        row_ok = rows < N_Q
+        tile_ok = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qm + dims[None, :] * stride_qd, mask=tile_ok, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dm + dims[None, :] * stride_dd, mask=tile_ok, other=0.0)
+        lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0) * LOG2E_C
+        delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk_ptrs = DK + b * stride_gb + h * stride_gh + keys[:, None] * stride_gn + dims[None, :] * stride_gd
+    dv_ptrs = DV + b * stride_gb + h * stride_gh + keys[:, None] * stride_gn + dims[None, :] * stride_gd
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_configs("backward"), key=["N_Q", "N_K", "BLOCK_D"])
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    H, N_Q, N_K, D, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N_Q
+    dim_ok = dims < D
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+        mask=q_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + dims[None, :] * stride_dd,
+        mask=q_mask,
+        other=0.0,
+    )
+    stat = pid_bh.to(tl.int64) * N_Q + rows
+    lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * LOG2E_C
+    delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for start in range(0, N_K, BLOCK_N):
+        keys = start + cols
+        key_ok = keys < N_K
+        tile_ok = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :] * stride_kd, mask=tile_ok, other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :] * stride_vd, mask=tile_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq_ptrs = DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + dims[None, :] * stride_gd
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _like_heads_last(x: torch.Tensor) -> torch.Tensor:
+    """An empty [B, H, N, D] tensor laid out as [B, N, H, D], the layout timm reshapes attention outputs from."""
+    batch, heads, tokens, dim = x.shape
+    return torch.empty(batch, tokens, heads, dim, dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O, lse', σ(lse − g)) for fp32 sink logits g of shape [B, H, N] (any strides, e.g. broadcast)."""
+    batch, heads, n_q, dim = q.shape
+    out = _like_heads_last(q)
+    lse = torch.empty(batch, heads, n_q, dtype=torch.float32, device=q.device)
+    keep = torch.empty_like(lse)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)
+    _forward_kernel[grid](
+        q, k, v, g, out, lse, keep,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *out.stride(),
+        heads, n_q, k.shape[2], dim, scale * LOG2E,
+        BLOCK_D=_block_d(dim), PRECISION=_precision(q),
+    )  # fmt: skip
+    return out, lse, keep
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, Δ): the flash-attention backward with the sink-aware normaliser lse' (fp32 [B, H, N])."""
+    batch, heads, n_q, dim = q.shape
+    n_k = k.shape[2]
+    lse = lse.contiguous()
+    block_d = _block_d(dim)
+    delta = torch.empty_like(lse)
+    _delta_kernel[(triton.cdiv(n_q, 32), batch * heads)](
+        out, dout, delta, *out.stride(), *dout.stride(), heads, n_q, dim, BLOCK_M=32, BLOCK_D=block_d
+    )
+    dq, dk, dv = _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    sizes = (heads, n_q, n_k, dim, scale, scale * LOG2E)
+    _dkdv_kernel[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads)](
+        q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *sizes, BLOCK_D=block_d, PRECISION=_precision(q)
+    )
+    _dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)](
+        q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes, BLOCK_D=block_d, PRECISION=_precision(q)
+    )
+    return dq, dk, dv, delta
