@@ -2,10 +2,11 @@
 
 Every function takes ``scores`` ``[N, C]`` and ``targets``: class indices ``[N]`` for single-label tasks, 0/1
 multi-hot ``[N, C]`` for multi-label tasks (NumPy arrays or torch tensors). Scores are logits by default
-(``from_logits=True``): softmax for single-label, sigmoid for multi-label; pass ``from_logits=False`` when they
-already are probabilities. A class whose targets hold a single value in the evaluated set has no defined AUC:
-it is left out of the average, named in ``skipped_classes`` and reported with a :class:`SkippedClassWarning` —
-never given another class's value.
+(``from_logits=True``, ranked as softmax for single-label and sigmoid for multi-label, computed in log space so
+extreme logits keep their order); pass ``from_logits=False`` when they already are probabilities. A class
+whose targets hold a single value in the evaluated set has no defined AUC: it is left out of the average,
+named in ``skipped_classes`` and reported with a :class:`SkippedClassWarning` — never given another class's
+value.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.special import expit, softmax
+from scipy.special import log_softmax
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 
@@ -85,12 +86,23 @@ def _check_multilabel(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarr
     return scores, targets.astype(np.int64)
 
 
-def _probabilities(scores: np.ndarray, *, multilabel: bool, from_logits: bool) -> np.ndarray:
+def _ranking_scores(scores: np.ndarray, *, multilabel: bool, from_logits: bool) -> np.ndarray:
+    """Per-class scores ordered like the probabilities, without their underflow at extreme logits.
+
+    AUC and AP depend only on the order of each class's scores, so logits are ranked as log-softmax
+    (single-label) or as they are (multi-label: sigmoid is monotone); softmax/sigmoid would round distinct
+    extreme logits to the same 0.0 and tie them.
+    """
     if from_logits:
-        return expit(scores) if multilabel else softmax(scores, axis=1)
+        return scores if multilabel else log_softmax(scores, axis=1)
     if scores.min() < 0 or scores.max() > 1:
         raise ValueError("from_logits=False needs probabilities in [0, 1]; pass logits with from_logits=True")
     return scores
+
+
+def _predict_labels(scores: np.ndarray, *, from_logits: bool) -> np.ndarray:
+    """Multi-label predictions at probability 0.5 (logit 0)."""
+    return (scores > (0.0 if from_logits else 0.5)).astype(np.int64)
 
 
 def _names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
@@ -101,7 +113,7 @@ def _names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
     return [str(name) for name in class_names]
 
 
-def _per_class(metric, probs: np.ndarray, onehot: np.ndarray, names: list[str]) -> tuple[dict[str, float], list[str]]:
+def _per_class(metric, scores: np.ndarray, onehot: np.ndarray, names: list[str]) -> tuple[dict[str, float], list[str]]:
     """Apply a binary sklearn metric column by column; classes with a single target value are skipped."""
     values: dict[str, float] = {}
     skipped: list[str] = []
@@ -110,7 +122,7 @@ def _per_class(metric, probs: np.ndarray, onehot: np.ndarray, names: list[str]) 
         if column.min() == column.max():
             skipped.append(name)
             continue
-        values[name] = float(metric(column, probs[:, c]))
+        values[name] = float(metric(column, scores[:, c]))
     return values, skipped
 
 
@@ -128,21 +140,21 @@ def _mean(values: dict[str, float]) -> float:
     return float(np.mean(list(values.values()))) if values else float("nan")
 
 
-def _single_label_auc(probs: np.ndarray, targets: np.ndarray, names: list[str]) -> tuple[dict[str, float], list[str]]:
-    if probs.shape[1] == 2:  # binary: one AUC, on the positive-class score
+def _single_label_auc(scores: np.ndarray, targets: np.ndarray, names: list[str]) -> tuple[dict[str, float], list[str]]:
+    if scores.shape[1] == 2:  # binary: one AUC, on the positive-class score
         if targets.min() == targets.max():
             return {}, [names[1]]
-        return {names[1]: float(roc_auc_score(targets, probs[:, 1]))}, []
-    onehot = np.eye(probs.shape[1], dtype=np.int64)[targets]
-    return _per_class(roc_auc_score, probs, onehot, names)
+        return {names[1]: float(roc_auc_score(targets, scores[:, 1]))}, []
+    onehot = np.eye(scores.shape[1], dtype=np.int64)[targets]
+    return _per_class(roc_auc_score, scores, onehot, names)
 
 
 def accuracy(scores: np.ndarray, targets: np.ndarray, *, multilabel: bool = False, from_logits: bool = True) -> float:
     """Top-1 accuracy (argmax), or for multi-label the exact-match accuracy at probability 0.5."""
     if multilabel:
         scores, targets = _check_multilabel(scores, targets)
-        probs = _probabilities(scores, multilabel=True, from_logits=from_logits)
-        return float(accuracy_score(targets, (probs > 0.5).astype(np.int64)))
+        ranked = _ranking_scores(scores, multilabel=True, from_logits=from_logits)
+        return float(accuracy_score(targets, _predict_labels(ranked, from_logits=from_logits)))
     scores, targets = _check_single_label(scores, targets)
     return float(accuracy_score(targets, scores.argmax(axis=1)))
 
@@ -152,8 +164,8 @@ def macro_auc(
 ) -> float:
     """Single-label AUC: the positive-class AUC for 2 classes, else macro one-vs-rest; NaN when undefined."""
     scores, targets = _check_single_label(scores, targets)
-    probs = _probabilities(scores, multilabel=False, from_logits=from_logits)
-    values, skipped = _single_label_auc(probs, targets, _names(class_names, scores.shape[1]))
+    ranked = _ranking_scores(scores, multilabel=False, from_logits=from_logits)
+    values, skipped = _single_label_auc(ranked, targets, _names(class_names, scores.shape[1]))
     _warn_skipped(skipped, "AUC")
     return _mean(values)
 
@@ -163,8 +175,8 @@ def multilabel_auc(
 ) -> dict[str, float]:
     """Per-class AUC of a multi-label task, keyed by class name; single-value classes are absent (and warned)."""
     scores, targets = _check_multilabel(scores, targets)
-    probs = _probabilities(scores, multilabel=True, from_logits=from_logits)
-    values, skipped = _per_class(roc_auc_score, probs, targets, _names(class_names, scores.shape[1]))
+    ranked = _ranking_scores(scores, multilabel=True, from_logits=from_logits)
+    values, skipped = _per_class(roc_auc_score, ranked, targets, _names(class_names, scores.shape[1]))
     _warn_skipped(skipped, "AUC")
     return values
 
@@ -174,8 +186,8 @@ def mean_average_precision(
 ) -> float:
     """Mean over classes of sklearn's average precision (multi-label); single-value classes are skipped."""
     scores, targets = _check_multilabel(scores, targets)
-    probs = _probabilities(scores, multilabel=True, from_logits=from_logits)
-    values, skipped = _per_class(average_precision_score, probs, targets, _names(class_names, scores.shape[1]))
+    ranked = _ranking_scores(scores, multilabel=True, from_logits=from_logits)
+    values, skipped = _per_class(average_precision_score, ranked, targets, _names(class_names, scores.shape[1]))
     _warn_skipped(skipped, "mAP")
     return _mean(values)
 
@@ -197,18 +209,18 @@ def compute_metrics(
     if multilabel:
         scores, targets = _check_multilabel(scores, targets)
         names = _names(class_names, scores.shape[1])
-        probs = _probabilities(scores, multilabel=True, from_logits=from_logits)
-        per_auc, skipped = _per_class(roc_auc_score, probs, targets, names)
-        per_ap, _ = _per_class(average_precision_score, probs, targets, names)
-        acc = float(accuracy_score(targets, (probs > 0.5).astype(np.int64)))
+        ranked = _ranking_scores(scores, multilabel=True, from_logits=from_logits)
+        per_auc, skipped = _per_class(roc_auc_score, ranked, targets, names)
+        per_ap, _ = _per_class(average_precision_score, ranked, targets, names)
+        acc = float(accuracy_score(targets, _predict_labels(ranked, from_logits=from_logits)))
         result = {"acc": acc, "auc": _mean(per_auc), "map": _mean(per_ap), "per_class_auc": per_auc}
         result["per_class_ap"] = per_ap
     else:
         scores, targets = _check_single_label(scores, targets)
         names = _names(class_names, scores.shape[1])
-        probs = _probabilities(scores, multilabel=False, from_logits=from_logits)
-        per_auc, skipped = _single_label_auc(probs, targets, names)
-        acc = float(accuracy_score(targets, probs.argmax(axis=1)))
+        ranked = _ranking_scores(scores, multilabel=False, from_logits=from_logits)
+        per_auc, skipped = _single_label_auc(ranked, targets, names)
+        acc = float(accuracy_score(targets, ranked.argmax(axis=1)))
         result = {"acc": acc, "auc": _mean(per_auc), "per_class_auc": per_auc}
     result["skipped_classes"] = skipped
     _warn_skipped(skipped, "AUC" + ("/mAP" if multilabel else ""))

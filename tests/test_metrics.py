@@ -159,3 +159,19 @@ def test_torch_tensors_any_float_dtype_are_accepted():
     expected = compute_metrics(logits.numpy(), targets.numpy(), multilabel=False)
     assert compute_metrics(logits.requires_grad_(), targets, multilabel=False) == expected
     assert compute_metrics(logits.detach().bfloat16(), targets, multilabel=False)["acc"] == expected["acc"]
+
+
+def test_extreme_logits_keep_their_order():
+    # softmax/sigmoid round all of these to exactly 0.0 for the positive class, which would tie them (AUC 0.5)
+    binary = np.array([[0.0, -1000.0], [0.0, -1200.0], [0.0, -900.0], [0.0, -1100.0]])
+    targets = np.array([1, 0, 1, 0])
+    assert compute_metrics(binary, targets, multilabel=False)["auc"] == pytest.approx(1.0)
+    three = np.concatenate([binary, np.full((4, 1), -5000.0)], axis=1)
+    with pytest.warns(SkippedClassWarning, match="'c'"):
+        per_class = compute_metrics(three, targets, multilabel=False, class_names=["a", "b", "c"])["per_class_auc"]
+    assert per_class["b"] == pytest.approx(1.0)
+    labels = np.array([[1, 0], [0, 1], [1, 0], [0, 1]])
+    logits = np.array([[-800.0, 5.0], [-900.0, 9.0], [-750.0, 1.0], [-950.0, 7.0]])
+    result = compute_metrics(logits, labels, multilabel=True)
+    assert result["per_class_auc"] == {"0": 1.0, "1": 1.0} and result["map"] == pytest.approx(1.0)
+    assert result["acc"] == pytest.approx(0.5)  # every row predicts [0, 1]: rows 1 and 3 match exactly
