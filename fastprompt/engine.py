@@ -1,0 +1,601 @@
+"""`fastprompt.Engine`: train, evaluate and checkpoint a parameter-efficient model on PyTorch or DeepSpeed.
+
+Batches follow the convention of `fastprompt.engine_data`: ``(inputs, targets)`` or ``{"image", "target"}``, where
+``inputs`` is a tensor, a tuple of tensors (passed as ``*args``) or a dict (passed as ``**kwargs``).
+
+Only parameters with ``requires_grad`` are optimised and checkpointed (by name). The training order is a function of
+``(seed, epoch)``, so a run killed at any point resumes from its last checkpoint (``fit(resume=True)``) and, on the CPU
+torch backend, ends with bit-identical parameters. Under several ranks (torchrun or the deepspeed launcher) the
+training loader is sharded like a DistributedSampler; evaluate/predict run the full loader on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fastprompt.engine_backends import (
+    DeepSpeedBackend,
+    TorchBackend,
+    all_finite,
+    barrier,
+    deepspeed_config,
+    deepspeed_installed,
+    gather_objects,
+    init_distributed,
+    load_user_config,
+    world_info,
+)
+from fastprompt.engine_checkpoint import (
+    CheckpointError,
+    keep_previous,
+    read_checkpoint,
+    read_first_good,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from fastprompt.engine_data import (
+    EpochSampler,
+    LossFn,
+    auto_loss,
+    batch_size_of,
+    batches_per_epoch,
+    is_multilabel,
+    rebuild_loader,
+    split_batch,
+)
+from fastprompt.engine_report import write_curves, write_metrics_jsonl
+from fastprompt.methods.registry import check_choice, check_float, check_int
+from fastprompt.metrics import compute_metrics
+
+__all__ = ["CheckpointError", "Engine", "NonFiniteLossError"]
+
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss and `skip_nonfinite` was off."""
+
+
+def _lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate for optimizer step `step` (0-based): linear warmup, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Engine:
+    """Trains the trainable parameters of `model` (everything with requires_grad) on PyTorch or DeepSpeed."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        epochs: int = 10,
+        warmup_steps: int = 0,
+        schedule: str = "cosine",
+        precision: str = "auto",
+        zero_stage: int = 0,
+        grad_accum: int = 1,
+        clip_grad: float | None = None,
+        grad_checkpointing: bool = False,
+        backend: str = "auto",
+        deepspeed_config: dict | str | None = None,
+        loss: str | LossFn = "auto",
+        output_dir: str | Path | None = None,
+        seed: int = 0,
+        skip_nonfinite: bool = False,
+        momentum: float = 0.9,
+        checkpoint_every: int | None = None,
+        monitor: str = "auto",
+        progress: bool = True,
+    ) -> None:
+        """Validate the configuration; nothing heavy (DeepSpeed, process groups) happens before the first fit."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.trainable_names = [name for name, p in model.named_parameters() if p.requires_grad]
+        if not self.trainable_names:
+            raise ValueError(
+                "the model has no trainable parameters (nothing with requires_grad=True); "
+                "apply a method first, e.g. fastprompt.apply(model, 'linear', num_classes=...)"
+            )
+        if not (isinstance(loss, str) and loss == "auto") and not callable(loss):
+            raise ValueError(f"option 'loss' must be 'auto' or a callable(logits, targets) -> loss, got {loss!r}")
+        self.loss_fn: LossFn = auto_loss if loss == "auto" else loss
+        self.user_deepspeed_config = load_user_config(deepspeed_config)
+        self.config = self._validate(
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            epochs=epochs,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            precision=precision,
+            zero_stage=zero_stage,
+            grad_accum=grad_accum,
+            clip_grad=clip_grad,
+            grad_checkpointing=grad_checkpointing,
+            backend=backend,
+            seed=seed,
+            skip_nonfinite=skip_nonfinite,
+            momentum=momentum,
+            checkpoint_every=checkpoint_every,
+            monitor=monitor,
+            progress=progress,
+        )
+        self.config["loss"] = "auto" if loss == "auto" else "callable"
+        self.config["deepspeed_config"] = self.user_deepspeed_config
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        if grad_checkpointing:
+            if hasattr(model, "set_grad_checkpointing"):
+                model.set_grad_checkpointing(True)  # timm ViTs checkpoint every block, the frozen ones included
+            else:
+                warnings.warn(
+                    f"grad_checkpointing=True but {type(model).__name__} has no set_grad_checkpointing(); ignored",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        self.backend: TorchBackend | DeepSpeedBackend | None = None
+        self.rank, self.world_size = 0, 1
+        self.history: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _validate(**cfg: Any) -> dict[str, Any]:
+        check_choice("optimizer", cfg["optimizer"], ("adamw", "sgd"))
+        cfg["lr"] = check_float("lr", cfg["lr"], minimum=0.0)
+        cfg["weight_decay"] = check_float("weight_decay", cfg["weight_decay"], minimum=0.0)
+        cfg["momentum"] = check_float("momentum", cfg["momentum"], minimum=0.0, maximum=1.0)
+        check_int("epochs", cfg["epochs"], minimum=1)
+        check_int("warmup_steps", cfg["warmup_steps"], minimum=0)
+        check_choice("schedule", cfg["schedule"], ("cosine", "constant"))
+        check_choice("precision", cfg["precision"], ("auto", "bf16", "fp16", "fp32"))
+        check_int("zero_stage", cfg["zero_stage"], minimum=0)
+        if cfg["zero_stage"] > 3:
+            raise ValueError(f"option 'zero_stage' must be one of [0, 1, 2, 3], got {cfg['zero_stage']}")
+        check_int("grad_accum", cfg["grad_accum"], minimum=1)
+        if cfg["clip_grad"] is not None:
+            cfg["clip_grad"] = check_float("clip_grad", cfg["clip_grad"], minimum=0.0)
+        check_choice("backend", cfg["backend"], ("auto", "deepspeed", "torch"))
+        check_int("seed", cfg["seed"], minimum=0)
+        if cfg["checkpoint_every"] is not None:
+            check_int("checkpoint_every", cfg["checkpoint_every"], minimum=1)
+        if not isinstance(cfg["monitor"], str):
+            raise TypeError(f"option 'monitor' must be a metric name ('auc', 'acc', 'loss'), got {cfg['monitor']!r}")
+        for flag in ("grad_checkpointing", "skip_nonfinite", "progress"):
+            if not isinstance(cfg[flag], bool):
+                raise TypeError(f"option {flag!r} must be True or False, got {cfg[flag]!r}")
+        if cfg["backend"] == "torch" and cfg["zero_stage"] > 0:
+            raise ValueError("option 'zero_stage' > 0 needs backend='deepspeed' (or 'auto' with DeepSpeed installed)")
+        if cfg["backend"] == "deepspeed" and not deepspeed_installed():
+            raise ValueError("backend='deepspeed' but DeepSpeed is not installed: pip install deepspeed or use 'torch'")
+        return cfg
+
+    # ------------------------------------------------------------------ set-up
+
+    def _resolve_backend(self, world_size: int) -> str:
+        choice = self.config["backend"]
+        if choice != "auto":
+            return choice
+        useful = torch.cuda.is_available() or world_size > 1 or self.config["zero_stage"] > 0
+        if useful and deepspeed_installed():
+            try:
+                import deepspeed  # noqa: F401
+            except Exception as error:  # a broken DeepSpeed install falls back to plain PyTorch
+                warnings.warn(f"DeepSpeed failed to import ({error}); using the torch backend", stacklevel=3)
+                return "torch"
+            return "deepspeed"
+        if self.config["zero_stage"] > 0:
+            raise ValueError("option 'zero_stage' > 0 needs DeepSpeed: pip install deepspeed")
+        return "torch"
+
+    def _resolve_precision(self) -> str:
+        precision = self.config["precision"]
+        if precision != "auto":
+            return precision
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = dict(self.model.named_parameters())
+        trainable = [params[name] for name in self.trainable_names]
+        cfg = self.config
+        if cfg["optimizer"] == "sgd":
+            return torch.optim.SGD(trainable, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+        return torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+    def _setup(self, micro_batch: int) -> None:
+        """Create the backend once: process group, device placement, optimizer, DeepSpeed engine."""
+        if self.backend is not None:
+            return
+        _, env_world, local_rank = world_info()
+        kind = self._resolve_backend(env_world)
+        init_distributed(required=kind == "deepspeed")
+        self.rank, self.world_size, local_rank = world_info()
+        precision = self._resolve_precision()
+        self.config["resolved"] = {"backend": kind, "precision": precision, "world_size": self.world_size}
+        optimizer = self._make_optimizer()
+        if kind == "deepspeed":
+            ds_config = deepspeed_config(
+                micro_batch=micro_batch,
+                grad_accum=self.config["grad_accum"],
+                world_size=self.world_size,
+                zero_stage=self.config["zero_stage"],
+                precision=precision,
+                clip_grad=self.config["clip_grad"],
+                user=self.user_deepspeed_config,
+            )
+            self.backend = DeepSpeedBackend(self.model, optimizer, config=ds_config, precision=precision)
+        else:
+            self.backend = TorchBackend(
+                self.model,
+                optimizer,
+                precision=precision,
+                grad_accum=self.config["grad_accum"],
+                clip_grad=self.config["clip_grad"],
+                world_size=self.world_size,
+                local_rank=local_rank,
+            )
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None, resume: bool = False) -> list[dict]:
+        """Train for `epochs` epochs; returns the per-epoch history (train loss, lr, skipped batches, val metrics).
+
+        With `resume`, continue from ``output_dir/checkpoints/last.pt`` (or the previous checkpoint when `last` is
+        corrupt); the already-consumed batches of the interrupted epoch are skipped in the same order.
+        """
+        if not isinstance(train_loader, DataLoader):
+            raise TypeError(f"train_loader must be a torch.utils.data.DataLoader, got {type(train_loader).__name__}")
+        if resume and self.output_dir is None:
+            raise ValueError("fit(resume=True) needs Engine(output_dir=...) where the checkpoints are")
+        self._setup(train_loader.batch_size or 1)
+        cfg = self.config
+        loader, sampler = rebuild_loader(train_loader, seed=cfg["seed"], rank=self.rank, world_size=self.world_size)
+        per_epoch = batches_per_epoch(loader, sampler)
+        steps_per_epoch = per_epoch // cfg["grad_accum"]
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"grad_accum={cfg['grad_accum']} exceeds the {per_epoch} batches per epoch (per rank); lower it"
+            )
+        if per_epoch % cfg["grad_accum"] and self.rank == 0:
+            warnings.warn(
+                f"{per_epoch} batches per epoch is not a multiple of grad_accum={cfg['grad_accum']}; "
+                f"the last {per_epoch % cfg['grad_accum']} batch(es) of each epoch are dropped",
+                stacklevel=2,
+            )
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "last_good": None}
+        self.total_steps = steps_per_epoch * cfg["epochs"]
+        self.history = []
+        if not (resume and self._resume()):
+            _seed_everything(cfg["seed"])
+        while self.state["epoch"] < cfg["epochs"]:
+            record = self._train_epoch(loader, sampler, steps_per_epoch)
+            if val_loader is not None:
+                val = self.evaluate(val_loader)
+                record.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))})
+            self.history.append(record)
+            self.state["epoch"] += 1
+            self.state["step_in_epoch"] = 0
+            self._update_best(record)
+            self._checkpoint_epoch_end()
+        return self.history
+
+    def _train_epoch(self, loader: DataLoader, sampler: Any, steps_per_epoch: int) -> dict[str, Any]:
+        cfg, state, backend = self.config, self.state, self.backend
+        epoch, start_step = state["epoch"], state["step_in_epoch"]
+        grad_accum = cfg["grad_accum"]
+        skip_batches = start_step * grad_accum
+        if isinstance(sampler, EpochSampler):
+            sampler.set_epoch(epoch, start=skip_batches * loader.batch_size)
+            skip_batches = 0
+        elif hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        backend.module.train()
+        iterator = _rng_neutral_iter(loader, cfg["seed"], epoch)
+        bar = tqdm(
+            total=steps_per_epoch * grad_accum,
+            initial=start_step * grad_accum,
+            desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+            disable=not cfg["progress"] or self.rank != 0,
+            leave=False,
+        )
+        if start_step == 0:
+            state["running"] = {"loss_sum": 0.0, "loss_count": 0, "skipped": 0}
+        running = state["running"]  # checkpointed, so a resumed epoch reports the whole epoch's loss
+        images, good_in_group = 0, 0
+        started = time.perf_counter()
+        micro = 0
+        for batch_index, batch in enumerate(iterator):
+            if batch_index < skip_batches:
+                continue
+            inputs, targets = split_batch(batch)
+            inputs, targets = backend.to_device(inputs), backend.to_device(targets)
+            loss = self.loss_fn(backend.forward(inputs, train=True), targets)
+            if all_finite(loss, self.world_size):
+                backend.backward(loss)
+                running["loss_sum"] += loss.item()
+                running["loss_count"] += 1
+                good_in_group += 1
+            elif cfg["skip_nonfinite"]:
+                running["skipped"] += 1
+            else:
+                self._raise_nonfinite(loss)
+            images += batch_size_of(inputs) * self.world_size
+            micro += 1
+            bar.update(1)
+            if micro % grad_accum:
+                continue
+            if good_in_group:
+                self._set_lr(state["global_step"])
+                backend.step()
+            good_in_group = 0
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            elapsed = time.perf_counter() - started
+            mean_loss = running["loss_sum"] / max(1, running["loss_count"])
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images / max(elapsed, 1e-9):.1f}")
+            every = cfg["checkpoint_every"]
+            if every and state["global_step"] % every == 0 and state["step_in_epoch"] < steps_per_epoch:
+                self._checkpoint_last()
+            if state["step_in_epoch"] >= steps_per_epoch:
+                break
+        bar.close()
+        elapsed = time.perf_counter() - started
+        totals = torch.tensor([running["loss_sum"], running["loss_count"], running["skipped"]], dtype=torch.float64)
+        if self.world_size > 1:
+            totals = _all_reduce_sum(totals)
+        return {
+            "epoch": epoch + 1,
+            "train_loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
+            "lr": self._current_lr(),
+            "skipped_batches": int(totals[2]),
+            "images_per_s": images / max(elapsed, 1e-9),
+            "time_s": elapsed,
+        }
+
+    def _set_lr(self, step: int) -> None:
+        cfg = self.config
+        factor = _lr_factor(step, total=self.total_steps, warmup=cfg["warmup_steps"], schedule=cfg["schedule"])
+        for group in self.backend.optimizer.param_groups:
+            group["lr"] = cfg["lr"] * factor
+
+    def _current_lr(self) -> float:
+        return float(self.backend.optimizer.param_groups[0]["lr"])
+
+    def _raise_nonfinite(self, loss: torch.Tensor) -> None:
+        last = self.state["last_good"]
+        where = f"epoch {self.state['epoch'] + 1}, step {self.state['step_in_epoch'] + 1} of the epoch"
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) at {where} (global step {self.state['global_step'] + 1}); "
+            f"parameters were not updated with it. Last good checkpoint: {last or 'none written yet'}. "
+            "Lower the learning rate, enable clip_grad, check the data, or pass skip_nonfinite=True to skip such steps."
+        )
+
+    def _update_best(self, record: dict[str, Any]) -> None:
+        """Track the best epoch by `monitor` (auto: val AUC, else val loss, else train loss)."""
+        monitor = self.config["monitor"]
+        if monitor == "auto":
+            usable = [k for k in ("val_auc", "val_loss", "train_loss") if not math.isnan(record.get(k, math.nan))]
+            key = usable[0] if usable else None
+        else:
+            key = f"val_{monitor}" if f"val_{monitor}" in record else ("train_loss" if monitor == "loss" else None)
+        if key is None or math.isnan(record.get(key, math.nan)):
+            return
+        value, minimise = record[key], key.endswith("loss")
+        best = self.state["best"]
+        if best is None or (value < best["value"] if minimise else value > best["value"]):
+            self.state["best"] = {"metric": key, "value": value, "epoch": record["epoch"], "is_new": True}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_dir(self) -> Path | None:
+        return self.output_dir / "checkpoints" if self.output_dir is not None else None
+
+    def _payload(self) -> dict[str, Any] | None:
+        """This rank's contribution gathered; the full payload on rank 0, None elsewhere."""
+        trainable = self.backend.trainable_state(self.trainable_names)
+        for name, value in trainable.items():
+            if not torch.isfinite(value.float()).all():
+                raise NonFiniteLossError(f"parameter {name!r} holds NaN/inf values; refusing to write a checkpoint")
+        optim = gather_objects(self.backend.optimizer_state(), self.world_size)
+        rngs = gather_objects(rng_state(), self.world_size)
+        running = gather_objects(self.state.get("running"), self.world_size)
+        if self.rank != 0:
+            return None
+        state = {k: v for k, v in self.state.items() if k not in ("last_good", "running")}
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": self.config,
+            "trainable": trainable,
+            "optimizer": optim,
+            "scheduler": {"global_step": self.state["global_step"], "total_steps": self.total_steps},
+            "rng": rngs,
+            "running": running,
+            "state": state,
+            "history": self.history,
+            "world_size": self.world_size,
+            "backend": self.backend.name,
+        }
+
+    def _write(self, payload: dict[str, Any] | None, path: Path, *, keep_prev: bool) -> None:
+        if self.rank == 0:
+            if keep_prev:
+                keep_previous(path, path.with_name("prev.pt"))
+            write_checkpoint(path, payload)
+        barrier(self.world_size)
+
+    def _checkpoint_last(self) -> None:
+        directory = self._checkpoint_dir()
+        if directory is None:
+            return
+        payload = self._payload()
+        path = directory / "last.pt"
+        self._write(payload, path, keep_prev=True)
+        self.state["last_good"] = str(path)
+
+    def _checkpoint_epoch_end(self) -> None:
+        if self.output_dir is None:
+            return
+        best = self.state["best"]
+        is_new_best = bool(best and best.pop("is_new", False))
+        self._checkpoint_last()
+        if is_new_best:
+            directory = self._checkpoint_dir()
+            self._write(self._payload(), directory / "best.pt", keep_prev=False)
+        if self.rank == 0:
+            write_metrics_jsonl(self.output_dir / "metrics.jsonl", self.history)
+            write_curves(self.output_dir / "curves.png", self.history)
+
+    def _resume(self) -> bool:
+        """Restore the last intact checkpoint; False (and a warning) when there is none yet."""
+        directory = self._checkpoint_dir()
+        found = read_first_good([directory / "last.pt", directory / "prev.pt"])
+        if found is None:
+            warnings.warn(f"fit(resume=True): no checkpoint in {directory}; starting from scratch", stacklevel=3)
+            return False
+        payload, path = found
+        self._check_compatible(payload, path)
+        self.backend.load_trainable(payload["trainable"])
+        self.backend.load_optimizer_state(payload["optimizer"], self.rank)
+        self.state.update(payload["state"])
+        self.state["last_good"] = str(path)
+        self.history = list(payload["history"])
+        set_rng_state(payload["rng"][self.rank])
+        self.state["running"] = payload["running"][self.rank]
+        return True
+
+    def _check_compatible(self, payload: dict[str, Any], path: Path) -> None:
+        if payload.get("version") != CHECKPOINT_VERSION:
+            version = payload.get("version")
+            raise CheckpointError(f"{path} has checkpoint version {version}, expected {CHECKPOINT_VERSION}")
+        self._check_names(payload["trainable"], path)
+        if payload["world_size"] != self.world_size and payload["backend"] == "deepspeed":
+            raise CheckpointError(
+                f"{path} was written by {payload['world_size']} DeepSpeed ranks; resume with the same number of ranks"
+            )
+        if payload["scheduler"]["total_steps"] != self.total_steps:
+            raise CheckpointError(
+                f"{path} was written for {payload['scheduler']['total_steps']} optimizer steps, this run has "
+                f"{self.total_steps}; resume with the same data, batch size, grad_accum and epochs"
+            )
+
+    def save(self, path: str | Path) -> None:
+        """Write a checkpoint (trainable parameters, optimizer, schedule position, RNG, config) atomically."""
+        if self.backend is None:
+            self._setup(1)
+        if not hasattr(self, "state"):
+            self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "last_good": None}
+            self.total_steps = 0
+        self._write(self._payload(), Path(path), keep_prev=False)
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, **overrides: Any) -> Engine:
+        """An Engine for `model` with the checkpoint's configuration and trainable parameters.
+
+        `model` must have the same method applied (same trainable parameter names). `overrides` replace saved
+        settings (e.g. ``loss=my_loss_fn``, which is never saved, or ``output_dir``).
+        """
+        payload = read_checkpoint(path)
+        config = dict(payload["config"])
+        config.pop("resolved", None)
+        if config.pop("loss") == "callable" and "loss" not in overrides:
+            raise ValueError(f"{path} was trained with a custom loss callable; pass Engine.load(..., loss=fn)")
+        config.update(overrides)
+        engine = cls(model, **config)
+        engine._check_names(payload["trainable"], path)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in payload["trainable"].items():
+                params[name].copy_(value)
+        engine.history = list(payload["history"])
+        return engine
+
+    def _check_names(self, trainable: dict[str, torch.Tensor], path: str | Path) -> None:
+        missing = sorted(set(self.trainable_names) - set(trainable))
+        extra = sorted(set(trainable) - set(self.trainable_names))
+        if missing or extra:
+            raise CheckpointError(
+                f"{path} does not match this model's trainable parameters (missing {missing[:5]}, "
+                f"unexpected {extra[:5]}); apply the same method with the same options"
+            )
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the trainable parameters by name (gathered under ZeRO-3)."""
+        if self.backend is None:
+            params = dict(self.model.named_parameters())
+            return {name: params[name].detach().to("cpu", copy=True) for name in self.trainable_names}
+        return self.backend.trainable_state(self.trainable_names)
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def _run(self, loader: DataLoader, *, need_targets: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._setup(loader.batch_size or 1)
+        backend = self.backend
+        backend.module.eval()
+        outputs, targets_all = [], []
+        for batch in _rng_neutral_iter(loader, None, None):
+            inputs, targets = split_batch(batch, need_targets=need_targets)
+            logits = backend.forward(backend.to_device(inputs), train=False)
+            outputs.append(logits.float().cpu())
+            if targets is not None:
+                targets_all.append(targets.cpu())
+        if not outputs:
+            raise ValueError("the loader yielded no batches")
+        return torch.cat(outputs), (torch.cat(targets_all) if targets_all else None)
+
+    def evaluate(self, loader: DataLoader) -> dict[str, Any]:
+        """Loss and classification metrics (acc, auc; map for multi-label) of the model on `loader`."""
+        logits, targets = self._run(loader, need_targets=True)
+        loss = float(self.loss_fn(logits, targets))
+        multilabel = is_multilabel(targets)
+        metrics = compute_metrics(logits.numpy(), targets.numpy(), multilabel=multilabel)
+        return {"loss": loss, **metrics}
+
+    def predict(self, loader: DataLoader) -> torch.Tensor:
+        """Model outputs (float32 logits on the CPU) for every sample of `loader`, in order."""
+        return self._run(loader, need_targets=False)[0]
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    tensor = tensor.to(device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.cpu()
+
+
+def _rng_neutral_iter(loader: DataLoader, seed: int | None, epoch: int | None):
+    """iter(loader) without consuming the global torch RNG (DataLoader draws a worker base seed from it).
+
+    Worker seeds then come from (seed, epoch) when given, so a resumed epoch's workers match the original run's.
+    """
+    state = torch.get_rng_state()
+    if seed is not None and loader.generator is None:
+        torch.manual_seed(seed * 1_000_003 + epoch + 7)
+    iterator = iter(loader)
+    torch.set_rng_state(state)
+    return iterator

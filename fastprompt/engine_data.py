@@ -1,0 +1,169 @@
+"""Engine data plumbing: the batch convention, the loss, and deterministic, shardable, resumable sampling.
+
+Batch convention: a batch is ``(inputs, targets)`` (tuple or list) or a dict with ``"image"`` and ``"target"``.
+``inputs`` is a tensor (``model(inputs)``), a tuple/list of tensors (``model(*inputs)``, e.g. the FPT wrapper's
+``(images, side_images)``) or a dict (``model(**inputs)``). ``targets`` are class indices (integer tensor [B]) or
+multi-hot floats [B, C]. ``predict`` also accepts batches without targets (a bare ``inputs``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def split_batch(batch: Any, *, need_targets: bool = True) -> tuple[Any, torch.Tensor | None]:
+    """Split a batch into (inputs, targets) following the convention in this module's docstring."""
+    if isinstance(batch, dict):
+        if "image" not in batch:
+            raise ValueError(f"dict batches need an 'image' key (and 'target' for training); got keys {sorted(batch)}")
+        if need_targets and "target" not in batch:
+            raise ValueError(f"dict batches need a 'target' key for training/evaluation; got keys {sorted(batch)}")
+        return batch["image"], batch.get("target")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if not need_targets:
+        return batch, None
+    raise ValueError(
+        "a batch must be (inputs, targets) or {'image': ..., 'target': ...}; "
+        f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply `fn` to every tensor inside nested tuples/lists/dicts."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {key: map_tensors(item, fn) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(item, fn) for item in value)
+    return value
+
+
+def call_model(model: Callable, inputs: Any) -> torch.Tensor:
+    """Call `model` on inputs: tensor -> model(x), tuple/list -> model(*x), dict -> model(**x)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def batch_size_of(inputs: Any) -> int:
+    """Number of samples in `inputs` (the leading dimension of its first tensor)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    raise ValueError("batch inputs hold no tensor")
+
+
+def is_multilabel(targets: torch.Tensor) -> bool:
+    """Multi-hot targets are floating point and 2-D; class indices are integers."""
+    return targets.is_floating_point() and targets.dim() == 2
+
+
+def auto_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for integer class targets, BCE-with-logits for float multi-hot targets [B, C]."""
+    logits = logits.float()
+    if is_multilabel(targets):
+        if targets.shape != logits.shape:
+            raise ValueError(f"multi-hot targets {tuple(targets.shape)} must match the logits {tuple(logits.shape)}")
+        return F.binary_cross_entropy_with_logits(logits, targets.float())
+    if targets.is_floating_point():
+        raise ValueError(
+            f"float targets of shape {tuple(targets.shape)}: pass class indices as an integer tensor [B], "
+            "or multi-hot labels as a float tensor [B, num_classes]"
+        )
+    return F.cross_entropy(logits, targets.long())
+
+
+class EpochSampler(Sampler[int]):
+    """Rank `rank`'s share of a permutation that is a function of (seed, epoch) only; can start mid-epoch.
+
+    Like DistributedSampler (pads by repeating to a multiple of `world_size`, deals indices round-robin), so a
+    global batch of `world_size * b` on N ranks is the same set of samples as a batch of `world_size * b` on 1 rank.
+    """
+
+    def __init__(self, length: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.length, self.shuffle, self.seed = length, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order, skipping the first `start` samples of this rank's share."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return math.ceil(self.length / self.world_size) - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            order = list(range(self.length))
+        total = math.ceil(self.length / self.world_size) * self.world_size
+        order += order[: total - len(order)]
+        return iter(order[self.rank : total : self.world_size][self.start :])
+
+
+def rebuild_loader(
+    loader: DataLoader, *, seed: int, rank: int, world_size: int
+) -> tuple[DataLoader, EpochSampler | DistributedSampler | None]:
+    """A copy of `loader` whose order is a function of (seed, epoch), sharded over ranks.
+
+    Random/sequential samplers are replaced by an EpochSampler; a user DistributedSampler is kept (its order is
+    already a function of its seed and the epoch). Any other sampler is kept as is in a single process, and is an
+    error under several ranks (pass a DistributedSampler instead).
+    """
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler):
+        return loader, sampler
+    if not isinstance(sampler, (RandomSampler, SequentialSampler)) or loader.batch_size is None:
+        if world_size > 1:
+            raise ValueError(
+                f"train_loader uses a custom {type(sampler).__name__}/batch_sampler that fastprompt cannot shard over "
+                f"{world_size} ranks; build the loader with a torch.utils.data.DistributedSampler"
+            )
+        return loader, None
+    epoch_sampler = EpochSampler(
+        len(loader.dataset),
+        shuffle=isinstance(sampler, RandomSampler),
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    rebuilt = DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=epoch_sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+    )
+    return rebuilt, epoch_sampler
+
+
+def batches_per_epoch(loader: DataLoader, sampler: EpochSampler | DistributedSampler | None) -> int:
+    """Number of batches one rank sees in a full epoch."""
+    if isinstance(sampler, EpochSampler):
+        per_rank = math.ceil(sampler.length / sampler.world_size)
+        size = loader.batch_size
+        return per_rank // size if loader.drop_last else math.ceil(per_rank / size)
+    return len(loader)
