@@ -1,5 +1,6 @@
 """fastprompt.data: decoding, folder/CSV datasets and their faults, transforms, few-shot splits."""
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -148,6 +149,13 @@ def test_dicom_rescale_window_and_monochrome1(tmp_path):
     inverted = load_image(write("cr.dcm", raw, photometric="MONOCHROME1"))
     np.testing.assert_allclose(inverted[1].numpy(), 1 - raw / 4000, atol=1e-6)  # no window: real range, inverted
     assert pydicom.dcmread(path).PhotometricInterpretation == "MONOCHROME2"
+
+
+def test_dicom_without_pydicom_asks_for_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    (tmp_path / "scan.dcm").write_bytes(bytes(128) + b"DICM" + bytes(16))
+    with pytest.raises(ImportError, match=r"fastprompt\[dicom\]"):
+        load_image(tmp_path / "scan.dcm")
 
 
 # ---------------------------------------------------------------- image folders
