@@ -75,10 +75,11 @@ def test_key_follows_content_and_configuration_not_file_names(tmp_path):
         assert cache.key(changed, image=image) != key
     assert FeatureCache(tmp_path / "cache", dtype=torch.bfloat16).key(model, image=image) != key
     assert cache.key(model, image=image, preprocess="resize-512") != key
-    other_weights = tiny_fpt()
     with torch.no_grad():
-        other_weights.backbone.blocks[0].attn.qkv.weight[0, 0] += 1.0
-    assert cache.key(other_weights, image=image) != key
+        model.backbone.blocks[0].attn.qkv.weight[0, 0] += 1.0  # weights changed in place after a key was made
+    assert cache.key(model, image=image) != key
+    model.backbone.load_state_dict(tiny_fpt().backbone.state_dict())
+    assert cache.key(model, image=image) == key
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

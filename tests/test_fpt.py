@@ -235,3 +235,24 @@ def test_cached_training_step_saves_under_5_percent_of_full_finetuning():
     assert result["fpt+_cached"]["feature_shape"] == [1, 6, 12, 205, 64]
     assert 500e6 < result["full_finetune_saved_bytes"] < 700e6
     assert result["ratio"] <= LIMIT_RATIO
+
+
+@pytest.mark.gpu
+def test_fpt_plus_cached_training_peak_memory_at_or_below_the_published_736_mb():
+    torch.manual_seed(0)
+    model = FPT(timm.create_model("vit_base_patch16_384", img_size=512), 5).cuda().train()
+    shape = (16, 6, 12, 205, 64)
+    features = {name: torch.randn(shape, device="cuda", dtype=torch.bfloat16) for name in ("keys", "values")}
+    side_images = torch.randn(16, 3, 128, 128, device="cuda")
+    labels = torch.arange(16, device="cuda") % 5
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):  # the second step holds optimizer state too
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model.forward_features_cached(features, side_images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() <= 736 * 2**20

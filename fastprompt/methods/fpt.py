@@ -136,7 +136,7 @@ class FPT(nn.Module):
             num_heads=num_heads,
             num_classes=num_classes,
         ).to(device=ref.device, dtype=ref.dtype)
-        self._weights_digest: str | None = None
+        self._weights_digest: tuple[tuple, str] | None = None  # (storage/version fingerprint, digest)
 
     def train(self, mode: bool = True) -> FPT:
         """Set the trainable parts' mode; the frozen backbone stays in eval mode."""
@@ -199,14 +199,19 @@ class FPT(nn.Module):
         return int((grid[0] * grid[1] + self.backbone.num_prefix_tokens) * self.token_ratio)
 
     def weights_digest(self) -> str:
-        """SHA-256 of the frozen backbone's weights (names, dtypes, shapes, bytes); computed once, then reused."""
-        if self._weights_digest is None:
+        """SHA-256 of the frozen backbone's weights (names, dtypes, shapes, bytes).
+
+        Reused until a weight tensor is replaced or modified in place (tracked by storage and version counter).
+        """
+        state = sorted(self.backbone.state_dict().items())
+        fingerprint = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state)
+        if self._weights_digest is None or self._weights_digest[0] != fingerprint:
             digest = hashlib.sha256()
-            for name, tensor in sorted(self.backbone.state_dict().items()):
+            for name, tensor in state:
                 digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
                 digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._weights_digest = digest.hexdigest()
-        return self._weights_digest
+            self._weights_digest = (fingerprint, digest.hexdigest())
+        return self._weights_digest[1]
 
     def feature_signature(self) -> dict[str, Any]:
         """Everything the frozen features depend on besides the image: backbone identity and selection settings."""

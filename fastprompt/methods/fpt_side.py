@@ -58,12 +58,14 @@ class FusionModule(nn.Module):
         num_prompts = prompts.shape[1]
         queries = queries.view(1, layers, num_prompts, heads, head_dim).transpose(2, 3)
         queries = queries.expand(batch, -1, -1, -1, -1).reshape(batch * layers, heads, num_prompts, head_dim)
+        device = keys.device.type  # under autocast, cast the cached features once, to the autocast dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else queries.dtype
         context = F.scaled_dot_product_attention(
-            queries,
-            keys.to(queries.dtype).reshape(batch * layers, heads, count, head_dim),
-            values.to(queries.dtype).reshape(batch * layers, heads, count, head_dim),
+            queries.to(dtype),
+            keys.to(dtype).reshape(batch * layers, heads, count, head_dim),
+            values.to(dtype).reshape(batch * layers, heads, count, head_dim),
         )
-        context = context.transpose(1, 2).reshape(batch, layers, num_prompts, self.embed_dim)
+        context = context.transpose(1, 2).reshape(batch, layers, num_prompts, self.embed_dim).to(prompts.dtype)
         if self.query_proj is not None:
             return self.dropout(self.out_proj(context) + prompts)
         return self.dropout(self.out_proj(context + prompts))
