@@ -63,10 +63,12 @@ def _qkv(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 def _finish_block(block: Block, x: torch.Tensor, normed: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """The rest of timm's Block after softmax(q kᵀ)·v: output projection, residuals and MLP."""
     attn = block.attn
-    out = attended.transpose(1, 2).reshape(x.shape[0], x.shape[1], attn.attn_dim)
-    out = attn.norm(out)
-    if attn.gate is not None:
-        out = out * attn.gate(normed).sigmoid()
+    out = attended.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    norm, gate = getattr(attn, "norm", None), getattr(attn, "gate", None)  # absent in older timm releases
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate(normed).sigmoid()
     out = attn.proj_drop(attn.proj(out))
     x = x + block.drop_path1(block.ls1(out))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
