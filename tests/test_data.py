@@ -136,7 +136,8 @@ def test_dicom_rescale_window_and_monochrome1(tmp_path):
         for key, value in attributes.items():
             setattr(ds, key, value)
         ds.PixelData = raw.astype(np.uint16).tobytes()
-        ds.save_as(tmp_path / name, enforce_file_format=True)
+        new_api = int(pydicom.__version__.split(".")[0]) >= 3  # 2.x spells enforce_file_format differently
+        ds.save_as(tmp_path / name, **({"enforce_file_format": True} if new_api else {"write_like_original": False}))
         return tmp_path / name
 
     raw = np.array([[0, 1000], [2000, 4000]])
