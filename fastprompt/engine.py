@@ -230,6 +230,11 @@ class Engine:
         precision = self._resolve_precision()
         self.config["resolved"] = {"backend": kind, "precision": precision, "world_size": self.world_size}
         optimizer = self._make_optimizer()
+        if kind == "deepspeed" and precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError(
+                "precision='fp16' with DeepSpeed needs a CUDA device (its CPU accelerator has no fp16); "
+                "use precision='bf16' or 'fp32', or backend='torch'"
+            )
         if kind == "deepspeed":
             ds_config = deepspeed_config(
                 micro_batch=micro_batch,
@@ -325,7 +330,7 @@ class Engine:
             if batch_index < skip_batches:
                 continue
             inputs, targets = split_batch(batch)
-            inputs, targets = backend.to_device(inputs), backend.to_device(targets)
+            inputs, targets = backend.to_device(inputs), backend.to_device(targets, cast=False)
             loss = self.loss_fn(backend.forward(inputs, train=True), targets)
             if all_finite(loss, self.world_size):
                 backend.backward(loss)

@@ -125,8 +125,8 @@ class TorchBackend:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def to_device(self, value: Any) -> Any:
-        """Move every tensor of a batch to the training device."""
+    def to_device(self, value: Any, *, cast: bool = True) -> Any:
+        """Move every tensor of a batch to the training device (autocast handles dtypes, so `cast` is unused)."""
         return map_tensors(value, lambda t: t.to(self.device, non_blocking=True))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -270,11 +270,11 @@ class DeepSpeedBackend:
         self.zero_stage = self.engine.zero_optimization_stage()
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
-    def to_device(self, value: Any) -> Any:
-        """Move a batch to the engine's device, casting floating inputs to the engine's half dtype."""
+    def to_device(self, value: Any, *, cast: bool = True) -> Any:
+        """Move a batch to the engine's device; with `cast`, floating tensors take the engine's half dtype."""
 
         def move(tensor: torch.Tensor) -> torch.Tensor:
-            if self.input_dtype is not None and tensor.is_floating_point():
+            if cast and self.input_dtype is not None and tensor.is_floating_point():
                 return tensor.to(self.device, dtype=self.input_dtype)
             return tensor.to(self.device)
 

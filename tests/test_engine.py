@@ -70,7 +70,7 @@ def torch_reference():
 def test_torch_backend_trains_only_the_trainable_parameters(tmp_path):
     model = tiny_vit("lora")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    engine = Engine(model, lr=1e-2, epochs=3, backend="torch", output_dir=tmp_path, progress=False)
+    engine = Engine(model, lr=1e-2, epochs=3, backend="torch", output_dir=tmp_path)
     val = DataLoader(tiny_data(12, seed=5), batch_size=6)
     history = engine.fit(shuffled(tiny_data()), val_loader=val)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -139,6 +139,21 @@ def test_deepspeed_resume_and_user_config(tmp_path):
     assert resumed.backend.engine.config["zero_optimization"]["reduce_bucket_size"] == 1000
     assert resumed.backend.engine.config["zero_optimization"]["stage"] == 2
     assert_close(resumed.trainable_state_dict(), full.trainable_state_dict())
+
+
+@pytest.mark.parametrize(
+    ("backend", "stage", "precision"), [("torch", 0, "bf16"), ("torch", 0, "fp16"), ("deepspeed", 2, "bf16")]
+)
+def test_half_precision_trains(backend, stage, precision):
+    engine, history = train(backend=backend, zero_stage=stage, precision=precision, epochs=3)
+    assert engine.config["resolved"]["precision"] == precision
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(torch.isfinite(v).all() for v in engine.trainable_state_dict().values())
+
+
+def test_auto_backend_choice():
+    assert train("linear", epochs=1)[0].backend.name == "torch"  # CPU, one process, no ZeRO
+    assert train("linear", epochs=1, zero_stage=1)[0].backend.name == "deepspeed"
 
 
 def test_grad_accumulation_matches_a_larger_batch():
@@ -336,6 +351,9 @@ def test_model_errors():
         Engine(tiny_vit("linear"), backend="torch", grad_accum=9).fit(shuffled(tiny_data()))
     with pytest.raises(ValueError, match="a batch must be"):
         engine.fit(DataLoader(tiny_data().tensors[0], batch_size=4))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'fp16' with DeepSpeed needs a CUDA device"):
+            Engine(tiny_vit("linear"), backend="deepspeed", precision="fp16").fit(shuffled(tiny_data()))
 
 
 def test_deep_merge_recurses():
