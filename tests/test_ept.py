@@ -105,6 +105,23 @@ def test_official_path_is_concat_softmax_slice_and_unprompted_blocks_untouched()
     torch.testing.assert_close(model.blocks[1](tokens), base.blocks[1](tokens), atol=0, rtol=0)
 
 
+def test_deepcopy_state_dict_and_grad_checkpointing_keep_the_prompts():
+    model = prompted(tiny_vit(), prompt_length=3, prompt_layers=[0, 2])
+    x = images()
+    model(x).sum().backward()
+    expected = {i: p.grad.clone() for i, p in prompt_params(model).items()}
+    twin = copy.deepcopy(model)
+    assert twin.blocks[0].attn.ept.tracker is twin.blocks[2].attn.ept.tracker is not model.blocks[0].attn.ept.tracker
+    twin.zero_grad()
+    twin.set_grad_checkpointing(True)
+    twin(x).sum().backward()
+    for i, param in prompt_params(twin).items():
+        torch.testing.assert_close(param.grad, expected[i], atol=1e-6, rtol=1e-6)
+    fresh = fastprompt.apply(tiny_vit(), "ept", prompt_length=3, prompt_layers=[0, 2])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+
+
 def test_one_step_changes_only_prompts_and_head():
     model = prompted(tiny_vit(), prompt_layers=[1])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
