@@ -196,7 +196,8 @@ def prompted_layers(model: nn.Module) -> list[int]:
 def ept_scales(model: nn.Module, images: torch.Tensor) -> dict[int, torch.Tensor]:
     """Patch-wise scaling map σ(lse − g) per prompted layer, averaged over heads: `{layer: [B, N]}`.
 
-    Runs `model(images)` in eval mode without gradients (the model's train/eval mode is restored).
+    Runs `model(images)` in eval mode without gradients (the model's train/eval mode is restored); the map comes
+    from `sink_attention(..., return_scale=True)` whichever attention path the model trains with.
     """
     layers = prompted_layers(model)
     if not layers:
