@@ -203,7 +203,7 @@ def output_stem(args: argparse.Namespace) -> str:
         parts.append("m-" + "-".join(args.methods))
     if args.budget:
         parts.append(f"budget{args.budget}")
-    return "_".join(re.sub(r"[^A-Za-z0-9.+-]+", "", part) for part in parts)
+    return "_".join(re.sub(r"[^A-Za-z0-9._+-]+", "", part) for part in parts)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
