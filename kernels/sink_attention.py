@@ -80,10 +80,9 @@ def _flash_cpu_forward(q, k, v, g, scale):
 
 
 def _flash_cpu_backward(dout, q, k, v, out, lse_p, scale):
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse_p, 0.0, False, scale=scale
     )
-    return (*grads, None)
 
 
 def _query_chunks(q: torch.Tensor, k: torch.Tensor) -> range:
@@ -107,7 +106,7 @@ def _chunked_forward(q, k, v, g, scale):
     return out, torch.logaddexp(lse, g), torch.sigmoid(lse - g)
 
 
-def _chunked_backward(dout, q, k, v, out, lse_p, scale):
+def _chunked_backward(dout, q, k, v, lse_p, delta, scale):
     acc = torch.promote_types(q.dtype, torch.float32)
     k_acc, v_acc = k.to(acc), v.to(acc)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -117,13 +116,12 @@ def _chunked_backward(dout, q, k, v, out, lse_p, scale):
     for start in chunks:
         rows = slice(start, start + chunks.step)
         q_c, do_c = q[:, :, rows].to(acc), dout[:, :, rows].to(acc)
-        delta = (do_c * out[:, :, rows].to(acc)).sum(-1, keepdim=True)
         probs = torch.exp(q_c @ k_acc.transpose(-2, -1) * scale - lse_p[:, :, rows].to(acc).unsqueeze(-1))
         dv += probs.transpose(-2, -1) @ do_c
-        dlogits = probs * (do_c @ v_acc.transpose(-2, -1) - delta) * scale
+        dlogits = probs * (do_c @ v_acc.transpose(-2, -1) - delta[:, :, rows].to(acc).unsqueeze(-1)) * scale
         dq[:, :, rows] = (dlogits @ k_acc).to(q.dtype)
         dk += dlogits.transpose(-2, -1) @ q_c
-    return dq, dk.to(k.dtype), dv.to(v.dtype), None
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _triton_module():
@@ -141,13 +139,21 @@ def _forward(backend: str, q, k, v, g, scale):
     return _chunked_forward(q, k, v, g, scale)
 
 
-def _backward(backend: str, dout, q, k, v, out, lse_p, scale):
-    """(dq, dk, dv, Δ or None): the flash-attention backward with the sink-aware normaliser lse'."""
+def _row_delta(backend: str, dout, out):
+    """Δ = rowsum(dO ⊙ O) [B, H, N] in fp32 (fp64 for fp64 inputs)."""
     if backend == "triton":
-        return _triton_module().backward(dout, q, k, v, out, lse_p, scale)
+        return _triton_module().row_delta(out, dout)
+    stat = torch.promote_types(out.dtype, torch.float32)
+    return (dout.to(stat) * out.to(stat)).sum(-1)
+
+
+def _backward(backend: str, dout, q, k, v, out, lse_p, delta, scale):
+    """(dq, dk, dv): the flash-attention backward with the sink-aware normaliser lse'."""
+    if backend == "triton":
+        return _triton_module().backward(dout, q, k, v, lse_p, delta, scale)
     if backend == "flash_cpu":
         return _flash_cpu_backward(dout, q, k, v, out, lse_p, scale)
-    return _chunked_backward(dout, q, k, v, out, lse_p, scale)
+    return _chunked_backward(dout, q, k, v, lse_p, delta, scale)
 
 
 def _sink_weight(g: torch.Tensor, lse_p: torch.Tensor) -> torch.Tensor:
@@ -156,12 +162,13 @@ def _sink_weight(g: torch.Tensor, lse_p: torch.Tensor) -> torch.Tensor:
 
 
 class _SinkAttention(torch.autograd.Function):
-    """Saves q, k, v, O, lse' and the expanded sink: nothing with N×N elements."""
+    """Saves O, lse', the expanded sink and (when they need gradients) q, k, v: nothing with N×N elements."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, backend):
         out, lse_p, keep = _forward(backend, q, k, v, g, scale)
-        ctx.save_for_backward(q, k, v, g, out, lse_p)
+        inputs = (q, k, v) if any(ctx.needs_input_grad[:3]) else (None, None, None)
+        ctx.save_for_backward(*inputs, g, out, lse_p)
         ctx.scale, ctx.backend = scale, backend
         ctx.mark_non_differentiable(keep)
         return out, keep
@@ -169,12 +176,11 @@ class _SinkAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dkeep):
         q, k, v, g, out, lse_p = ctx.saved_tensors
-        dq, dk, dv, delta = _backward(ctx.backend, dout, q, k, v, out, lse_p, ctx.scale)
-        dg = None
-        if ctx.needs_input_grad[3]:
-            if delta is None:
-                delta = (dout.to(g.dtype) * out.to(g.dtype)).sum(-1)
-            dg = -_sink_weight(g, lse_p) * delta
+        delta = _row_delta(ctx.backend, dout, out)
+        dg = -_sink_weight(g, lse_p) * delta.to(g.dtype) if ctx.needs_input_grad[3] else None
+        dq = dk = dv = None
+        if any(ctx.needs_input_grad[:3]):
+            dq, dk, dv = _backward(ctx.backend, dout, q, k, v, out, lse_p, delta, ctx.scale)
         return dq, dk, dv, dg, None, None
 
 

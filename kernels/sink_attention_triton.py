@@ -255,24 +255,30 @@ def forward(
     return out, lse, keep
 
 
+def row_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """Δ = rowsum(dO ⊙ O) as fp32 [B, H, N], without an fp32 copy of either tensor."""
+    batch, heads, n_q, dim = out.shape
+    delta = torch.empty(batch, heads, n_q, dtype=torch.float32, device=out.device)
+    _delta_kernel[(triton.cdiv(n_q, 32), batch * heads)](
+        out, dout, delta, *out.stride(), *dout.stride(), heads, n_q, dim, BLOCK_M=32, BLOCK_D=_block_d(dim)
+    )
+    return delta
+
+
 def backward(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
     lse: torch.Tensor,
+    delta: torch.Tensor,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, Δ): the flash-attention backward with the sink-aware normaliser lse' (fp32 [B, H, N])."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv): the flash-attention backward with the sink-aware normaliser lse' and Δ (fp32 [B, H, N])."""
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
-    lse = lse.contiguous()
+    lse, delta = lse.contiguous(), delta.contiguous()
     block_d = _block_d(dim)
-    delta = torch.empty_like(lse)
-    _delta_kernel[(triton.cdiv(n_q, 32), batch * heads)](
-        out, dout, delta, *out.stride(), *dout.stride(), heads, n_q, dim, BLOCK_M=32, BLOCK_D=block_d
-    )
     dq, dk, dv = _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     sizes = (heads, n_q, n_k, dim, scale, scale * LOG2E)
@@ -282,4 +288,4 @@ def backward(
     _dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)](
         q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes, BLOCK_D=block_d, PRECISION=_precision(q)
     )
-    return dq, dk, dv, delta
+    return dq, dk, dv

@@ -39,8 +39,9 @@ def run(fn, q, k, v, sink, dout, **kwargs):
     return out.detach(), grads
 
 
-def assert_matches(fn, q, k, v, sink, dtype, **kwargs):
+def assert_matches(fn, q, k, v, sink, dtype, tol=None, **kwargs):
     """fn in `dtype` agrees with the fp64 reference in output and all four gradients (relative to their size)."""
+    tol = TOLERANCE[dtype] if tol is None else tol
     torch.manual_seed(1)
     dout = torch.randn(q.shape, dtype=torch.float64).to(q.device)
     want_out, want_grads = run(sink_attention_reference, *(t.double() for t in (q, k, v, sink)), dout, **kwargs)
@@ -52,7 +53,7 @@ def assert_matches(fn, q, k, v, sink, dtype, **kwargs):
         assert got.shape == want.shape, name
         assert torch.isfinite(got).all(), name
         err = (got.double() - want).abs().max().item()
-        assert err <= TOLERANCE[dtype] * max(1.0, want.abs().max().item()), f"{name}: max error {err}"
+        assert err <= tol * max(1.0, want.abs().max().item()), f"{name}: max error {err}"
 
 
 def sink_of_shape(shape, seed=2, device="cpu"):
@@ -133,6 +134,29 @@ def test_saves_no_quadratic_tensor():
     assert max(torch.Size(s).numel() for s in shapes) >= tokens * tokens  # the check can fail
 
 
+@pytest.mark.parametrize("backend", ["flash_cpu", "chunked", pytest.param("triton", marks=needs_triton)])
+def test_sink_only_gradient_saves_no_inputs(backend):
+    """A first prompted layer: frozen q, k, v need no gradient, so only O, lse' and the sink are kept."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 17, 32, device=device))
+    sink = sink_of_shape((17,), device=device)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = sink_module._sink_attention(q, k, v, sink, None, False, backend)
+    assert not any(t.untyped_storage().data_ptr() == q.untyped_storage().data_ptr() for t in saved)
+    dout = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, sink, dout)
+    ref_sink = sink.detach().double().requires_grad_()
+    ref = sink_attention_reference(q.double(), k.double(), v.double(), ref_sink)
+    (want,) = torch.autograd.grad(ref, ref_sink, dout.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_negative_infinite_sink_is_plain_attention():
     q, k, v = make_qkv(2, 2, 17, 32)
     sink = torch.full((17,), float("-inf"), requires_grad=True)
@@ -150,7 +174,7 @@ def test_large_sink_gives_near_zero_output_and_finite_grads(dtype):
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in make_qkv(1, 2, 17, 32))
     sink = torch.full((17,), 80.0, requires_grad=True)
     out = sink_attention(q, k, v, sink)
-    assert out.abs().max().item() < 1e-20 or (dtype != torch.float32 and out.abs().max().item() == 0)
+    assert out.abs().max().item() < 1e-20
     out.float().sum().backward()
     for t in (q, k, v, sink):
         assert torch.isfinite(t.grad).all()
@@ -293,7 +317,8 @@ def test_triton_rejects_unsupported_inputs():
 @pytest.mark.parametrize(("tokens", "dim"), [(197, 64), (577, 80), (1025, 64), (1025, 32), (2305, 96), (4097, 128)])
 def test_gpu_matches_reference(dtype, tokens, dim):
     q, k, v = make_qkv(2, 3, tokens, dim, device="cuda")
-    assert_matches(sink_attention, q, k, v, sink_of_shape((tokens,), device="cuda"), dtype)
+    tol = 1e-4 if dtype == torch.float32 else None  # 3×TF32 products: about fp32, summed over up to 4097 rows
+    assert_matches(sink_attention, q, k, v, sink_of_shape((tokens,), device="cuda"), dtype, tol=tol)
 
 
 @pytest.mark.gpu
