@@ -1,0 +1,258 @@
+"""The command line end to end on tiny image folders written by the tests, and every user error it explains."""
+
+import json
+import runpy
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.models import _builder
+
+from fastprompt.cli import main
+from fastprompt.models import create_backbone
+
+TINY = [
+    "--model=vit_tiny_patch16_224",
+    "--model-kwargs",
+    "depth=2",
+    "embed_dim=32",
+    "num_heads=2",
+    "patch_size=8",
+    "--img-size=32",
+]
+FAST = ["--epochs=2", "--batch-size=4", "--lr=1e-2", "--workers=0", "--backend=torch", "--quiet"]
+CLASSES = ("benign", "malignant")
+
+
+def write_folder(root, per_class, *, seed=0, size=40):
+    """Class-coloured noisy PNGs: root/<class>/<i>.png."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.normal(90 + 80 * label, 30, (size, size, 3)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Training folder with one corrupt file, a validation folder, and a trained EPT run."""
+    root = tmp_path_factory.mktemp("cli")
+    train = write_folder(root / "train", 6)
+    (train / CLASSES[0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    val = write_folder(root / "val", 2, seed=1)
+    clean = write_folder(root / "clean", 5, seed=2)
+    return types.SimpleNamespace(root=root, train=train, val=val, clean=clean)
+
+
+def ept_train_argv(data):
+    out = data.root / "ept_run"
+    argv = ["train", f"--data={data.train}", f"--val={data.val}", *TINY, "--method=ept", "--prompt-length=4"]
+    return [*argv, *FAST, f"--output-dir={out}"], out
+
+
+@pytest.fixture(scope="module")
+def ept_run(data):
+    """A trained EPT run (module-scoped: train once, evaluate and explain it in several tests)."""
+    argv, out = ept_train_argv(data)
+    assert main(argv) == 0
+    return out
+
+
+def run_error(capsys, argv):
+    """Run a command that must fail as a user error; return its stderr."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_train_writes_the_run_and_skips_unreadable_images(ept_run, capsys):
+    for name in ("config.json", "metrics.json", "metrics.jsonl", "curves.png", "backbone.safetensors"):
+        assert (ept_run / name).is_file(), name
+    assert (ept_run / "checkpoints" / "last.pt").is_file()
+    config = json.loads((ept_run / "config.json").read_text())
+    assert config["classes"] == list(CLASSES)
+    assert config["method"] == "ept" and config["method_options"] == {"prompt_length": 4}
+    assert config["train_size"] == 12 and config["val_size"] == 4  # broken.png dropped
+    metrics = json.loads((ept_run / "metrics.json").read_text())
+    assert 0.0 <= metrics["acc"] <= 1.0 and "auc" in metrics
+    assert len((ept_run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_of_a_finished_run_rebuilds_the_same_model(ept_run, data):
+    final = json.loads((ept_run / "metrics.json").read_text())
+    argv, _ = ept_train_argv(data)
+    assert main([*argv, "--resume"]) == 0  # nothing left to train: the run is rebuilt from its files and evaluated
+    assert json.loads((ept_run / "metrics.json").read_text()) == final
+
+
+def test_unreadable_image_is_reported_with_a_count(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", f"--data={data.train}", *TINY, "--method=linear", "--epochs=1", *FAST[1:], f"--output-dir={out}"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image(s)" in err and "broken.png" in err
+    config = json.loads((out / "config.json").read_text())
+    assert config["val_size"] + config["train_size"] == 12 and config["val_fraction"] == 0.2
+
+
+def test_evaluate_rebuilds_the_trained_model(ept_run, data, tmp_path, capsys):
+    output = tmp_path / "eval.json"
+    capsys.readouterr()
+    assert main(["evaluate", f"--checkpoint={ept_run / 'checkpoints' / 'last.pt'}", f"--data={data.val}",
+                 f"--output={output}", "--workers=0", "--quiet"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "acc" in printed and "auc" in printed
+    evaluated = json.loads(output.read_text())
+    final = json.loads((ept_run / "metrics.json").read_text())  # validation on the same folder, last epoch
+    assert evaluated["acc"] == final["acc"]
+    assert evaluated["loss"] == pytest.approx(final["loss"], rel=1e-5)
+
+
+def test_explain_writes_png_overlays(ept_run, data, tmp_path, capsys):
+    images = [data.val / CLASSES[0] / "0.png", data.val / CLASSES[1] / "0.png"]
+    out = tmp_path / "explain"
+    assert main(["explain", f"--checkpoint={ept_run}", *map(str, images), f"--output-dir={out}", "--quiet"]) == 0
+    written = sorted(out.glob("*.png"))
+    assert len(written) == 2
+    for path in written:
+        with Image.open(path) as png:
+            assert png.format == "PNG" and png.width > 200
+
+
+def test_explain_errors(ept_run, data, tmp_path, capsys):
+    broken = data.train / CLASSES[0] / "broken.png"
+    err = run_error(capsys, ["explain", f"--checkpoint={ept_run}", str(broken), f"--output-dir={tmp_path}"])
+    assert "cannot decode image" in err and "broken.png" in err
+    out = tmp_path / "lora"
+    argv = ["train", f"--data={data.train}", *TINY, "--method=lora", "--rank=2", *FAST, "--epochs=1"]
+    assert main([*argv, f"--output-dir={out}"]) == 0
+    image = str(data.val / CLASSES[0] / "0.png")
+    err = run_error(capsys, ["explain", f"--checkpoint={out}", image, f"--output-dir={tmp_path}"])
+    assert "'lora' has nothing to explain" in err
+
+
+def test_fpt_train_explain_and_preload(data, tmp_path, capsys):
+    out = tmp_path / "fpt"
+    fpt = ["--method=fpt+", "--option", "side_input_size=16", "layers=[1]"]
+    assert main(["train", f"--data={data.clean}", *TINY, *fpt, *FAST, "--epochs=1", f"--output-dir={out}"]) == 0
+    image = str(data.val / CLASSES[1] / "1.png")
+    assert main(["explain", f"--checkpoint={out}", image, f"--output-dir={tmp_path / 'png'}", "--quiet"]) == 0
+    assert len(list((tmp_path / "png").glob("*.png"))) == 1
+
+    cache = tmp_path / "cache"
+    argv = ["preload", f"--data={data.val}", *TINY, *fpt, f"--cache={cache}", "--quiet"]
+    assert main(argv) == 0
+    entries = sorted(cache.glob("*/*.safetensors"))
+    assert len(entries) == 4
+    entries[0].unlink()  # an interrupted preload resumes: only the missing entry is computed
+    stamps = {path: path.stat().st_mtime_ns for path in entries[1:]}
+    assert main(argv) == 0
+    assert len(list(cache.glob("*/*.safetensors"))) == 4
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
+
+
+def test_train_from_local_weights_file(data, tmp_path):
+    torch.manual_seed(3)
+    weights = tmp_path / "weights.pth"
+    source = create_backbone("vit_tiny_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2, patch_size=8)
+    torch.save(source.state_dict(), weights)
+    out = tmp_path / "run"
+    argv = ["train", f"--data={data.clean}", *TINY, f"--checkpoint={weights}", "--method=bitfit", *FAST, "--epochs=1"]
+    assert main([*argv, f"--output-dir={out}"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["weights"] == {"source": "file", "file": str(weights.resolve())}
+    assert not (out / "backbone.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, extra, message",
+    [
+        ({"data": "{absent}"}, [], "does not exist"),
+        ({"data": "{one_class}"}, [], "at least two"),
+        ({"img-size": "4"}, [], "smaller than one 8-pixel patch"),
+        ({"img-size": "36"}, [], "not divisible by the 8-pixel patch"),
+        ({"model": "vit_tiny_patch16"}, [], "unknown model 'vit_tiny_patch16'; did you mean"),
+        ({"method": "nosuch"}, [], "unknown method 'nosuch'; valid methods"),
+        ({}, ["--option", "no_such=1"], "unknown option(s) ['no_such'] for method 'linear'"),
+        ({}, ["--option", "oops"], "--option expects key=value"),
+        ({}, ["--rank=2"], "unknown option(s) ['rank'] for method 'linear'"),
+    ],
+)
+def test_user_errors_give_one_message_and_exit_2(data, tmp_path, capsys, overrides, extra, message):
+    one_class = write_folder(tmp_path / "one", 3)
+    for path in (one_class / CLASSES[1]).iterdir():
+        path.unlink()
+    flags = {
+        "data": str(data.clean),
+        "model": "vit_tiny_patch16_224",
+        "img-size": "32",
+        "method": "linear",
+        **overrides,
+    }
+    values = {key: value.format(absent=tmp_path / "absent", one_class=one_class) for key, value in flags.items()}
+    argv = ["train", *(f"--{key}={value}" for key, value in values.items()), *TINY[1:-1], *extra, *FAST]
+    err = run_error(capsys, [*argv, f"--output-dir={tmp_path / 'out'}"])
+    errors = [line for line in err.splitlines() if line.startswith("fastprompt train: error:")]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_images_smaller_than_a_patch_are_skipped_with_a_count(tmp_path, capsys):
+    folder = write_folder(tmp_path / "data", 3)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(folder / CLASSES[0] / "tiny.png")
+    argv = ["train", f"--data={folder}", *TINY, "--method=linear", *FAST, "--epochs=1", "--val-fraction=0.34"]
+    assert main([*argv, f"--output-dir={tmp_path / 'out'}"]) == 0
+    assert "skipped 1 image(s) smaller than one 8-pixel patch" in capsys.readouterr().err
+
+
+def test_pretrained_without_network(data, tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(_builder, "load_state_dict_from_hf", offline)
+    monkeypatch.setattr(_builder, "load_state_dict_from_url", offline)
+    argv = ["train", f"--data={data.clean}", *TINY, "--pretrained", "--method=linear", *FAST]
+    err = run_error(capsys, [*argv, f"--output-dir={tmp_path}"])
+    assert "could not download the pretrained weights" in err and "--checkpoint FILE" in err
+
+
+def test_debug_shows_the_traceback(data, tmp_path):
+    argv = ["train", f"--data={tmp_path / 'absent'}", *TINY, "--method=linear", *FAST, f"--output-dir={tmp_path}"]
+    with pytest.raises(ValueError, match="does not exist"):
+        main([*argv, "--debug"])
+
+
+def test_bench_forwards_to_the_suite(tmp_path, monkeypatch, capsys):
+    benchmarks = pytest.importorskip("benchmarks")
+    (tmp_path / "echo_suite.py").write_text("def main(argv):\n    print('suite got', argv)\n    return 0\n")
+    monkeypatch.setattr(benchmarks, "__path__", [*benchmarks.__path__, str(tmp_path)])
+    assert main(["bench", "echo_suite", "--batch", "2"]) == 0
+    assert "suite got ['--batch', '2']" in capsys.readouterr().out
+    assert "unknown benchmark suite 'nosuch'" in run_error(capsys, ["bench", "nosuch"])
+    monkeypatch.setitem(sys.modules, "benchmarks", None)  # as installed from a wheel, without the repository
+    assert "benchmarks package is not importable" in run_error(capsys, ["bench", "memory"])
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    argv = ["demo", f"--output-dir={tmp_path}", "--images-per-class=5", "--size=64", "--img-size=64", "--epochs=1"]
+    assert main([*argv, "--quiet"]) == 0
+    assert "acc" in capsys.readouterr().out
+    assert len(list((tmp_path / "data").glob("*/*.png"))) == 15
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0.0 <= metrics["acc"] <= 1.0
+
+
+def test_python_dash_m_entry_point(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["fastprompt", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("fastprompt", run_name="__main__")
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for command in ("train", "evaluate", "preload", "bench", "explain", "demo"):
+        assert command in printed
