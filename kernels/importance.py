@@ -69,6 +69,7 @@ def _importance_torch(
     return total / rows
 
 
+@torch.no_grad()
 def attention_importance(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,7 +81,7 @@ def attention_importance(
     """Attention each key receives, [B, H, N] fp32: softmax(q kᵀ·scale) row mean ('global') or row 0 ('cls').
 
     `lse` ([B, H, N], natural log) is every query row's log-sum-exp, e.g. from the attention forward; when given,
-    only the column pass runs. No N×N tensor is formed on any device.
+    only the column pass runs. No N×N tensor is formed on any device; the scores carry no gradient (they only rank).
     """
     scale, rows = _check_attention_inputs(q, k, mode, scale, lse)
     if q.shape[-1] <= MAX_TRITON_HEAD_DIM and use_triton(q, k):
@@ -98,6 +99,7 @@ def attention_with_importance(
     return out, attention_importance(q, k, mode=mode, scale=scale, lse=lse)
 
 
+@torch.no_grad()
 def attention_importance_triton(
     q: torch.Tensor,
     k: torch.Tensor,

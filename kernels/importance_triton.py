@@ -23,7 +23,7 @@ _CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 def _configs() -> list[triton.Config]:
     """Autotuning space on CUDA; one small config under the interpreter, which cannot benchmark."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _CUDA_CONFIGS]
 
 

@@ -1,5 +1,10 @@
 """FPT important-token kernels: attention-received scores (Triton in the interpreter, chunked PyTorch) and top-k."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -7,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastprompt  # noqa: F401  (import before timm/triton users: torchvision shim)
 from fastprompt.kernels import attention_importance, attention_with_importance, select_tokens
 from fastprompt.kernels import importance as importance_module
+from fastprompt.kernels.dispatch import triton_importable
 from fastprompt.kernels.importance import attention_importance_triton
 from fastprompt.kernels.reference import attention_importance_reference, select_tokens_reference
 
@@ -66,10 +72,14 @@ def test_chunked_torch_path_matches_reference(mode, dtype):
 @pytest.mark.parametrize("mode", MODES)
 def test_given_lse_agrees_with_computed_lse(mode, path):
     torch.manual_seed(2)
-    q, k, _ = strided_qk(2, 2, 40, 16, torch.float32)
+    q, k, _ = strided_qk(2, 2, 40, 24, torch.float32)  # D = 24: padded to 32 and masked in the kernel
     run = attention_importance if path == "torch" else attention_importance_triton
     lse = reference_lse(q, k, 0.25)
-    torch.testing.assert_close(run(q, k, mode=mode, scale=0.25, lse=lse), run(q, k, mode=mode, scale=0.25))
+    given = run(q, k, mode=mode, scale=0.25, lse=lse)
+    torch.testing.assert_close(given, run(q, k, mode=mode, scale=0.25))
+    torch.testing.assert_close(given, attention_importance_reference(q, k, mode=mode, scale=0.25))
+    shifted = run(q, k, mode=mode, scale=0.25, lse=lse + torch.log(torch.tensor(2.0)))  # the given lse is what is used
+    torch.testing.assert_close(shifted, given / 2)
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
@@ -98,7 +108,7 @@ def test_attention_with_importance_reuses_the_forward_lse(mode):
 def test_chunked_path_never_holds_an_n_by_n_tensor(monkeypatch):
     torch.manual_seed(4)
     heads, tokens = 2, 1025
-    q, k, _ = strided_qk(1, heads, tokens, 16, torch.float32)
+    q, k, _ = (t.requires_grad_() for t in strided_qk(1, heads, tokens, 16, torch.float32))
     with LargestOutput() as probe:
         default = attention_importance(q, k)
     assert probe.largest <= heads * importance_module.CHUNK_ROWS * tokens < heads * tokens * tokens
@@ -107,6 +117,7 @@ def test_chunked_path_never_holds_an_n_by_n_tensor(monkeypatch):
         ragged = attention_importance(q, k)
     assert probe.largest <= heads * 100 * tokens
     torch.testing.assert_close(ragged, default)
+    assert not default.requires_grad  # nothing saved for a backward that would keep every chunk alive
 
 
 def test_bad_arguments_name_the_problem():
@@ -161,6 +172,45 @@ def test_select_tokens_ratio_edge_cases():
         select_tokens(k, k, scores, True)
     with pytest.raises(ValueError, match="scores must be"):
         select_tokens(k, k, scores[..., :6], 0.5)
+
+
+COMPILE_FOR_SM90 = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastprompt.kernels import importance_triton as kernels
+
+    def signature(fn, dtype):
+        pointers = {"Q": "*" + dtype, "K": "*" + dtype, "LSE": "*fp32", "OUT": "*fp32"}
+        kinds = {"qk_scale": "fp32", "inv_rows": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+        kinds.update(BLOCK_D="constexpr", PRECISION="constexpr", **pointers)
+        return {name: kinds.get(name, "i32") for name in fn.arg_names}
+
+    for tuned, dtype, precision in [
+        (kernels._row_lse_kernel, "bf16", "ieee"),
+        (kernels._column_mass_kernel, "bf16", "ieee"),
+        (kernels._column_mass_kernel, "fp32", "tf32x3"),
+    ]:
+        constants = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "PRECISION": precision}
+        source = ASTSource(fn=tuned.fn, signature=signature(tuned.fn, dtype), constexprs=constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        assert compiled.asm["cubin"], tuned.fn.__name__
+    print("compiled for sm_90 with triton", triton.__version__)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not triton_importable(), reason="needs triton")
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled for sm_90" in done.stdout
 
 
 @pytest.mark.gpu
