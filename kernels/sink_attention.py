@@ -8,6 +8,8 @@ and a query-chunked PyTorch implementation on any other device.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from fastprompt.kernels.dispatch import triton_importable, use_triton
@@ -125,9 +127,8 @@ def _chunked_backward(dout, q, k, v, lse_p, delta, scale):
 
 
 def _triton_module():
-    from fastprompt.kernels import sink_attention_triton
-
-    return sink_attention_triton
+    """The Triton kernels' module, imported on first use (it imports triton)."""
+    return importlib.import_module("fastprompt.kernels.sink_attention_triton")
 
 
 def _forward(backend: str, q, k, v, g, scale):
