@@ -56,7 +56,6 @@ from fastprompt.engine_data import (
 )
 from fastprompt.engine_report import write_curves, write_metrics_jsonl
 from fastprompt.methods.registry import check_choice, check_float, check_int
-from fastprompt.metrics import compute_metrics
 
 __all__ = ["CheckpointError", "Engine", "NonFiniteLossError"]
 
@@ -78,7 +77,24 @@ def _lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
 
 
 class Engine:
-    """Trains the trainable parameters of `model` (everything with requires_grad) on PyTorch or DeepSpeed."""
+    """Trains the trainable parameters of `model` (everything with requires_grad) on PyTorch or DeepSpeed.
+
+    optimizer: "adamw" or "sgd" (with `momentum`); `weight_decay` applies to every trainable parameter.
+    schedule: "cosine" (per optimizer step, to 0) or "constant", after `warmup_steps` of linear warmup.
+    precision: "auto" (bf16 on a CUDA device that supports it, else fp32), "bf16", "fp16" or "fp32". The torch
+    backend uses autocast (+ GradScaler for fp16); DeepSpeed casts the whole model (frozen weights too) to bf16/fp16.
+    backend: "auto" picks DeepSpeed when it is installed and useful (CUDA, several ranks, or zero_stage > 0).
+    zero_stage 0-3, `grad_accum` micro-batches per optimizer step (a trailing incomplete group of an epoch is
+    dropped), `clip_grad` (max global L2 norm), `deepspeed_config` (dict or JSON path) deep-merged over the generated
+    DeepSpeed config. grad_checkpointing: calls ``model.set_grad_checkpointing(True)``; timm ViTs then recompute
+    every block in backward, the frozen ones included, trading compute for activation memory.
+    loss: "auto" (cross-entropy for class indices, BCE-with-logits for multi-hot float targets) or a callable.
+    output_dir: checkpoints/{last,prev,best}.pt, metrics.jsonl and curves.png; `checkpoint_every` optimizer steps
+    (and every epoch end) `last` is rewritten; `best` follows `monitor` ("auto": val AUC, else val/train loss).
+    skip_nonfinite: a micro-batch with a NaN/inf loss contributes no gradient (a step whose micro-batches all failed
+    is not taken) and is counted in the history's ``skipped_batches``; otherwise training stops with
+    NonFiniteLossError naming the step and the last good checkpoint.
+    """
 
     def __init__(
         self,
@@ -490,6 +506,12 @@ class Engine:
             version = payload.get("version")
             raise CheckpointError(f"{path} has checkpoint version {version}, expected {CHECKPOINT_VERSION}")
         self._check_names(payload["trainable"], path)
+        saved = (payload["backend"], payload["config"]["zero_stage"])
+        if saved != (self.backend.name, self.config["zero_stage"]):
+            raise CheckpointError(
+                f"{path} was written by the {saved[0]} backend with zero_stage={saved[1]}; resume with the same "
+                f"backend and zero_stage (this run: {self.backend.name}, zero_stage={self.config['zero_stage']})"
+            )
         if payload["world_size"] != self.world_size and payload["backend"] == "deepspeed":
             raise CheckpointError(
                 f"{path} was written by {payload['world_size']} DeepSpeed ranks; resume with the same number of ranks"
@@ -567,6 +589,8 @@ class Engine:
 
     def evaluate(self, loader: DataLoader) -> dict[str, Any]:
         """Loss and classification metrics (acc, auc; map for multi-label) of the model on `loader`."""
+        from fastprompt.metrics import compute_metrics  # scikit-learn costs seconds of import; pay it when used
+
         logits, targets = self._run(loader, need_targets=True)
         loss = float(self.loss_fn(logits, targets))
         multilabel = is_multilabel(targets)

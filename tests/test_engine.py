@@ -261,6 +261,9 @@ def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path):
     with pytest.warns(RuntimeWarning, match="falling back"):
         history = engine.fit(shuffled(tiny_data()), resume=True)
     assert [h["epoch"] for h in history] == [1, 2]  # resumed after epoch 1 from prev.pt, trained epoch 2 again
+    other = Engine(tiny_vit("linear"), epochs=2, backend="deepspeed", output_dir=tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="written by the torch backend"):
+        other.fit(shuffled(tiny_data()), resume=True)
     (tmp_path / "checkpoints" / "prev.pt").write_bytes(b"garbage")
     last.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="no intact checkpoint"), pytest.warns(RuntimeWarning):
