@@ -82,6 +82,7 @@ def attention_importance(
 
     `lse` ([B, H, N], natural log) is every query row's log-sum-exp, e.g. from the attention forward; when given,
     only the column pass runs. No N×N tensor is formed on any device; the scores carry no gradient (they only rank).
+    CUDA runs the Triton kernels (head dim D <= 128); elsewhere, or for larger D, a chunked PyTorch path runs.
     """
     scale, rows = _check_attention_inputs(q, k, mode, scale, lse)
     if q.shape[-1] <= MAX_TRITON_HEAD_DIM and use_triton(q, k):
