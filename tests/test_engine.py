@@ -114,9 +114,10 @@ def test_deepspeed_zero_stages_agree_with_torch(stage, torch_reference):
             assert torch.equal(params[name].detach(), value), f"frozen {name} changed"
 
 
-def test_deepspeed_resume_and_user_config(tmp_path):
-    """A DeepSpeed ZeRO-2 run interrupted mid-epoch resumes to the uninterrupted result; user config is merged."""
-    settings = dict(backend="deepspeed", zero_stage=2, epochs=2, checkpoint_every=2, lr=1e-2, progress=False)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resume_and_user_config(tmp_path, stage):
+    """A DeepSpeed ZeRO run interrupted mid-epoch resumes to the uninterrupted result; user config is merged."""
+    settings = dict(backend="deepspeed", zero_stage=stage, epochs=2, checkpoint_every=2, lr=1e-2, progress=False)
     full, _ = train(output_dir=tmp_path / "full", **settings)
     calls = {"n": 0}
 
@@ -137,7 +138,7 @@ def test_deepspeed_resume_and_user_config(tmp_path):
     resumed = Engine(tiny_vit("lora"), output_dir=tmp_path / "cut", deepspeed_config=user, **settings)
     resumed.fit(shuffled(tiny_data()), resume=True)
     assert resumed.backend.engine.config["zero_optimization"]["reduce_bucket_size"] == 1000
-    assert resumed.backend.engine.config["zero_optimization"]["stage"] == 2
+    assert resumed.backend.engine.config["zero_optimization"]["stage"] == stage
     assert_close(resumed.trainable_state_dict(), full.trainable_state_dict())
 
 
