@@ -11,6 +11,7 @@ training loader is sharded like a DistributedSampler; evaluate/predict run the f
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -329,6 +330,11 @@ class Engine:
             sampler.set_epoch(epoch)
         backend.module.train()
         iterator = _rng_neutral_iter(loader, cfg["seed"], epoch)
+        if skip_batches:  # a sampler fastprompt cannot start mid-epoch: load and discard, RNG untouched
+            saved = rng_state()
+            for _ in itertools.islice(iterator, skip_batches):
+                pass
+            set_rng_state(saved)
         bar = tqdm(
             total=steps_per_epoch * grad_accum,
             initial=start_step * grad_accum,
@@ -342,9 +348,7 @@ class Engine:
         images, good_in_group = 0, 0
         started = time.perf_counter()
         micro = 0
-        for batch_index, batch in enumerate(iterator):
-            if batch_index < skip_batches:
-                continue
+        for batch in iterator:
             inputs, targets = split_batch(batch)
             inputs, targets = backend.to_device(inputs), backend.to_device(targets, cast=False)
             loss = self.loss_fn(backend.forward(inputs, train=True), targets)

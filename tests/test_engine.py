@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fastprompt import engine_checkpoint
 from fastprompt.engine import CheckpointError, Engine, NonFiniteLossError
@@ -152,6 +152,16 @@ def test_half_precision_trains(backend, stage, precision):
     assert all(torch.isfinite(v).all() for v in engine.trainable_state_dict().values())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
+def test_cuda_deepspeed_half_precision(precision):
+    engine, history = train(epochs=3, precision=precision)
+    expected = "bf16" if precision == "auto" and torch.cuda.is_bf16_supported() else precision
+    assert engine.config["resolved"]["backend"] == "deepspeed"  # auto on CUDA
+    assert engine.config["resolved"]["precision"] == ("fp32" if expected == "auto" else expected)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
 def test_auto_backend_choice():
     assert train("linear", epochs=1)[0].backend.name == "torch"  # CPU, one process, no ZeRO
     assert train("linear", epochs=1, zero_stage=1)[0].backend.name == "deepspeed"
@@ -197,6 +207,46 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     reference_history = reference.fit(shuffled(tiny_data()))
     assert_equal(resumed.trainable_state_dict(), reference.trainable_state_dict())
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in reference_history]
+
+
+class Noisy(Dataset):
+    """Random augmentation drawn from the global torch RNG, as torchvision transforms do."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, target = self.base[index]
+        return image + 0.1 * torch.randn(image.shape), target
+
+
+def test_resume_with_a_user_distributed_sampler_is_bit_identical(tmp_path):
+    """A sampler the Engine keeps (DistributedSampler) is fast-forwarded without disturbing the RNG."""
+
+    def loader() -> DataLoader:
+        data = Noisy(tiny_data())
+        return DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=1, rank=0, seed=3))
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_9(logits, targets, calls=[0]):  # noqa: B006  (call counter)
+        calls[0] += 1
+        if calls[0] == 9:
+            raise Crash
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    settings = dict(backend="torch", epochs=2, checkpoint_every=2, progress=False)
+    with pytest.raises(Crash):
+        Engine(tiny_vit("lora", dropout=0.1), output_dir=tmp_path / "cut", loss=crash_at_9, **settings).fit(loader())
+    resumed = Engine(tiny_vit("lora", dropout=0.1), output_dir=tmp_path / "cut", **settings)
+    resumed.fit(loader(), resume=True)
+    full = Engine(tiny_vit("lora", dropout=0.1), output_dir=tmp_path / "full", **settings)
+    full.fit(loader())
+    assert_equal(resumed.trainable_state_dict(), full.trainable_state_dict())
 
 
 class NanAt:
