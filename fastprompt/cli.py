@@ -159,6 +159,59 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: boo
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers)
 
 
+class CachedFPTItems(Dataset):
+    """`((features, side_image), target)` items for training FPT from its feature cache."""
+
+    def __init__(self, features: Dataset) -> None:
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> tuple[tuple[dict[str, torch.Tensor], torch.Tensor], Any]:
+        features, side_image, target = self.features[index]
+        return (features, side_image), target
+
+
+class CachedForward(nn.Module):
+    """Runs an FPT model from cached frozen features: `forward(features, side_images)`.
+
+    It holds the FPT's trainable parts under their own names (`fusion`, `side`), so checkpoints load into the FPT.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.fusion, self.side = model.fusion, model.side
+        self._run = model.forward_features_cached
+
+    def forward(self, features: dict[str, torch.Tensor], side_images: torch.Tensor) -> torch.Tensor:
+        """Logits from cached features and side-branch images."""
+        return self._run(features, side_images)
+
+
+def cached_fpt_sets(
+    model: nn.Module, args: argparse.Namespace, train: tuple[Any, Sequence[int]], val: tuple[Any, Sequence[int]]
+) -> tuple[Dataset, Dataset]:
+    """Fill the cache for the training and validation images (resumable), then datasets that read it."""
+    from fastprompt.data import FeatureCache, FeatureDataset, preload, transforms_for_model
+
+    backbone = model.backbone
+    frozen_tf = transforms_for_model(backbone, args.img_size, train=False)
+    side_train = transforms_for_model(backbone, model.side_input_size, train=True, augment="fpt")
+    side_eval = transforms_for_model(backbone, model.side_input_size, train=False)
+    cache = FeatureCache(args.cache)
+    sets = []
+    for (source, indices), side_tf in ((train, side_train), (val, side_eval)):
+        paths = [source.samples[i][0] for i in indices]
+        frozen = TransformedSubset(source, indices, frozen_tf)
+        report = preload(
+            model, frozen, cache, batch_size=args.batch_size, paths=paths, preprocess=repr(frozen_tf),
+            progress=not args.quiet,
+        )  # fmt: skip
+        sets.append(CachedFPTItems(FeatureDataset(cache, report.keys, TransformedSubset(source, indices, side_tf))))
+    return sets[0], sets[1]
+
+
 # ---------------------------------------------------------------------------------------------- model
 
 
@@ -191,12 +244,11 @@ def build_model(config: dict[str, Any], run_dir: Path | None = None) -> nn.Modul
     return fastprompt.apply(backbone, config["method"], num_classes=len(config["classes"]), **config["method_options"])
 
 
-def save_backbone(backbone: nn.Module, path: Path) -> None:
-    """Write the frozen backbone's weights (safetensors, atomically) so that evaluate/explain can rebuild it."""
+def save_backbone(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the frozen backbone's state_dict (safetensors, atomically) so that evaluate/explain can rebuild it."""
     from safetensors.torch import save
 
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
-    atomic_write_bytes(path, save(state))
+    atomic_write_bytes(path, save({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -255,7 +307,7 @@ def format_metrics(metrics: dict[str, Any], classes: Sequence[str]) -> str:
     rows: list[tuple[str, str]] = []
     for key, value in metrics.items():
         if isinstance(value, (int, float)):
-            rows.append((key, "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"))
+            rows.append((key, f"{value:.4f}" if math.isfinite(value) else "n/a"))
     for key in ("per_class_auc", "per_class_ap"):
         for name, value in (metrics.get(key) or {}).items():
             label = classes[int(name)] if name.isdigit() and int(name) < len(classes) else name
@@ -279,10 +331,11 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from fastprompt.models import create_backbone
 
     method = check_method(args.method)
+    if args.cache is not None and method not in FPT_METHODS:
+        raise UsageError(f"--cache holds FPT frozen-branch features; use it with --method fpt+ or fpt, not {method!r}")
     options = method_options(args)
     model_kwargs = parse_key_values(_flatten(args.model_kwargs), "--model-kwargs")
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
     saved_backbone = out / BACKBONE_FILE
@@ -306,25 +359,32 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         exclude = None if args.val is not None else val_idx
         train_idx = make_few_shot_splits(labels, args.shots, args.seed, exclude=exclude)[(args.shots, args.seed)]
 
+    frozen_state = backbone.state_dict()  # before the method patches the model; values are not changed by it
+    model = fastprompt.apply(backbone, method, num_classes=len(data.classes), **options)
+    trainable, total = fastprompt.count_parameters(model)
+    out.mkdir(parents=True, exist_ok=True)
     if random_init:
-        save_backbone(backbone, saved_backbone)
+        save_backbone(frozen_state, saved_backbone)
         weights = {"source": "random", "file": BACKBONE_FILE}
     elif args.pretrained:
         weights = {"source": "pretrained", "file": None}
     else:
         weights = {"source": "file", "file": str(Path(args.checkpoint).resolve())}
-    model = fastprompt.apply(backbone, method, num_classes=len(data.classes), **options)
-    trainable, total = fastprompt.count_parameters(model)
 
-    augment = "fpt" if method in FPT_METHODS else "ept"
-    train_tf = transforms_for_model(backbone, args.img_size, train=True, augment=augment)
-    eval_tf = transforms_for_model(backbone, args.img_size, train=False)
-    train_loader = make_loader(
-        TransformedSubset(data, train_idx, train_tf), args.batch_size, args.workers, shuffle=True
-    )
-    val_loader = make_loader(
-        TransformedSubset(val_source, val_idx, eval_tf), args.batch_size, args.workers, shuffle=False
-    )
+    if args.cache is not None:
+        train_set, val_set = cached_fpt_sets(model, args, (data, train_idx), (val_source, val_idx))
+        trained = CachedForward(model)
+    else:
+        augment = "fpt" if method in FPT_METHODS else "ept"
+        train_tf = transforms_for_model(backbone, args.img_size, train=True, augment=augment)
+        eval_tf = transforms_for_model(backbone, args.img_size, train=False)
+        train_set, val_set = (
+            TransformedSubset(data, train_idx, train_tf),
+            TransformedSubset(val_source, val_idx, eval_tf),
+        )
+        trained = model
+    train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True)
+    val_loader = make_loader(val_set, args.batch_size, args.workers, shuffle=False)
 
     engine_options = dict(
         optimizer=args.optimizer,
@@ -357,6 +417,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "train_size": len(train_idx),
         "val_size": len(val_idx),
+        "cache": str(Path(args.cache).resolve()) if args.cache is not None else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "engine": engine_options,
@@ -367,7 +428,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         f"{len(train_idx)} training and {len(val_idx)} validation images, {len(data.classes)} classes",
         file=sys.stderr,
     )
-    engine = Engine(model, output_dir=out, progress=not args.quiet, **engine_options)
+    engine = Engine(trained, output_dir=out, progress=not args.quiet, **engine_options)
     engine.fit(train_loader, val_loader, resume=args.resume)
     metrics = engine.evaluate(val_loader)
     write_json(out / "metrics.json", metrics)
@@ -480,7 +541,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if args.quiet:
         train_argv.append("--quiet")
     print(f"demo: fastprompt {' '.join(train_argv)}", file=sys.stderr)
-    return run_train(build_parser().parse_args(train_argv))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # tiny ops: extra threads only wait on each other on a busy CPU
+    try:
+        return run_train(build_parser().parse_args(train_argv))
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -542,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=2, help="data loading processes")
     train.add_argument("--output-dir", required=True)
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    train.add_argument("--cache", help="FPT feature cache folder: frozen features computed once (see preload)")
     _add_common(train)
     train.set_defaults(handler=run_train)
 
@@ -584,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=256, help="generated image size")
     demo.add_argument("--img-size", type=int, default=256, help="model input size")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the model is tiny)")
     demo.add_argument("--option", action="append", nargs="+", metavar="KEY=VALUE", help="method options")
     demo.add_argument("--output-dir", help="default: a new temporary folder")
     _add_common(demo)

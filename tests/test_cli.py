@@ -138,24 +138,35 @@ def test_explain_errors(ept_run, data, tmp_path, capsys):
     assert "'lora' has nothing to explain" in err
 
 
-def test_fpt_train_explain_and_preload(data, tmp_path, capsys):
-    out = tmp_path / "fpt"
+def test_fpt_preload_resume_train_from_cache_evaluate_explain(data, tmp_path, capsys):
     fpt = ["--method=fpt+", "--option", "side_input_size=16", "layers=[1]"]
-    assert main(["train", f"--data={data.clean}", *TINY, *fpt, *FAST, "--epochs=1", f"--output-dir={out}"]) == 0
+    cache = tmp_path / "cache"
+    preload = ["preload", f"--data={data.clean}", *TINY, *fpt, f"--cache={cache}", "--quiet"]
+    assert main(preload) == 0
+    entries = sorted(cache.glob("*/*.safetensors"))
+    assert len(entries) == 10
+    entries[0].unlink()  # an interrupted preload resumes: only the missing entry is computed
+    stamps = {path: path.stat().st_mtime_ns for path in entries[1:]}
+    assert main(preload) == 0
+    assert len(list(cache.glob("*/*.safetensors"))) == 10
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
+
+    out = tmp_path / "fpt"
+    train = ["train", f"--data={data.clean}", *TINY, *fpt, *FAST, "--epochs=1", f"--cache={cache}"]
+    assert main([*train, f"--output-dir={out}"]) == 0
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())  # read, not recomputed
+    assert len(list(cache.glob("*/*.safetensors"))) == 10
+    cached_metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= cached_metrics["acc"] <= 1.0
+
+    # the checkpoint loads into the plain FPT model, which evaluates and explains from images
+    assert main(["evaluate", f"--checkpoint={out}", f"--data={data.val}", "--workers=0", "--quiet"]) == 0
     image = str(data.val / CLASSES[1] / "1.png")
     assert main(["explain", f"--checkpoint={out}", image, f"--output-dir={tmp_path / 'png'}", "--quiet"]) == 0
     assert len(list((tmp_path / "png").glob("*.png"))) == 1
-
-    cache = tmp_path / "cache"
-    argv = ["preload", f"--data={data.val}", *TINY, *fpt, f"--cache={cache}", "--quiet"]
-    assert main(argv) == 0
-    entries = sorted(cache.glob("*/*.safetensors"))
-    assert len(entries) == 4
-    entries[0].unlink()  # an interrupted preload resumes: only the missing entry is computed
-    stamps = {path: path.stat().st_mtime_ns for path in entries[1:]}
-    assert main(argv) == 0
-    assert len(list(cache.glob("*/*.safetensors"))) == 4
-    assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
+    err = run_error(capsys, ["train", f"--data={data.clean}", *TINY, "--method=lora", *FAST, f"--cache={cache}",
+                             f"--output-dir={tmp_path / 'lora'}"])  # fmt: skip
+    assert "--cache holds FPT frozen-branch features" in err
 
 
 def test_train_from_local_weights_file(data, tmp_path):
