@@ -225,21 +225,34 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.backbone if isinstance(model, fastprompt.FPT) else model
 
 
-def build_model(config: dict[str, Any], run_dir: Path | None = None) -> nn.Module:
-    """Rebuild the backbone and apply the method exactly as `config` (a run's config.json) describes."""
+def make_backbone(
+    name: str, img_size: int, *, pretrained: bool, checkpoint: str | Path | None, model_kwargs: dict[str, Any]
+) -> nn.Module:
+    """`create_backbone`, saying first where hub weights come from (a download can take minutes to time out)."""
     from fastprompt.models import create_backbone
 
+    if pretrained:
+        print(
+            f"loading timm's pretrained weights for {name} (local cache or the Hugging Face hub; without internet, "
+            "use --checkpoint FILE)",
+            file=sys.stderr,
+        )
+    return create_backbone(name, img_size=img_size, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs)
+
+
+def build_model(config: dict[str, Any], run_dir: Path | None = None) -> nn.Module:
+    """Rebuild the backbone and apply the method exactly as `config` (a run's config.json) describes."""
     weights = config["weights"]
     checkpoint = weights.get("file")
     if checkpoint is not None and run_dir is not None and not Path(checkpoint).is_absolute():
         checkpoint = run_dir / checkpoint
     torch.manual_seed(config["seed"])
-    backbone = create_backbone(
+    backbone = make_backbone(
         config["model"],
-        img_size=config["img_size"],
+        config["img_size"],
         pretrained=weights["source"] == "pretrained",
         checkpoint=checkpoint,
-        **config["model_kwargs"],
+        model_kwargs=config["model_kwargs"],
     )
     return fastprompt.apply(backbone, config["method"], num_classes=len(config["classes"]), **config["method_options"])
 
@@ -328,7 +341,6 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """`fastprompt train`: build, train, evaluate; returns the final validation metrics."""
     from fastprompt.data import make_few_shot_splits, train_val_split, transforms_for_model
     from fastprompt.engine import Engine
-    from fastprompt.models import create_backbone
 
     method = check_method(args.method)
     if args.cache is not None and method not in FPT_METHODS:
@@ -341,8 +353,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     saved_backbone = out / BACKBONE_FILE
     random_init = not args.pretrained and args.checkpoint is None
     weights_file = saved_backbone if random_init and args.resume and saved_backbone.is_file() else args.checkpoint
-    backbone = create_backbone(
-        args.model, img_size=args.img_size, pretrained=args.pretrained, checkpoint=weights_file, **model_kwargs
+    backbone = make_backbone(
+        args.model, args.img_size, pretrained=args.pretrained, checkpoint=weights_file, model_kwargs=model_kwargs
     )
     data = open_dataset(args.data)
     patch = patch_size_of(backbone)
@@ -461,7 +473,6 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def run_preload(args: argparse.Namespace) -> Any:
     """`fastprompt preload`: fill the FPT feature cache for every image of a dataset (resumable)."""
     from fastprompt.data import FeatureCache, preload, transforms_for_model
-    from fastprompt.models import create_backbone
 
     method = check_method(args.method)
     if method not in FPT_METHODS:
@@ -469,8 +480,8 @@ def run_preload(args: argparse.Namespace) -> Any:
     options = method_options(args)
     model_kwargs = parse_key_values(_flatten(args.model_kwargs), "--model-kwargs")
     torch.manual_seed(args.seed)
-    backbone = create_backbone(
-        args.model, img_size=args.img_size, pretrained=args.pretrained, checkpoint=args.checkpoint, **model_kwargs
+    backbone = make_backbone(
+        args.model, args.img_size, pretrained=args.pretrained, checkpoint=args.checkpoint, model_kwargs=model_kwargs
     )
     data = open_dataset(args.data)
     drop_small_images(data, patch_size_of(backbone))

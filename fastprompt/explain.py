@@ -59,7 +59,7 @@ def fpt_token_counts(model: FPT, images: torch.Tensor) -> dict[int, torch.Tensor
 def explain_maps(model: nn.Module, images: torch.Tensor) -> tuple[str, dict[int, torch.Tensor], float | None]:
     """(kind, {layer: [B, grid_h, grid_w] map}, fixed maximum or None) for an EPT or FPT model."""
     if isinstance(model, FPT):
-        backbone, kind = model.backbone, "heads selecting the token"
+        backbone, kind = model.backbone, "FPT selected tokens (heads keeping each token)"
         maps = fpt_token_counts(model, images)
         vmax: float | None = float(backbone.blocks[model.layers[0]].attn.num_heads)
     elif prompted_layers(model):
