@@ -182,6 +182,17 @@ def test_train_from_local_weights_file(data, tmp_path):
     assert not (out / "backbone.safetensors").exists()
 
 
+def test_train_on_a_csv_list_few_shot(data, tmp_path):
+    rows = ["path,label"] + [f"{path},{path.parent.name}" for path in sorted(data.clean.glob("*/*.png"))]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    argv = ["train", f"--data={tmp_path / 'list.csv'}", *TINY, "--method=linear", "--shots=2", "--seed=1", *FAST]
+    assert main([*argv, f"--output-dir={out}"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["classes"] == list(CLASSES)
+    assert (config["shots"], config["train_size"], config["val_size"]) == (2, 4, 2)
+
+
 @pytest.mark.parametrize(
     "overrides, extra, message",
     [
