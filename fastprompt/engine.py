@@ -41,6 +41,7 @@ from fastprompt.engine_checkpoint import (
     keep_previous,
     read_checkpoint,
     read_first_good,
+    remove_stale_temporaries,
     rng_state,
     set_rng_state,
     write_checkpoint,
@@ -490,6 +491,8 @@ class Engine:
     def _resume(self) -> bool:
         """Restore the last intact checkpoint; False (and a warning) when there is none yet."""
         directory = self._checkpoint_dir()
+        if self.rank == 0:
+            remove_stale_temporaries(directory, ("last.pt", "prev.pt", "best.pt"))
         found = read_first_good([directory / "last.pt", directory / "prev.pt"])
         if found is None:
             warnings.warn(f"fit(resume=True): no checkpoint in {directory}; starting from scratch", stacklevel=3)

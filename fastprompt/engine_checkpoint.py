@@ -68,6 +68,13 @@ def keep_previous(path: Path, previous: Path) -> None:
             shutil.copyfileobj(source, target)
 
 
+def remove_stale_temporaries(directory: Path, names: tuple[str, ...]) -> None:
+    """Delete temporary files a killed writer left beside the checkpoints `names` (never a checkpoint itself)."""
+    for name in names:
+        for stale in [*directory.glob(f".{name}.*.tmp"), directory / f".{name}.link"]:
+            stale.unlink(missing_ok=True)
+
+
 def read_first_good(candidates: list[Path]) -> tuple[dict[str, Any], Path] | None:
     """The first candidate that exists and verifies; warn about each corrupt one skipped; None if none exists.
 

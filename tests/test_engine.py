@@ -185,13 +185,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     cut = tmp_path / "cut"
     cut.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, str(WORKER), "stall", str(cut)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, str(WORKER), "stall", str(cut)], env=env, stderr=stderr)
     try:
         deadline = time.monotonic() + 100
         while not (cut / "stalled").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "worker never reached the stall point"
             time.sleep(0.2)
     finally:
@@ -201,8 +201,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < 6  # killed mid-epoch, resumes mid-epoch
     assert STALL_AFTER > 24 + 4 * state["step_in_epoch"]
 
+    stale = cut / "checkpoints" / ".last.pt.killed.tmp"  # what a kill during a checkpoint write leaves behind
+    stale.write_bytes(b"half a checkpoint")
     resumed = resume_engine(cut)
     resumed.fit(shuffled(tiny_data()), resume=True)
+    assert not stale.exists()
     reference = resume_engine(tmp_path / "full")
     reference_history = reference.fit(shuffled(tiny_data()))
     assert_equal(resumed.trainable_state_dict(), reference.trainable_state_dict())
