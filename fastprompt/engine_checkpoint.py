@@ -30,10 +30,16 @@ def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     torch.save(payload, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest().encode("ascii")
-    with atomic_open(path, "wb") as handle:
-        handle.write(MAGIC)
-        handle.write(digest + b"\n")
-        handle.write(data)
+    try:
+        with atomic_open(path, "wb") as handle:
+            handle.write(MAGIC)
+            handle.write(digest + b"\n")
+            handle.write(data)
+    except OSError as error:
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({error}); any previous checkpoint under that name is intact. "
+            "Free disk space or choose another output_dir, then fit(resume=True)"
+        ) from error
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
