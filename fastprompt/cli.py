@@ -505,6 +505,10 @@ def run_bench(args: argparse.Namespace) -> Any:
     import importlib
     import pkgutil
 
+    for root in (Path.cwd(), Path(fastprompt.__file__).resolve().parent.parent):  # a checkout / editable install
+        if (root / "benchmarks" / "__init__.py").is_file() and str(root) not in sys.path:
+            sys.path.append(str(root))
+            break
     try:
         benchmarks = importlib.import_module("benchmarks")
     except ImportError:
