@@ -68,6 +68,8 @@ def lora(
     check_float("dropout", dropout, minimum=0.0, maximum=1.0)
     if isinstance(targets, str):
         targets = (targets,)
+    if not isinstance(targets, (tuple, list)):
+        raise TypeError(f"option 'targets' must be a name or a tuple of names, got {type(targets).__name__}")
     if not targets or any(t not in LORA_TARGETS for t in targets):
         raise ValueError(f"option 'targets' must be a non-empty subset of {list(LORA_TARGETS)}, got {targets!r}")
     for block in model.blocks:

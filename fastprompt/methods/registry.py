@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,6 +77,8 @@ def check_float(name: str, value: object, *, minimum: float | None = None, maxim
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"option {name!r} must be a number, got {type(value).__name__} ({value!r})")
     value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"option {name!r} must be a finite number, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"option {name!r} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
