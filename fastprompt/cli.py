@@ -3,9 +3,11 @@
 A training run directory (``--output-dir``) holds ``config.json`` (everything needed to rebuild the model),
 ``metrics.json`` (final validation metrics), the Engine's ``metrics.jsonl``, ``curves.png`` and
 ``checkpoints/{best,last}.pt``, and, for a randomly initialised backbone, ``backbone.safetensors`` (its frozen
-weights, which checkpoints do not hold). Without ``--val`` a stratified ``--val-fraction`` of ``--data`` (20 % by
-default, per class, fixed by ``--seed``) is held out for validation. Mistakes a user can fix end with one
-message and exit code 2; ``--debug`` shows the traceback instead.
+weights, which checkpoints do not hold). ``metrics.json`` is measured with the model as it ends training (the
+``last`` checkpoint); ``evaluate`` takes either checkpoint. FPT methods can train from the feature cache
+(``--cache DIR``, filled by ``preload`` or on the fly): the frozen branch then runs once per image. Without
+``--val`` a stratified ``--val-fraction`` of ``--data`` (20 % by default, per class, fixed by ``--seed``) is held
+out for validation. Mistakes a user can fix end with one message and exit code 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -580,7 +582,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="timm constructor overrides, e.g. depth=2",
     )
     parser.add_argument("--img-size", type=int, default=512, help="input resolution (default 512)")
-    parser.add_argument("--method", default="ept", help=f"one of {', '.join(fastprompt.available_methods())}")
+    parser.add_argument(
+        "--method", default="ept", help=f"one of {', '.join(fastprompt.available_methods())} (default: %(default)s)"
+    )
     parser.add_argument("--prompt-length", dest="prompt_length", type=int, help="EPT prompt length")
     parser.add_argument("--rank", type=int, help="LoRA rank")
     parser.add_argument("--num-tokens", dest="num_tokens", type=int, help="VPT prompt tokens")
@@ -606,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a method on an image folder")
     train.add_argument("--data", required=True, help="folder of <class>/<image> files, or a CSV list")
     train.add_argument("--val", help="validation folder/CSV (default: hold out --val-fraction of --data)")
-    train.add_argument("--val-fraction", type=float, default=0.2)
+    train.add_argument(
+        "--val-fraction", type=float, default=0.2, help="held-out share without --val (stratified per class; 0.2)"
+    )
     train.add_argument("--shots", type=int, help="train on K images per class (few-shot), drawn with --seed")
     _add_model_args(train)
     train.add_argument("--epochs", type=int, default=20)
