@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import multiprocessing
 import re
 import sys
@@ -145,12 +146,15 @@ def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, 
 
 
 def run_row(variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device) -> dict:
-    """Measure one row; on CPU in a freshly forked process, so that heap kept by earlier rows (the allocator does
-    not hand all freed memory back) cannot inflate this row's peak RSS."""
-    if device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+    """Measure one row; on CPU with `args.isolate`, in a process forked from a clean fork server, so that heap
+    kept by earlier rows (the allocator does not hand all freed memory back) cannot inflate its peak RSS."""
+    if device.type != "cpu" or not args.isolate:
         return measure(variant, resolution, args, device)
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        return pool.apply(measure, (variant, resolution, args, device))
+    context = multiprocessing.get_context("forkserver")  # a server that never ran torch: forking it is safe
+    context.set_forkserver_preload(["benchmarks.models", "timm"])
+    target = importlib.import_module("benchmarks.memory").measure  # picklable by name even when run as __main__
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(target, (variant, resolution, args, device))
 
 
 def search_budget(model: torch.nn.Module, row: dict, args: argparse.Namespace, device: torch.device) -> dict:
@@ -219,6 +223,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the blocks")
     parser.add_argument("--budget", help="memory budget, e.g. 24GB: report the largest batch that fits")
     parser.add_argument("--budget-limit", type=int, default=4096, help="largest batch the budget search tries")
+    parser.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        help="CPU: measure every row in this process (faster start; later rows' peak RSS may include earlier heap)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="result JSON path (default: benchmarks/results/<device>/...)")
     args = parser.parse_args(argv)
@@ -253,9 +263,9 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     if device.type == "cpu":
         notes.append(
-            "each CPU row runs in a freshly forked process; peak_rss_bytes: that process's peak RSS (VmHWM, reset "
-            "before the step) over one full training step (forward, backward, AdamW); includes the model, the "
-            "interpreter and the libraries"
+            "each CPU row runs in a fresh process (unless --no-isolate); peak_rss_bytes: that process's peak RSS "
+            "(VmHWM, reset before the step) over one full training step (forward, backward, AdamW); includes the "
+            "model, the interpreter and the libraries"
         )
     record = results.run_record("memory", device, config, rows, notes)
     path = results.write_record(record, args.output or results.default_path(record, output_stem(args)))

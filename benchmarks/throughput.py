@@ -1,0 +1,166 @@
+"""Training-step time and images/s per method and resolution (and model FLOPs utilisation on a GPU).
+
+python -m benchmarks.throughput                                  # CPU, ViT-B/16 at 224, batch 1, small counts
+python -m benchmarks.throughput --device cuda --precision bf16 --batch-size 16 --resolutions 512 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from benchmarks import harness, models, results
+from fastprompt import count_parameters
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, matched in order against the CUDA device name.
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0, "NVIDIA H100 PCIe dense bf16 peak, 756 TFLOP/s"),
+    ("H100", 989.0, "NVIDIA H100 SXM dense bf16 peak, 989 TFLOP/s"),
+    ("H200", 989.0, "NVIDIA H200 dense bf16 peak, 989 TFLOP/s (same tensor cores as H100 SXM)"),
+)
+DEFAULT_COUNTS = {"cpu": (1, 3), "cuda": (5, 20)}  # (warm-up, repetitions)
+
+
+def bf16_peak(name: str) -> tuple[float, str] | None:
+    """(peak FLOP/s, description) of a device from the table above, or None for a device not in it."""
+    for pattern, tflops, source in BF16_PEAK_TFLOPS:
+        if pattern.lower() in name.lower():
+            return tflops * 1e12, source
+    return None
+
+
+def step_flops(step: models.TrainingStep) -> int:
+    """FLOPs of one training step as counted by torch's FlopCounterMode (matmuls and attention; custom kernels
+    it cannot see count zero)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """Step-time statistics, images/s, FLOPs and (GPU) MFU of one (method, resolution) row."""
+    model = models.build_model(
+        variant,
+        args.model,
+        resolution,
+        num_classes=args.num_classes,
+        grad_checkpointing=args.grad_checkpointing,
+        device=device,
+    )
+    trainable, total = count_parameters(model)
+    images, labels = models.synthetic_batch(args.batch_size, resolution, args.num_classes, device, args.seed)
+    step = models.TrainingStep(model, images, labels, args.precision)
+    stats = harness.time_fn(step, device, warmup=args.warmup, repeats=args.repeats)
+    row = {
+        "model": args.model,
+        "method": variant.label,
+        "apply_method": variant.method,
+        "options": variant.options,
+        "resolution": resolution,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "grad_checkpointing": args.grad_checkpointing,
+        "trainable_pct": 100.0 * trainable / total,
+        "step_seconds": stats.as_dict(),
+        "images_per_second": args.batch_size / stats.median,
+    }
+    if args.flops:
+        flops = step_flops(step)
+        row["flops_per_step"] = flops
+        row["achieved_tflops"] = flops / stats.median / 1e12
+        peak = bf16_peak(results.device_name(device)) if device.type == "cuda" else None
+        row["mfu"] = flops / stats.median / peak[0] if peak else None
+        row["peak_tflops_source"] = peak[1] if peak else None
+    del step, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def output_stem(args: argparse.Namespace) -> str:
+    """The default result file name: suite, model, resolutions, precision, batch and flags."""
+    parts = ["throughput", args.model, "r" + "-".join(map(str, args.resolutions)), args.precision]
+    parts.append(f"b{args.batch_size}")
+    if args.grad_checkpointing:
+        parts.append("gc")
+    if args.methods:
+        parts.append("m-" + "-".join(args.methods))
+    return "_".join(re.sub(r"[^A-Za-z0-9._+-]+", "", part) for part in parts)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the throughput suite."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[224])
+    parser.add_argument("--methods", nargs="+", help="method labels (default: every registered method)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-classes", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
+    parser.add_argument("--precision", choices=sorted(models.PRECISIONS), default="fp32")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the blocks")
+    parser.add_argument("--warmup", type=int, help="untimed steps (default: 1 on CPU, 5 on GPU)")
+    parser.add_argument("--repeats", type=int, help="timed steps (default: 3 on CPU, 20 on GPU)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip counting FLOPs (and MFU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, help="result JSON path (default: benchmarks/results/<device>/...)")
+    args = parser.parse_args(argv)
+    warmup, repeats = DEFAULT_COUNTS["cuda" if args.device.startswith("cuda") else "cpu"]
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.repeats = repeats if args.repeats is None else args.repeats
+    try:
+        harness.check_counts(args.warmup, args.repeats)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run the throughput suite, print its table and write the result JSON; return the JSON path."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+    variants = models.select_variants(args.methods)
+    torch.manual_seed(args.seed)
+    rows = []
+    print(f"{'method':<14} {'res':>5} {'step ms':>10} {'IQR ms':>8} {'img/s':>8} {'MFU %':>6}", flush=True)
+    cells = [(resolution, variant) for resolution in args.resolutions for variant in variants]
+    for resolution, variant in tqdm(cells, desc="throughput", file=sys.stderr):
+        row = measure(variant, resolution, args, device)
+        rows.append(row)
+        mfu = f"{100 * row['mfu']:6.1f}" if row.get("mfu") is not None else f"{'n/a':>6}"
+        step = row["step_seconds"]
+        tqdm.write(
+            f"{row['method']:<14} {resolution:>5} {1e3 * step['median']:>10.1f} {1e3 * step['iqr']:>8.1f} "
+            f"{row['images_per_second']:>8.2f} {mfu}"
+        )
+    config = {key: value for key, value in vars(args).items() if key != "output"}
+    notes = [
+        f"timing: {args.warmup} warm-up steps, {args.repeats} timed steps; median and IQR of one full training "
+        "step (forward, backward, AdamW) — " + ("CUDA events" if device.type == "cuda" else "time.perf_counter")
+    ]
+    if args.flops:
+        notes.append(
+            "flops_per_step: torch.utils.flop_counter.FlopCounterMode over one step; custom (Triton) kernels "
+            "are invisible to it, so MFU of methods that use them is understated"
+        )
+    record = results.run_record("throughput", device, config, rows, notes)
+    path = results.write_record(record, args.output or results.default_path(record, output_stem(args)))
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
