@@ -350,7 +350,11 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     options = method_options(args)
     model_kwargs = parse_key_values(_flatten(args.model_kwargs), "--model-kwargs")
     out = Path(args.output_dir)
-
+    if not args.resume and (out / "checkpoints" / "last.pt").is_file():
+        raise UsageError(
+            f"{out} already holds a training run (checkpoints/last.pt); pass --resume to continue it, or choose "
+            "another --output-dir"
+        )
     torch.manual_seed(args.seed)
     saved_backbone = out / BACKBONE_FILE
     random_init = not args.pretrained and args.checkpoint is None

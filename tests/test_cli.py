@@ -90,6 +90,7 @@ def test_resume_of_a_finished_run_rebuilds_the_same_model(ept_run, data):
     argv, _ = ept_train_argv(data)
     assert main([*argv, "--resume"]) == 0  # nothing left to train: the run is rebuilt from its files and evaluated
     assert json.loads((ept_run / "metrics.json").read_text()) == final
+    assert main(argv) == 2  # without --resume, a finished run is not overwritten
 
 
 def test_unreadable_image_is_reported_with_a_count(data, tmp_path, capsys):
