@@ -231,7 +231,9 @@ def deepspeed_config(
         "train_batch_size": micro_batch * grad_accum * world_size,
         "managed_gradient_accumulation": False,
         "gradient_clipping": float(clip_grad) if clip_grad is not None else 0.0,
-        "zero_optimization": {"stage": zero_stage},
+        # ZeRO-3's memory-efficient linear replaces torch.nn.functional.linear process-wide, for good; keep it off
+        # unless the user's config turns it on.
+        "zero_optimization": {"stage": zero_stage, "memory_efficient_linear": False},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "zero_allow_untested_optimizer": True,

@@ -97,11 +97,13 @@ def test_torch_backend_trains_only_the_trainable_parameters(tmp_path):
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_deepspeed_zero_stages_agree_with_torch(stage, torch_reference):
     reference, reference_history = torch_reference
+    linear = torch.nn.functional.linear
     model = tiny_vit("lora")
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     engine = Engine(model, lr=1e-2, epochs=2, backend="deepspeed", zero_stage=stage, progress=False, **DS_SETTINGS)
     history = engine.fit(shuffled(tiny_data()))
     assert engine.backend.name == "deepspeed" and engine.backend.zero_stage == stage
+    assert torch.nn.functional.linear is linear  # ZeRO-3 must not leave F.linear patched for the whole process
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert [h["train_loss"] for h in history] == pytest.approx([h["train_loss"] for h in reference_history], rel=1e-4)
     assert_close(engine.trainable_state_dict(), reference)
