@@ -545,18 +545,27 @@ def run_explain(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+def unused_path(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... — the first that does not exist yet."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """`fastprompt demo`: generate the synthetic task, then train and evaluate on it through `train`."""
     from fastprompt.demo import demo_train_args, write_synthetic_dataset
 
     output = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="fastprompt-demo-"))
-    data_dir = output / "data"
+    data_dir, run_dir = unused_path(output / "data"), unused_path(output / "run")  # never mix with an earlier demo
     write_synthetic_dataset(
         data_dir, images_per_class=args.images_per_class, size=args.size, seed=args.seed, progress=not args.quiet
     )
     method = args.method or ("ept" if "ept" in fastprompt.available_methods() else "lora")
     train_argv = demo_train_args(
-        data_dir, output / "run", method=method, epochs=args.epochs, img_size=args.img_size, seed=args.seed
+        data_dir, run_dir, method=method, epochs=args.epochs, img_size=args.img_size, seed=args.seed
     )
     train_argv += [f"--option={item}" for item in _flatten(args.option)]
     if args.quiet:

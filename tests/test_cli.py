@@ -269,6 +269,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert len(list((tmp_path / "data").glob("*/*.png"))) == 15
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0.0 <= metrics["acc"] <= 1.0
+    assert main([*argv, "--quiet", "--method=linear"]) == 0  # a second demo in the same folder keeps the first
+    assert (tmp_path / "run-2" / "metrics.json").is_file() and (tmp_path / "data-2").is_dir()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
 
 
 def test_python_dash_m_entry_point(monkeypatch, capsys):
