@@ -132,7 +132,8 @@ def drop_small_images(dataset: Any, patch: int) -> int:
     """Remove images smaller than one patch on either side; print and return how many."""
     small: list[tuple[str, tuple[int, int]]] = []
     kept = []
-    for path, target in dataset.samples:
+    samples = dataset.samples
+    for path, target in tqdm(samples, desc="checking image sizes", unit="img", disable=len(samples) <= 200):
         try:
             with Image.open(path) as image:
                 size = image.size
