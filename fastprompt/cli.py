@@ -34,6 +34,11 @@ import fastprompt
 from fastprompt.io import atomic_write_bytes
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
+OUT_OF_MEMORY_HINT = (
+    "; lower --batch-size (with --grad-accum to keep the effective batch), use --precision bf16, --zero-stage 2/3, "
+    "or FPT+ with --cache"
+)
 CONFIG_NAME = "config.json"
 BACKBONE_FILE = "backbone.safetensors"
 FPT_METHODS = ("fpt", "fpt+")
@@ -722,4 +727,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         tqdm.write(f"fastprompt {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except (FloatingPointError, MemoryError, torch.OutOfMemoryError) as err:
+        if args.debug:
+            raise
+        hint = OUT_OF_MEMORY_HINT if not isinstance(err, FloatingPointError) else ""
+        tqdm.write(f"fastprompt {args.command}: failed: {type(err).__name__}: {err}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0

@@ -12,6 +12,7 @@ from PIL import Image
 from timm.models import _builder
 
 from fastprompt.cli import main
+from fastprompt.engine import Engine
 from fastprompt.models import create_backbone
 
 TINY = [
@@ -243,6 +244,24 @@ def test_pretrained_without_network(data, tmp_path, capsys, monkeypatch):
     argv = ["train", f"--data={data.clean}", *TINY, "--pretrained", "--method=linear", *FAST]
     err = run_error(capsys, [*argv, f"--output-dir={tmp_path}"])
     assert "could not download the pretrained weights" in err and "--checkpoint FILE" in err
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory"), "lower --batch-size"),
+        (FloatingPointError("loss is nan at step 3; last good checkpoint: last.pt"), "loss is nan at step 3"),
+    ],
+)
+def test_training_failures_are_one_line_with_exit_1(data, tmp_path, capsys, monkeypatch, error, message):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Engine, "fit", fail)
+    argv = ["train", f"--data={data.clean}", *TINY, "--method=linear", *FAST, f"--output-dir={tmp_path}"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_debug_shows_the_traceback(data, tmp_path):
