@@ -145,6 +145,13 @@ def rebuild_loader(
         rank=rank,
         world_size=world_size,
     )
+    workers = {}
+    if loader.num_workers > 0:
+        workers = {
+            "prefetch_factor": loader.prefetch_factor,
+            "persistent_workers": loader.persistent_workers,
+            "multiprocessing_context": loader.multiprocessing_context,
+        }
     rebuilt = DataLoader(
         loader.dataset,
         batch_size=loader.batch_size,
@@ -155,7 +162,7 @@ def rebuild_loader(
         drop_last=loader.drop_last,
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+        **workers,
     )
     return rebuilt, epoch_sampler
 
