@@ -14,6 +14,18 @@ import torch  # noqa: E402
 import fastprompt  # noqa: E402,F401  (repairs the torchvision mismatch before any test module imports timm)
 
 
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models run fastest on one intra-op thread; tests marked `slow` (ViT-B sized) keep every thread."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

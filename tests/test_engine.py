@@ -26,15 +26,6 @@ WORKER = Path(__file__).with_name("engine_worker.py")
 REPO = WORKER.parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 busy cores: one intra-op thread is ~40x faster than oversubscribed threads, and makes runs comparable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train(method: str = "lora", *, data=None, batch_size: int = 4, **kwargs) -> tuple[Engine, list[dict]]:
     """Fit a tiny ViT; returns the engine and its history."""
     kwargs.setdefault("lr", 1e-2)

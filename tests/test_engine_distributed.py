@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from fastprompt.engine import Engine
@@ -16,15 +15,6 @@ from tests.engine_worker import shuffled, tiny_data, tiny_vit
 
 WORKER = Path(__file__).with_name("engine_worker.py")
 REPO = WORKER.parent.parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 busy cores: one intra-op thread per process keeps the ranks from oversubscribing them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_two_ranks_match_one_rank(tmp_path):

@@ -17,18 +17,6 @@ from fastprompt.profiling import saved_tensor_bytes
 CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def single_thread(request):
-    """Tiny models run much faster on one thread (no thread-pool wake-ups); the ViT-B/16 test keeps the default."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vit(**kwargs) -> VisionTransformer:
     """A 3-block ViT (embed 32, 4 heads, 8-pixel patches on 32×32: 16 patches + CLS)."""
     torch.manual_seed(0)

@@ -13,15 +13,6 @@ from fastprompt.data import FeatureCache, FeatureDataset, preload
 IMG = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster on a shared, busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_fpt(**options) -> FPT:
     torch.manual_seed(0)
     backbone = VisionTransformer(img_size=IMG, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0)

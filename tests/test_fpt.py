@@ -15,18 +15,6 @@ from fastprompt.kernels.reference import attention_importance_reference, select_
 EMBED, HEADS, DEPTH, IMG, PATCH = 64, 4, 4, 32, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models run fastest on one thread (and far faster on a shared, busy CPU)."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_backbone(**kwargs) -> VisionTransformer:
     """A 4-block ViT (embed 64, 4 heads, 17 tokens at 32×32)."""
     torch.manual_seed(0)
