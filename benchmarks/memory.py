@@ -71,11 +71,16 @@ def measure_step_cuda(step: models.TrainingStep) -> dict[str, int]:
 
 
 def saved_bytes_at(
-    model: torch.nn.Module, args: argparse.Namespace, resolution: int, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    args: argparse.Namespace,
+    resolution: int,
+    batch_size: int,
+    device: torch.device,
+    cached: bool,
 ) -> int:
     """Bytes saved for backward by the forward pass and loss at `batch_size`."""
     images, labels = models.synthetic_batch(batch_size, resolution, args.num_classes, device, args.seed)
-    step = models.TrainingStep(model, images, labels, args.precision)
+    step = models.TrainingStep(model, images, labels, args.precision, cached)
     return saved_tensor_bytes(step.forward_loss, exclude=model)
 
 
@@ -86,14 +91,14 @@ def cpu_budget_model(fixed: int, saved1: int, saved2: int) -> Callable[[int], in
 
 
 def gpu_fits(
-    model: torch.nn.Module, args: argparse.Namespace, resolution: int, device: torch.device, limit: int
+    model: torch.nn.Module, args: argparse.Namespace, resolution: int, device: torch.device, limit: int, cached: bool
 ) -> Callable[[int], bool]:
     """A predicate: does one full training step at batch b stay within `limit` bytes of CUDA memory?"""
 
     def fits(batch: int) -> bool:
         images, labels = models.synthetic_batch(batch, resolution, args.num_classes, device, args.seed)
         try:
-            figures = measure_step_cuda(models.TrainingStep(model, images, labels, args.precision))
+            figures = measure_step_cuda(models.TrainingStep(model, images, labels, args.precision, cached))
         except torch.cuda.OutOfMemoryError:
             return False
         finally:
@@ -116,15 +121,17 @@ def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, 
         device=device,
     )
     trainable, total = count_parameters(model)
-    saved = saved_bytes_at(model, args, resolution, args.batch_size, device)
+    cached = variant.cached_features
+    saved = saved_bytes_at(model, args, resolution, args.batch_size, device, cached)
     images, labels = models.synthetic_batch(args.batch_size, resolution, args.num_classes, device, args.seed)
-    step = models.TrainingStep(model, images, labels, args.precision)
+    step = models.TrainingStep(model, images, labels, args.precision, cached)
     figures = measure_step_cuda(step) if device.type == "cuda" else measure_step_cpu(step)
     row: dict[str, Any] = {
         "model": args.model,
         "method": variant.label,
         "apply_method": variant.method,
         "options": variant.options,
+        "cached_features": cached,
         "resolution": resolution,
         "batch_size": args.batch_size,
         "precision": args.precision,
@@ -161,12 +168,12 @@ def search_budget(model: torch.nn.Module, row: dict, args: argparse.Namespace, d
     """The largest batch whose training step fits `args.budget` bytes (GPU: measured; CPU: a memory model)."""
     limit = budget.parse_bytes(args.budget)
     if device.type == "cuda":
-        fits = gpu_fits(model, args, row["resolution"], device, limit)
+        fits = gpu_fits(model, args, row["resolution"], device, limit, row["cached_features"])
         how = "measured: torch.cuda.max_memory_allocated over one full training step"
     else:
         fixed = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
-        saved1 = saved_bytes_at(model, args, row["resolution"], 1, device)
-        saved2 = saved_bytes_at(model, args, row["resolution"], 2, device)
+        saved1 = saved_bytes_at(model, args, row["resolution"], 1, device, row["cached_features"])
+        saved2 = saved_bytes_at(model, args, row["resolution"], 2, device, row["cached_features"])
         total_at = cpu_budget_model(fixed, saved1, saved2)
         fits = lambda batch: total_at(batch) <= limit
         how = "model: parameters + gradients + AdamW state + saved-for-backward bytes (linear fit at batch 1 and 2)"

@@ -14,24 +14,49 @@ from torch import nn
 import fastprompt
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TABLE_ORDER = (
+    "full",
+    "partial",
+    "linear",
+    "bitfit",
+    "lora",
+    "adapter",
+    "vpt",
+    "ept",
+    "ept-official",
+    "fpt",
+    "fpt-cached",
+    "fpt+",
+    "fpt+-cached",
+)  # rows in this order; labels not listed follow, as registered
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One row label of the tables: a registered method with the options that distinguish it."""
+    """One row label of the tables: a registered method with the options that distinguish it.
+
+    `cached_features`: train an FPT model from its frozen branch's features computed once beforehand (the feature
+    cache), so a step runs only the fusion module and the side network.
+    """
 
     label: str
     method: str
     options: dict[str, Any] = field(default_factory=dict)
+    cached_features: bool = False
 
 
 def registered_variants() -> list[Variant]:
-    """Every registered method with its default options, plus the EPT official-style variant once it exists."""
+    """Every registered method with its default options, plus EPT official-style and FPT-from-cache variants."""
     methods = fastprompt.available_methods()
     variants = [Variant(name, name) for name in methods]
     if "attention" in methods.get("ept", ()):
         variants.append(Variant("ept-official", "ept", {"attention": "official"}))
-    return variants
+    if hasattr(getattr(fastprompt, "FPT", None), "forward_features_cached"):
+        variants += [
+            Variant(f"{name}-cached", name, cached_features=True) for name in ("fpt", "fpt+") if name in methods
+        ]
+    rank = {label: i for i, label in enumerate(TABLE_ORDER)}
+    return sorted(variants, key=lambda variant: rank.get(variant.label, len(rank)))
 
 
 def select_variants(labels: list[str] | None) -> list[Variant]:
@@ -89,24 +114,37 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @dataclass
 class TrainingStep:
-    """One optimizer step (AdamW) of `model` on a fixed batch; `forward_loss` alone is the forward pass."""
+    """One optimizer step (AdamW) of `model` on a fixed batch; `forward_loss` alone is the forward pass.
+
+    With `cached_features` (FPT) the frozen branch runs once here, outside every measurement, and the step trains
+    from its features as it would from the feature cache.
+    """
 
     model: nn.Module
     images: torch.Tensor
     labels: torch.Tensor
     precision: str
+    cached_features: bool = False
     optimizer: torch.optim.Optimizer = field(init=False)
+    features: dict[str, torch.Tensor] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         params = trainable_parameters(self.model)
         if not params:
             raise ValueError("the model has no trainable parameters; apply a method before benchmarking it")
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        if self.cached_features:
+            with torch.no_grad(), autocast(self.images.device, self.precision):
+                self.features = self.model.extract_features(self.images)
+            self.images = self.model.resize_for_side(self.images)  # the side branch's input, as the cache stores
 
     def forward_loss(self) -> torch.Tensor:
         """Forward pass and cross-entropy loss."""
         with autocast(self.images.device, self.precision):
-            logits = self.model(self.images)
+            if self.features is not None:
+                logits = self.model.forward_features_cached(self.features, self.images)
+            else:
+                logits = self.model(self.images)
         return F.cross_entropy(logits.float(), self.labels)
 
     def __call__(self) -> float:

@@ -57,13 +57,14 @@ def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, 
     )
     trainable, total = count_parameters(model)
     images, labels = models.synthetic_batch(args.batch_size, resolution, args.num_classes, device, args.seed)
-    step = models.TrainingStep(model, images, labels, args.precision)
+    step = models.TrainingStep(model, images, labels, args.precision, variant.cached_features)
     stats = harness.time_fn(step, device, warmup=args.warmup, repeats=args.repeats)
     row = {
         "model": args.model,
         "method": variant.label,
         "apply_method": variant.method,
         "options": variant.options,
+        "cached_features": variant.cached_features,
         "resolution": resolution,
         "batch_size": args.batch_size,
         "precision": args.precision,
