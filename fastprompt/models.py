@@ -150,6 +150,16 @@ def _load_file(name: str, checkpoint: Path, build: dict[str, Any]) -> VisionTran
     return model
 
 
+def _weights_location(name: str) -> str:
+    """Where timm fetches `name`'s weights from, for a user who has to download them by hand."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is not None and cfg.hf_hub_id:
+        return f"model.safetensors from https://huggingface.co/{cfg.hf_hub_id}"
+    if cfg is not None and cfg.url:
+        return cfg.url
+    return f"see timm's pretrained_cfg of {name}"
+
+
 def _load_hub(name: str, build: dict[str, Any]) -> VisionTransformer:
     """Build `name` with its hub weights; a clear error when they cannot be downloaded."""
     try:
@@ -157,8 +167,8 @@ def _load_hub(name: str, build: dict[str, Any]) -> VisionTransformer:
     except network_errors() as err:
         raise ValueError(
             f"could not download the pretrained weights of {name!r} ({type(err).__name__}: {str(err)[:200]}); "
-            "without internet access, download the weights elsewhere (e.g. model.safetensors from "
-            f"https://huggingface.co/timm/{name}) and pass --checkpoint FILE instead of --pretrained"
+            f"without internet access, download the weights elsewhere ({_weights_location(name)}) and pass "
+            "--checkpoint FILE instead of --pretrained"
         ) from None
     except RuntimeError as err:
         if "No pretrained weights exist" not in str(err):
