@@ -74,7 +74,13 @@ def _auto_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     return "flash_cpu" if q.device.type == "cpu" else "chunked"
 
 
+def _unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """PyTorch's CPU flash op silently misreads a head dim that is not unit-stride: copy those inputs."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 def _flash_cpu_forward(q, k, v, g, scale):
+    q, k, v = _unit_last_stride(q, k, v)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
     lse = lse.to(g.dtype)
     keep = torch.sigmoid(lse - g)
@@ -82,6 +88,7 @@ def _flash_cpu_forward(q, k, v, g, scale):
 
 
 def _flash_cpu_backward(dout, q, k, v, out, lse_p, scale):
+    dout, q, k, v, out = _unit_last_stride(dout, q, k, v, out)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse_p, 0.0, False, scale=scale
     )

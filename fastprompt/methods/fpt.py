@@ -120,6 +120,13 @@ class FPT(nn.Module):
         self.side_input_size = check_int(
             "side_input_size", SIDE_INPUT_SIZE[variant] if side_input_size is None else side_input_size, minimum=1
         )
+        side_patch = backbone.patch_embed.patch_size[0]
+        if self.side_input_size % side_patch:
+            nearest = max(1, round(self.side_input_size / side_patch)) * side_patch
+            raise ValueError(
+                f"option 'side_input_size' ({self.side_input_size}) must be a multiple of the side ViT's patch size "
+                f"({side_patch}, the backbone's); pass e.g. {nearest}"
+            )
         self.variant = variant
         self.num_classes = num_classes
 
@@ -131,7 +138,7 @@ class FPT(nn.Module):
         ).to(device=ref.device, dtype=ref.dtype)
         self.side = build_side_vit(
             img_size=self.side_input_size,
-            patch_size=backbone.patch_embed.patch_size[0],
+            patch_size=side_patch,
             in_chans=backbone.patch_embed.proj.in_channels,
             width=side_width,
             depth=len(self.layers),
