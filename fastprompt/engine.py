@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -96,6 +97,9 @@ class Engine:
     skip_nonfinite: a micro-batch with a NaN/inf loss contributes no gradient (a step whose micro-batches all failed
     is not taken) and is counted in the history's ``skipped_batches``; otherwise training stops with
     NonFiniteLossError naming the step and the last good checkpoint.
+    deterministic: run-to-run reproducible GPU training: torch.use_deterministic_algorithms(True),
+    CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN benchmarking off, and fastprompt's Triton kernels on one fixed block
+    configuration instead of autotuning (slower). CPU runs are reproducible without it.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class Engine:
         checkpoint_every: int | None = None,
         monitor: str = "auto",
         progress: bool = True,
+        deterministic: bool = False,
     ) -> None:
         """Validate the configuration; nothing heavy (DeepSpeed, process groups) happens before the first fit."""
         if not isinstance(model, nn.Module):
@@ -157,10 +162,13 @@ class Engine:
             checkpoint_every=checkpoint_every,
             monitor=monitor,
             progress=progress,
+            deterministic=deterministic,
         )
         self.config["loss"] = "auto" if loss == "auto" else "callable"
         self.config["deepspeed_config"] = self.user_deepspeed_config
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        if deterministic:
+            enable_determinism()
         if grad_checkpointing:
             if hasattr(model, "set_grad_checkpointing"):
                 model.set_grad_checkpointing(True)  # timm ViTs checkpoint every block, the frozen ones included
@@ -196,7 +204,7 @@ class Engine:
             check_int("checkpoint_every", cfg["checkpoint_every"], minimum=1)
         if not isinstance(cfg["monitor"], str):
             raise TypeError(f"option 'monitor' must be a metric name ('auc', 'acc', 'loss'), got {cfg['monitor']!r}")
-        for flag in ("grad_checkpointing", "skip_nonfinite", "progress"):
+        for flag in ("grad_checkpointing", "skip_nonfinite", "progress", "deterministic"):
             if not isinstance(cfg[flag], bool):
                 raise TypeError(f"option {flag!r} must be True or False, got {cfg[flag]!r}")
         if cfg["backend"] == "torch" and cfg["zero_stage"] > 0:
@@ -607,6 +615,15 @@ class Engine:
     def predict(self, loader: DataLoader) -> torch.Tensor:
         """Model outputs (float32 logits on the CPU) for every sample of `loader`, in order."""
         return self._run(loader, need_targets=False)[0]
+
+
+def enable_determinism() -> None:
+    """Switch torch, cuBLAS, cuDNN and fastprompt's kernels to their reproducible modes (process-wide)."""
+    os.environ["FASTPROMPT_DETERMINISTIC"] = "1"
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def _seed_everything(seed: int) -> None:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.dispatch import interpreting
+from fastprompt.kernels.dispatch import deterministic, interpreting
 
 LOG2E = 1.4426950408889634
 _CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
@@ -21,9 +21,12 @@ _CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
 
 def _configs() -> list[triton.Config]:
-    """Autotuning space on CUDA; one small config under the interpreter, which cannot benchmark."""
+    """Autotuning space on CUDA; one small config under the interpreter (which cannot benchmark) and one fixed
+    config in deterministic mode."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=1)]
+    if deterministic():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _CUDA_CONFIGS]
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.dispatch import interpreting
+from fastprompt.kernels.dispatch import deterministic, interpreting
 
 LOG2E = math.log2(math.e)
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constants, usable inside kernels
@@ -21,9 +21,11 @@ LN2_C: tl.constexpr = tl.constexpr(math.log(2.0))
 
 
 def _configs(kind: str) -> list[triton.Config]:
-    """One small config under the interpreter; a handful to autotune over on a GPU."""
+    """One small config under the interpreter, one fixed config in deterministic mode, else a handful to autotune."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=1)]
+    if deterministic():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     if kind == "forward":
         shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4)]
     else:

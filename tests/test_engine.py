@@ -409,3 +409,41 @@ def test_model_errors():
 def test_deep_merge_recurses():
     merged = deep_merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 5}, "e": 6})
     assert merged == {"a": {"b": 1, "c": 5}, "d": 3, "e": 6}
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    """Engine(deterministic=True) changes process-wide switches: put them back after the test."""
+    monkeypatch.delenv("FASTPROMPT_DETERMINISTIC", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic = False
+
+
+def test_deterministic_mode_switches_torch_and_pins_kernel_configs(restore_determinism, monkeypatch):
+    import importlib
+
+    from fastprompt.kernels import dispatch
+
+    assert not dispatch.deterministic()
+    engine = Engine(tiny_vit("linear"), epochs=1, backend="torch", progress=False, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled() and dispatch.deterministic()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    engine.fit(shuffled(tiny_data(8)))  # the CPU path runs under torch's deterministic mode
+    for name in ("fastprompt.kernels.sink_attention_triton", "fastprompt.kernels.importance_triton"):
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, "interpreting", lambda: False)  # pretend to be on a GPU
+        configs = module._configs("forward") if "sink" in name else module._configs()
+        assert len(configs) == 1, f"{name} would autotune in deterministic mode"
+        monkeypatch.setenv("FASTPROMPT_DETERMINISTIC", "0")
+        torch.use_deterministic_algorithms(False)
+        configs = module._configs("forward") if "sink" in name else module._configs()
+        assert len(configs) > 1
+        torch.use_deterministic_algorithms(True)
+        monkeypatch.setenv("FASTPROMPT_DETERMINISTIC", "1")
+
+
+def test_deterministic_must_be_a_bool():
+    with pytest.raises(TypeError, match="deterministic"):
+        Engine(tiny_vit("linear"), deterministic="yes")
