@@ -22,7 +22,7 @@ from benchmarks import harness, results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {
-    "cpu": {"ns": [65, 197], "head_dims": [64], "batch": 1, "width": 128, "dtype": "fp32", "counts": (1, 5)},
+    "cpu": {"ns": [65, 197], "head_dims": [64], "batch": 1, "width": 128, "dtype": "fp32", "counts": (3, 20)},
     "cuda": {
         "ns": [197, 577, 1025, 2305, 4097],
         "head_dims": [64, 128],

@@ -110,18 +110,21 @@ def memory_section(rows: list[dict], base: Path, gpu: bool) -> str:
         resolutions = sorted({row["resolution"] for row in group})
         has_budget = any("max_batch" in row for row in group)
         figure = "GPU peak MB" if gpu else "saved MB"
-        header = ["method", f"trainable % @{resolutions[0]}"]
+        header = ["method"]
         for resolution in resolutions:
-            header += [f"{figure} @{resolution}"] + ([] if gpu else [f"peak RSS MB @{resolution}"])
+            header += [f"trainable % @{resolution}", f"{figure} @{resolution}"] + (
+                [] if gpu else [f"peak RSS MB @{resolution}"]
+            )
             header += [f"max batch @{resolution}"] if has_budget else []
         body = []
         methods = dict.fromkeys(row["method"] for row in group)  # the order the run measured them in
         for method in methods:
             by_res = {row["resolution"]: row for row in group if row["method"] == method}
-            line = [method, fmt(by_res[min(by_res)]["trainable_pct"], 3)]
+            line = [method]
             for resolution in resolutions:
                 row = by_res.get(resolution, {"device_type": "cuda" if gpu else "cpu"})
                 memory = memory_figure(row)
+                line.append(fmt(row.get("trainable_pct"), 3))
                 line.append(fmt(memory / MB if memory is not None else None))
                 if not gpu:
                     rss = row.get("peak_rss_bytes")
@@ -151,7 +154,9 @@ def throughput_section(rows: list[dict], base: Path, gpu: bool) -> str:
         header = ["method", "res", "batch", "precision", "step ms (median)", "IQR ms", "images/s"]
         header += ["MFU %"] if gpu else []
         body = []
-        for row in sorted(group, key=lambda r: (r["method"], r["resolution"], r["precision"], r["batch_size"])):
+        methods = {method: i for i, method in enumerate(dict.fromkeys(row["method"] for row in group))}
+        order = lambda r, rank=methods: (r["resolution"], r["precision"], r["batch_size"], rank[r["method"]])
+        for row in sorted(group, key=order):
             line = [
                 row["method"] + (" +ckpt" if row.get("grad_checkpointing") else ""),
                 str(row["resolution"]),
@@ -279,7 +284,8 @@ def render_markdown(records: list[tuple[Path, dict]], base: Path, plots: list[Pa
         "by storage, parameters excluded) — the device-independent figure. peak RSS: the whole process over one "
         "step (forward, backward, AdamW).\n\n" + memory_section(memory, base, gpu=False),
         "### Throughput (GPU)\n\n" + throughput_section(throughput, base, gpu=True),
-        "### Throughput (CPU)\n\n" + throughput_section(throughput, base, gpu=False),
+        "### Throughput (CPU)\n\nWall-clock step times on the CPU named (shared with other work while measured: "
+        "read the IQR before comparing methods).\n\n" + throughput_section(throughput, base, gpu=False),
         "### Kernels (GPU)\n\n" + kernel_section(kernels, base, gpu=True),
         "### Kernels (CPU)\n\n" + kernel_section(kernels, base, gpu=False),
     ]

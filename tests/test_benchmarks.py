@@ -202,8 +202,8 @@ def test_report_renders_tables_between_markers(tmp_path):
     text = readme.read_text()
     assert text.startswith("# title\n\nintro\n") and text.endswith("\n\nfooter\n") and "old table" not in text
     block = text.split(report.START)[1].split(report.END)[0]
-    assert "| full | 100.000 | 118.2 | 236.4 | 612.0 | 1,224.0 |" in block  # newest file wins over old.json
-    assert "| lora | 0.347 | 80.7 | 161.4 | — | — |" in block
+    assert "| full | 100.000 | 118.2 | 236.4 | 100.000 | 612.0 | 1,224.0 |" in block  # newest file wins over old.json
+    assert "| lora | 0.347 | 80.7 | 161.4 | — | — | — |" in block
     assert block.count(report.NOT_ON_GPU) == 3  # memory, throughput and kernels have no GPU results
     assert "0.50× (sdpa_flash)" in block and "xformers (not installed)" in block
     ppe = 80.0 * math.exp(-math.log10(0.347 / 100 + 1))
