@@ -103,6 +103,7 @@ def gpu_fits(
             return False
         finally:
             del images, labels
+            model.zero_grad(set_to_none=True)  # the next probe starts without this one's gradients
             gc.collect()
             torch.cuda.empty_cache()
         return figures["peak_allocated_bytes"] <= limit
