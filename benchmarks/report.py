@@ -62,6 +62,7 @@ def latest_rows(records: list[tuple[Path, dict]], suite: str, key_fields: tuple[
             if not all(field in row for field in key_fields):
                 continue
             tagged = {**row, "device": record["device"], "device_type": record["device_type"], "source": path}
+            tagged["run_config"] = record["config"]
             best[(record["device"], *(repr(row.get(field)) for field in key_fields))] = tagged
     return list(best.values())
 
@@ -99,6 +100,15 @@ def memory_figure(row: dict) -> float | None:
     return row.get("peak_allocated_bytes") if row["device_type"] == "cuda" else row.get("saved_bytes")
 
 
+def max_batch_cell(row: dict) -> str:
+    """The largest batch that fits, as '≥ limit' when the search stopped at its limit."""
+    batch = row.get("max_batch")
+    if batch is None:
+        return "—"
+    limit = row.get("run_config", {}).get("budget_limit")
+    return f"≥ {batch}" if batch == limit else str(batch)
+
+
 def memory_section(rows: list[dict], base: Path, gpu: bool) -> str:
     """Memory and trainable % per method (rows) and resolution (columns), one table per configuration."""
     rows = [row for row in rows if (row["device_type"] == "cuda") == gpu]
@@ -130,7 +140,7 @@ def memory_section(rows: list[dict], base: Path, gpu: bool) -> str:
                     rss = row.get("peak_rss_bytes")
                     line.append(fmt(rss / MB if rss is not None else None))
                 if has_budget:
-                    line.append(str(row.get("max_batch", "—")))
+                    line.append(max_batch_cell(row))
             body.append(line)
         title = f"**{model}**, {device}, {precision}, batch {batch}" + (
             ", activation checkpointing" if checkpointing else ""

@@ -110,7 +110,7 @@ def test_throughput_and_kernel_run_schema(tmp_path):
     assert "skipped" in by_impl[("attention", "xformers", "fwd")]  # no CPU kernels even where installed
 
 
-def fixture_record(suite, rows, *, device="Test CPU", device_type="cpu", date="2026-01-01T00:00:00+00:00"):
+def fixture_record(suite, rows, *, device="Test CPU", device_type="cpu", date="2026-01-01T00:00:00+00:00", config=None):
     return {
         "schema": results.SCHEMA,
         "suite": suite,
@@ -120,7 +120,7 @@ def fixture_record(suite, rows, *, device="Test CPU", device_type="cpu", date="2
         "git_commit": "abc",
         "date": date,
         "command": f"python -m benchmarks.{suite}",
-        "config": {},
+        "config": config or {},
         "rows": rows,
     }
 
@@ -216,15 +216,21 @@ def test_report_renders_tables_between_markers(tmp_path):
 
 def test_report_gpu_rows_and_marker_handling(tmp_path):
     root = tmp_path / "results"
-    gpu_row = memory_row("full", 512, 612_000_000, 100.0, peak_allocated_bytes=5_000_000_000)
-    write(root / "h100" / "memory.json", fixture_record("memory", [gpu_row], device="NVIDIA H100", device_type="cuda"))
+    budget_fields = {"budget_bytes": 24e9, "budget_method": "measured"}
+    gpu_rows = [
+        memory_row("full", 512, 612_000_000, 100.0, peak_allocated_bytes=5_000_000_000, max_batch=9, **budget_fields),
+        memory_row("linear", 512, 3_000_000, 0.1, peak_allocated_bytes=400_000_000, max_batch=64, **budget_fields),
+    ]
+    record = fixture_record("memory", gpu_rows, device="NVIDIA H100", device_type="cuda", config={"budget_limit": 64})
+    write(root / "h100" / "memory.json", record)
     readme = tmp_path / "README.md"
     readme.write_text("# no markers\n")
     report.render(root, readme, tmp_path / "plots", committed_only=False)
     text = readme.read_text()
     assert text.startswith("# no markers\n") and text.rstrip().endswith(report.END)
     memory_gpu = text.split("### Memory (GPU)")[1].split("###")[0]
-    assert "5,000.0" in memory_gpu and report.NOT_ON_GPU not in memory_gpu
+    assert "| full | 100.000 | 5,000.0 | 9 |" in memory_gpu and "| 400.0 | ≥ 64 |" in memory_gpu
+    assert "within 24 GB (measured)" in memory_gpu and report.NOT_ON_GPU not in memory_gpu
     assert report.NOT_ON_GPU in text.split("### Throughput (GPU)")[1].split("###")[0]
     with pytest.raises(ValueError, match="unpaired"):
         report.replace_block(f"{report.END}\n{report.START}\n", "x")
