@@ -2,6 +2,8 @@
 
 python -m benchmarks.report                      # committed result files only
 python -m benchmarks.report --allow-uncommitted  # preview with files not yet committed
+
+PPE / PME columns appear for memory rows that carry a `score` (an accuracy or AUC in %, from a training run).
 """
 
 from __future__ import annotations
