@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from benchmarks import results
@@ -111,48 +111,50 @@ def max_batch_cell(row: dict) -> str:
     return f"≥ {batch}" if batch == limit else str(batch)
 
 
+def megabytes(value: float | None) -> str:
+    """Bytes as a megabyte cell."""
+    return fmt(value / MB if value is not None else None)
+
+
+def method_grid(group: list[dict], cell: Callable[[dict], str]) -> str:
+    """A table with one row per method (in measured order) and one column per resolution."""
+    resolutions = sorted({row["resolution"] for row in group})
+    body = []
+    for method in dict.fromkeys(row["method"] for row in group):
+        by_res = {row["resolution"]: row for row in group if row["method"] == method}
+        body.append([method] + [cell(by_res[r]) if r in by_res else "—" for r in resolutions])
+    return markdown_table(["method"] + [str(r) for r in resolutions], body)
+
+
 def memory_section(rows: list[dict], base: Path, gpu: bool) -> str:
-    """Memory and trainable % per method (rows) and resolution (columns), one table per configuration."""
+    """Per configuration, method × resolution tables: trainable %, memory, peak RSS (CPU), batch budget."""
     rows = [row for row in rows if (row["device_type"] == "cuda") == gpu]
     if not rows:
         return NOT_ON_GPU + "." if gpu else "No CPU memory results yet."
     parts = []
     config_fields = ("device", "model", "precision", "batch_size", "grad_checkpointing")
     for (device, model, precision, batch, checkpointing), group in group_by(rows, config_fields).items():
-        resolutions = sorted({row["resolution"] for row in group})
-        has_budget = any("max_batch" in row for row in group)
-        figure = "GPU peak MB" if gpu else "saved MB"
-        header = ["method"]
-        for resolution in resolutions:
-            header += [f"trainable % @{resolution}", f"{figure} @{resolution}"] + (
-                [] if gpu else [f"peak RSS MB @{resolution}"]
-            )
-            header += [f"max batch @{resolution}"] if has_budget else []
-        body = []
-        methods = dict.fromkeys(row["method"] for row in group)  # the order the run measured them in
-        for method in methods:
-            by_res = {row["resolution"]: row for row in group if row["method"] == method}
-            line = [method]
-            for resolution in resolutions:
-                row = by_res.get(resolution, {"device_type": "cuda" if gpu else "cpu"})
-                memory = memory_figure(row)
-                line.append(fmt(row.get("trainable_pct"), 3))
-                line.append(fmt(memory / MB if memory is not None else None))
-                if not gpu:
-                    rss = row.get("peak_rss_bytes")
-                    line.append(fmt(rss / MB if rss is not None else None))
-                if has_budget:
-                    line.append(max_batch_cell(row))
-            body.append(line)
         title = f"**{model}**, {device}, {precision}, batch {batch}" + (
             ", activation checkpointing" if checkpointing else ""
         )
-        budget_note = ""
-        if has_budget:
-            budget_row = next(row for row in group if "max_batch" in row)
-            budget_gb = budget_row["budget_bytes"] / 1e9
-            budget_note = f"\n\nmax batch: largest batch within {budget_gb:g} GB ({budget_row['budget_method']})."
-        parts.append(f"{title}\n\n{markdown_table(header, body)}{budget_note}\n\n{sources_line(group, base)}")
+        tables = [("trainable %", method_grid(group, lambda row: fmt(row["trainable_pct"], 3)))]
+        if gpu:
+            tables.append(
+                (
+                    "GPU peak MB (one full training step)",
+                    method_grid(group, lambda row: megabytes(row.get("peak_allocated_bytes"))),
+                )
+            )
+        else:
+            tables.append(("saved for backward, MB", method_grid(group, lambda row: megabytes(row["saved_bytes"]))))
+            tables.append(("peak RSS, MB", method_grid(group, lambda row: megabytes(row.get("peak_rss_bytes")))))
+        budgeted = [row for row in group if "max_batch" in row]
+        if budgeted:
+            gb = budgeted[0]["budget_bytes"] / 1e9
+            caption = f"largest batch within {gb:g} GB ({budgeted[0]['budget_method']})"
+            tables.append((caption, method_grid(budgeted, max_batch_cell)))
+        body = "\n\n".join(f"{caption}:\n\n{table}" for caption, table in tables)
+        parts.append(f"{title}\n\n{body}\n\n{sources_line(group, base)}")
     return "\n\n".join(parts)
 
 

@@ -202,8 +202,12 @@ def test_report_renders_tables_between_markers(tmp_path):
     text = readme.read_text()
     assert text.startswith("# title\n\nintro\n") and text.endswith("\n\nfooter\n") and "old table" not in text
     block = text.split(report.START)[1].split(report.END)[0]
-    assert "| full | 100.000 | 118.2 | 236.4 | 100.000 | 612.0 | 1,224.0 |" in block  # newest file wins over old.json
-    assert "| lora | 0.347 | 80.7 | 161.4 | — | — | — |" in block
+    saved = block.split("saved for backward, MB:")[1].split("peak RSS")[0]
+    assert "| method | 224 | 512 |" in saved
+    assert "| full | 118.2 | 612.0 |" in saved  # the newest file wins over old.json
+    assert "| lora | 80.7 | — |" in saved
+    assert "| full | 236.4 | 1,224.0 |" in block.split("peak RSS, MB:")[1]
+    assert "| lora | 0.347 | — |" in block.split("trainable %:")[1]
     assert block.count(report.NOT_ON_GPU) == 3  # memory, throughput and kernels have no GPU results
     assert "0.50× (sdpa_flash)" in block and "xformers (not installed)" in block
     ppe = 80.0 * math.exp(-math.log10(0.347 / 100 + 1))
@@ -229,7 +233,8 @@ def test_report_gpu_rows_and_marker_handling(tmp_path):
     text = readme.read_text()
     assert text.startswith("# no markers\n") and text.rstrip().endswith(report.END)
     memory_gpu = text.split("### Memory (GPU)")[1].split("###")[0]
-    assert "| full | 100.000 | 5,000.0 | 9 |" in memory_gpu and "| 400.0 | ≥ 64 |" in memory_gpu
+    assert "| full | 5,000.0 |" in memory_gpu and "| linear | 400.0 |" in memory_gpu
+    assert "| full | 9 |" in memory_gpu and "| linear | ≥ 64 |" in memory_gpu
     assert "within 24 GB (measured)" in memory_gpu and report.NOT_ON_GPU not in memory_gpu
     assert report.NOT_ON_GPU in text.split("### Throughput (GPU)")[1].split("###")[0]
     with pytest.raises(ValueError, match="unpaired"):
