@@ -16,7 +16,8 @@ import fastprompt  # noqa: E402,F401  (repairs the torchvision mismatch before a
 
 @pytest.fixture(autouse=True)
 def one_thread(request):
-    """Tiny models run fastest on one intra-op thread; tests marked `slow` (ViT-B sized) keep every thread."""
+    """Tiny models run fastest on one intra-op thread (and in-process runs then match the one-thread worker
+    subprocesses bit for bit); tests marked `slow` (ViT-B sized) keep every thread."""
     if request.node.get_closest_marker("slow"):
         yield
         return

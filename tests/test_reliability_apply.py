@@ -39,14 +39,6 @@ DEFINITELY_INVALID = [  # (method, option, value): rejected whatever the impleme
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vit() -> VisionTransformer:
     torch.manual_seed(0)
     return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)

@@ -37,15 +37,6 @@ WORKER = Path(__file__).parent / "reliability_worker.py"
 SEED = int(os.environ.get("FASTPROMPT_RELIABILITY_SEED", "20261124"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The worker trains on one thread; the in-process runs must too to be bit-identical with it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def worker(mode: str, out_dir: Path, kill: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, str(WORKER), mode, str(out_dir)] + ([kill] if kill else [])

@@ -38,15 +38,6 @@ INTERPRETER = settings(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny kernels run fastest on one thread on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(shape: tuple[int, ...], dtype: torch.dtype, layout: str, seed: int, scale: float = 1.0) -> torch.Tensor:
     """A [B, H, N, D] tensor of the given values with a non-contiguous memory layout (a view, not a copy)."""
     batch, heads, tokens, dim = shape

@@ -237,53 +237,37 @@ class FPT(nn.Module):
         }
 
 
-@register_method("fpt+", wrapper=True)
-def fpt_plus(
-    model: VisionTransformer,
-    num_classes: int,
-    *,
-    layers: list[int] | None = None,
-    num_prompts: int = 16,
-    token_ratio: float = 0.2,
-    token_importance: str = "global",
-    side_width: int | None = None,
-    side_input_size: int | None = None,
-) -> FPT:
-    """FPT+: layers 6–11 (last half), prompts of backbone width with LayerNorm, side ViT at 128×128."""
-    return FPT(
-        model,
-        num_classes,
-        variant="fpt+",
-        layers=layers,
-        num_prompts=num_prompts,
-        token_ratio=token_ratio,
-        token_importance=token_importance,
-        side_width=side_width,
-        side_input_size=side_input_size,
-    )
+def _register_variant(variant: str, summary: str) -> None:
+    """Register `fastprompt.apply(vit, variant, num_classes=..., **options)` as a wrapper building an FPT."""
+
+    def build(
+        model: VisionTransformer,
+        num_classes: int,
+        *,
+        layers: list[int] | None = None,
+        num_prompts: int = 16,
+        token_ratio: float = 0.2,
+        token_importance: str = "global",
+        side_width: int | None = None,
+        side_input_size: int | None = None,
+    ) -> FPT:
+        return FPT(
+            model,
+            num_classes,
+            variant=variant,
+            layers=layers,
+            num_prompts=num_prompts,
+            token_ratio=token_ratio,
+            token_importance=token_importance,
+            side_width=side_width,
+            side_input_size=side_input_size,
+        )
+
+    build.__doc__ = summary
+    register_method(variant, wrapper=True)(build)
 
 
-@register_method("fpt", wrapper=True)
-def fpt(
-    model: VisionTransformer,
-    num_classes: int,
-    *,
-    layers: list[int] | None = None,
-    num_prompts: int = 16,
-    token_ratio: float = 0.2,
-    token_importance: str = "global",
-    side_width: int | None = None,
-    side_input_size: int | None = None,
-) -> FPT:
-    """FPT: all layers, side-width prompts with a query projection, side ViT at 224×224."""
-    return FPT(
-        model,
-        num_classes,
-        variant="fpt",
-        layers=layers,
-        num_prompts=num_prompts,
-        token_ratio=token_ratio,
-        token_importance=token_importance,
-        side_width=side_width,
-        side_input_size=side_input_size,
-    )
+_register_variant(
+    "fpt+", "FPT+: layers 6–11 (last half), prompts of backbone width with LayerNorm, side ViT at 128×128."
+)
+_register_variant("fpt", "FPT: all layers, side-width prompts with a query projection, side ViT at 224×224.")
