@@ -125,6 +125,15 @@ def _delta_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + rows, delta, mask=row_ok)
 
 
+@triton.jit
+def _tile_grads(q, k, v, do, lse, delta, valid, qk_scale, PRECISION: tl.constexpr):
+    """One tile's recomputed probabilities P' = exp2(s·log2e − lse'·log2e) and score gradients P' ⊙ (dO Vᵀ − Δ)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
 @triton.autotune(configs=_configs("backward"), key=["N_Q", "N_K", "BLOCK_D"])
 @triton.jit
 def _dkdv_kernel(
@@ -169,11 +178,8 @@ def _dkdv_kernel(
         do = tl.load(do_base + rows[:, None] * stride_dm + dims[None, :] * stride_dd, mask=tile_ok, other=0.0)
         lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0) * LOG2E_C
         delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p, ds = _tile_grads(q, k, v, do, lse, delta, row_ok[:, None] & key_ok[None, :], qk_scale, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk_ptrs = DK + b * stride_gb + h * stride_gh + keys[:, None] * stride_gn + dims[None, :] * stride_gd
     dv_ptrs = DV + b * stride_gb + h * stride_gh + keys[:, None] * stride_gn + dims[None, :] * stride_gd
@@ -224,10 +230,7 @@ def _dq_kernel(
         tile_ok = key_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :] * stride_kd, mask=tile_ok, other=0.0)
         v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :] * stride_vd, mask=tile_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        _, ds = _tile_grads(q, k, v, do, lse, delta, key_ok[None, :], qk_scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq_ptrs = DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + dims[None, :] * stride_gd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)

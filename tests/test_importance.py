@@ -1,12 +1,8 @@
 """FPT important-token kernels: attention-received scores (Triton in the interpreter, chunked PyTorch) and top-k."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from helpers import compile_for_sm90
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprompt  # noqa: F401  (import before timm/triton users: torchvision shim)
@@ -174,41 +170,15 @@ def test_select_tokens_ratio_edge_cases():
         select_tokens(k, k, scores[..., :6], 0.5)
 
 
-COMPILE_FOR_SM90 = textwrap.dedent(
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from fastprompt.kernels import importance_triton as kernels
-
-    def signature(fn, dtype):
-        pointers = {"Q": "*" + dtype, "K": "*" + dtype, "LSE": "*fp32", "OUT": "*fp32"}
-        kinds = {"qk_scale": "fp32", "inv_rows": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-        kinds.update(BLOCK_D="constexpr", PRECISION="constexpr", **pointers)
-        return {name: kinds.get(name, "i32") for name in fn.arg_names}
-
-    for tuned, dtype, precision in [
-        (kernels._row_lse_kernel, "bf16", "ieee"),
-        (kernels._column_mass_kernel, "bf16", "ieee"),
-        (kernels._column_mass_kernel, "fp32", "tf32x3"),
-    ]:
-        constants = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "PRECISION": precision}
-        source = ASTSource(fn=tuned.fn, signature=signature(tuned.fn, dtype), constexprs=constants)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
-        assert compiled.asm["cubin"], tuned.fn.__name__
-    print("compiled for sm_90 with triton", triton.__version__)
-    """
-)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_importable(), reason="needs triton")
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600
-    )
+    kernels = [
+        ("_row_lse_kernel", "bf16", "ieee"),
+        ("_column_mass_kernel", "bf16", "ieee"),
+        ("_column_mass_kernel", "fp32", "tf32x3"),
+    ]
+    done = compile_for_sm90("fastprompt.kernels.importance_triton", kernels, ["Q", "K"], ["LSE", "OUT"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compiled for sm_90" in done.stdout
 
