@@ -26,21 +26,32 @@ def save(plt: ModuleType, figure: object, path: Path) -> Path:
     return path
 
 
+def line_style(plt: ModuleType, index: int) -> dict:
+    """A distinct colour, marker and dash pattern for line `index` (20 colours, then the markers differ)."""
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v"
+    return {
+        "color": colors[index % len(colors)],
+        "marker": markers[(index // len(colors)) % len(markers)],
+        "linestyle": "-" if index % 2 == 0 else "--",
+    }
+
+
 def memory_plot(plt: ModuleType, rows: list[dict], key: tuple, plots_dir: Path) -> Path:
     """Memory (GPU peak, or bytes saved for backward on CPU) against resolution, one line per method."""
     device, model, precision, batch, checkpointing = key
     gpu = rows[0]["device_type"] == "cuda"
     field = "peak_allocated_bytes" if gpu else "saved_bytes"
     figure, axis = plt.subplots(figsize=(6, 4))
-    for method in sorted({row["method"] for row in rows}):
+    for i, method in enumerate(dict.fromkeys(row["method"] for row in rows)):
         points = sorted((r["resolution"], r[field] / MB) for r in rows if r["method"] == method and r.get(field))
         if points:
-            axis.plot(*zip(*points), marker="o", label=method)
+            axis.plot(*zip(*points), label=method, **line_style(plt, i))
     axis.set_xlabel("resolution (pixels)")
     axis.set_ylabel(("GPU peak" if gpu else "saved for backward") + " (MB)")
     axis.set_yscale("log")
     axis.set_title(f"{model}, {precision}, batch {batch}" + (", ckpt" if checkpointing else "") + f"\n{device}")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     axis.grid(True, which="both", alpha=0.3)
     suffix = "gc" if checkpointing else "nogc"
     return save(plt, figure, plots_dir / f"{slug('memory', device, model, precision, f'b{batch}', suffix)}.png")
@@ -50,14 +61,14 @@ def kernel_plot(plt: ModuleType, rows: list[dict], key: tuple, plots_dir: Path) 
     """Median kernel time against N, one line per (op, implementation)."""
     device, dtype, head_dim, kind = key
     figure, axis = plt.subplots(figsize=(6, 4))
-    for op, impl in sorted({(row["op"], row["impl"]) for row in rows}):
+    for i, (op, impl) in enumerate(sorted({(row["op"], row["impl"]) for row in rows})):
         points = sorted((r["n"], r["time_seconds"]["median"] * 1e3) for r in rows if (r["op"], r["impl"]) == (op, impl))
-        axis.plot(*zip(*points), marker="o", label=f"{op}: {impl}")
+        axis.plot(*zip(*points), label=f"{op}: {impl}", **line_style(plt, i))
     axis.set_xlabel("tokens N")
     axis.set_ylabel("median time (ms)")
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_title(f"{kind}, D = {head_dim}, {dtype}\n{device}")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     axis.grid(True, which="both", alpha=0.3)
     return save(plt, figure, plots_dir / f"{slug('kernels', device, dtype, f'd{head_dim}', kind)}.png")
