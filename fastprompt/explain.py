@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastprompt import kernels
 from fastprompt.data.images import load_image
 from fastprompt.io import atomic_write_bytes
 from fastprompt.methods.ept import ept_scales, prompted_layers
@@ -28,31 +27,14 @@ __all__ = ["explain_images", "explain_maps", "fpt_token_counts"]
 
 def fpt_token_counts(model: FPT, images: torch.Tensor) -> dict[int, torch.Tensor]:
     """Per extracted layer, `[B, N]`: the number of heads that keep each token (prefix tokens included)."""
-    backbone = model.backbone
-    counts: dict[int, torch.Tensor] = {}
-
-    def hook_for(layer: int):
-        def hook(attn: nn.Module, args: tuple) -> None:
-            x = args[0]
-            batch, tokens, _ = x.shape
-            qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-            q, k = attn.q_norm(q), attn.k_norm(k)
-            scores = kernels.attention_importance(q, k, mode=model.token_importance, scale=attn.scale)
-            _, _, indices = kernels.select_tokens(k, v, scores, model.token_ratio, return_indices=True)
-            flat = indices.reshape(batch, -1)
-            count = torch.zeros(batch, tokens, dtype=torch.float32, device=flat.device)
-            counts[layer] = count.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32)).cpu()
-
-        return hook
-
-    handles = [backbone.blocks[i].attn.register_forward_pre_hook(hook_for(i)) for i in model.layers]
-    try:
-        with torch.no_grad():
-            backbone.forward_features(images.to(next(backbone.parameters()).dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
+    indices = model.extract_features(images, return_indices=True)["indices"]  # [B, L, H, k]
+    grid_h, grid_w = model.backbone.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+    batch, tokens = indices.shape[0], model.backbone.num_prefix_tokens + int(grid_h) * int(grid_w)
+    counts = {}
+    for position, layer in enumerate(model.layers):
+        flat = indices[:, position].reshape(batch, -1)
+        count = torch.zeros(batch, tokens, dtype=torch.float32, device=flat.device)
+        counts[layer] = count.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32)).cpu()
     return counts
 
 

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import fastprompt
 from fastprompt import FPT
+from fastprompt.explain import fpt_token_counts
 from fastprompt.kernels.reference import attention_importance_reference, select_tokens_reference
 
 EMBED, HEADS, DEPTH, IMG, PATCH = 64, 4, 4, 32, 8
@@ -93,29 +94,35 @@ def test_only_fusion_and_side_receive_gradients():
 def reference_features(backbone: VisionTransformer, x: torch.Tensor, layers, ratio: float, mode: str):
     """Materialised frozen branch: timm's own blocks, full softmax probabilities, stable top-k."""
     x = backbone.norm_pre(backbone._pos_embed(backbone.patch_embed(x)))
-    keys, values = [], []
+    keys, values, indices = [], [], []
     for i, block in enumerate(backbone.blocks):
         if i in layers:
             attn = block.attn
             qkv = attn.qkv(block.norm1(x)).reshape(x.shape[0], x.shape[1], 3, attn.num_heads, attn.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             scores = attention_importance_reference(q, k, mode=mode, scale=attn.scale)
-            k_sel, v_sel, _ = select_tokens_reference(k, v, scores, ratio)
+            k_sel, v_sel, chosen = select_tokens_reference(k, v, scores, ratio)
             keys.append(k_sel)
             values.append(v_sel)
+            indices.append(chosen)
         x = block(x)
-    return torch.stack(keys, 1), torch.stack(values, 1)
+    return torch.stack(keys, 1), torch.stack(values, 1), torch.stack(indices, 1)
 
 
 @pytest.mark.parametrize("mode", ["global", "cls"])
 def test_token_selection_matches_the_materialised_reference(mode):
     model = tiny_fpt(layers=[0, 2], token_importance=mode, token_ratio=0.3)
     x = images()
-    features = model.extract_features(x)
-    keys, values = reference_features(model.backbone, x, [0, 2], 0.3, mode)
+    features = model.extract_features(x, return_indices=True)
+    keys, values, indices = reference_features(model.backbone, x, [0, 2], 0.3, mode)
     assert features["keys"].shape == (2, 2, HEADS, int(17 * 0.3), EMBED // HEADS)
     torch.testing.assert_close(features["keys"], keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(features["values"], values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(features["indices"], indices)
+    counts = fpt_token_counts(model, x)  # what `fastprompt explain` draws: heads keeping each token
+    for position, layer in enumerate([0, 2]):
+        expected = torch.zeros(2, 17).scatter_add_(1, indices[:, position].reshape(2, -1), torch.ones(2, HEADS * 5))
+        assert torch.equal(counts[layer], expected)
 
 
 def test_cls_and_global_importance_select_different_tokens():

@@ -154,16 +154,17 @@ class FPT(nn.Module):
         return self
 
     @torch.no_grad()
-    def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def extract_features(self, images: torch.Tensor, *, return_indices: bool = False) -> dict[str, torch.Tensor]:
         """The frozen branch alone: selected `keys` and `values`, each `[B, L, H, int(N·ratio), Dh]`.
 
         Runs the backbone blocks up to the last extracted layer (no further); what the feature cache stores.
+        With `return_indices`, also `indices` `[B, L, H, int(N·ratio)]`: the token index of each selection.
         """
         backbone = self.backbone
         x = backbone.patch_embed(images.to(next(backbone.parameters()).dtype))
         x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(x)))
         wanted, last = set(self.layers), self.layers[-1]
-        keys, values = [], []
+        keys, values, indices = [], [], []
         for i, block in enumerate(backbone.blocks[: last + 1]):
             if i not in wanted:
                 x = block(x)
@@ -175,10 +176,14 @@ class FPT(nn.Module):
             else:
                 attended, scores = kernels.attention_with_importance(q, k, v, **options)
                 x = _finish_block(block, x, normed, attended)
-            k_sel, v_sel = kernels.select_tokens(k, v, scores, self.token_ratio)
+            k_sel, v_sel, chosen = kernels.select_tokens(k, v, scores, self.token_ratio, return_indices=True)
             keys.append(k_sel)
             values.append(v_sel)
-        return {"keys": torch.stack(keys, dim=1), "values": torch.stack(values, dim=1)}
+            indices.append(chosen)
+        features = {"keys": torch.stack(keys, dim=1), "values": torch.stack(values, dim=1)}
+        if return_indices:
+            features["indices"] = torch.stack(indices, dim=1)
+        return features
 
     def resize_for_side(self, images: torch.Tensor) -> torch.Tensor:
         """`images` resized to the side input size (bilinear, antialiased)."""
