@@ -190,3 +190,18 @@ def test_method_cannot_be_applied_twice():
     model = fastprompt.apply(tiny_vit(), "linear")
     with pytest.raises(ValueError, match="already has method 'linear'"):
         fastprompt.apply(model, "lora")
+
+
+def test_vpt_gradient_checkpointing_saves_less_and_gives_the_same_gradients():
+    from fastprompt.profiling import saved_tensor_bytes
+
+    images, labels = learnable_task(CLASSES, count=4)
+    results = []
+    for checkpointing in (False, True):
+        model = make("vpt").train()
+        model.set_grad_checkpointing(checkpointing)
+        saved = saved_tensor_bytes(lambda m: F.cross_entropy(m(images), labels).backward(), model, exclude=model)
+        results.append((saved, model.vpt.prompts.grad.clone()))
+    (plain, grad), (checkpointed, grad_ckpt) = results
+    assert checkpointed < plain / 2
+    torch.testing.assert_close(grad_ckpt, grad)

@@ -35,7 +35,11 @@ class VisualPrompts(nn.Module):
         return self.prompts.shape[1]
 
 
-def _vpt_forward_features(self: VisionTransformer, x: torch.Tensor, **block_kwargs) -> torch.Tensor:
+def _vpt_forward_features(
+    self: VisionTransformer, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    if attn_mask is not None or is_causal:
+        raise ValueError("VPT inserts prompt tokens, so a token attention mask cannot apply; call without attn_mask")
     x = self.patch_embed(x)
     x = self._pos_embed(x)
     x = self.patch_drop(x)
@@ -47,10 +51,10 @@ def _vpt_forward_features(self: VisionTransformer, x: torch.Tensor, **block_kwar
             prompts = vpt.dropout(vpt.prompts[i if vpt.deep else 0]).to(x.dtype).expand(x.shape[0], -1, -1)
             rest = x[:, prefix:] if i == 0 else x[:, prefix + count :]
             x = torch.cat([x[:, :prefix], prompts, rest], dim=1)
-        if self.grad_checkpointing and self.training and not block_kwargs:
+        if self.grad_checkpointing and self.training:
             x = checkpoint(block, x, use_reentrant=False)
         else:
-            x = block(x, **block_kwargs)
+            x = block(x)
     x = torch.cat([x[:, :prefix], x[:, prefix + count :]], dim=1)
     return self.norm(x)
 
