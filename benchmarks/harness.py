@@ -94,3 +94,11 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int, r
     if torch.device(device).type == "cuda":
         return time_cuda(fn, warmup=warmup, repeats=repeats)
     return time_cpu(fn, warmup=warmup, repeats=repeats)
+
+
+def device_or_exit(name: str) -> torch.device:
+    """`torch.device(name)`, or exit with a clear message when CUDA is asked for but not available."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name} was asked for but torch.cuda.is_available() is False")
+    return device

@@ -238,9 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     """Run the kernel suite, print its rows and write the result JSON; return the JSON path."""
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+    device = harness.device_or_exit(args.device)
     rows = []
     print(f"{'op':<10} {'impl':<34} {'N':>5} {'D':>4} {'pass':<8} {'ms':>9} {'TFLOP/s':>9}", flush=True)
     for op, impl, fn, kind, n, d in tqdm(cases(args, device), desc="kernels", file=sys.stderr):

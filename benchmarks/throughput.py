@@ -130,9 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     """Run the throughput suite, print its table and write the result JSON; return the JSON path."""
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+    device = harness.device_or_exit(args.device)
     variants = models.select_variants(args.methods)
     torch.manual_seed(args.seed)
     rows = []
