@@ -79,8 +79,7 @@ def saved_bytes_at(
     cached: bool,
 ) -> int:
     """Bytes saved for backward by the forward pass and loss at `batch_size`."""
-    images, labels = models.synthetic_batch(batch_size, resolution, args.num_classes, device, args.seed)
-    step = models.TrainingStep(model, images, labels, args.precision, cached)
+    step = models.synthetic_step(model, batch_size, resolution, args, device, cached)
     return saved_tensor_bytes(step.forward_loss, exclude=model)
 
 
@@ -96,13 +95,14 @@ def gpu_fits(
     """A predicate: does one full training step at batch b stay within `limit` bytes of CUDA memory?"""
 
     def fits(batch: int) -> bool:
-        images, labels = models.synthetic_batch(batch, resolution, args.num_classes, device, args.seed)
+        step = None
         try:
-            figures = measure_step_cuda(models.TrainingStep(model, images, labels, args.precision, cached))
+            step = models.synthetic_step(model, batch, resolution, args, device, cached)
+            figures = measure_step_cuda(step)
         except torch.cuda.OutOfMemoryError:
             return False
         finally:
-            del images, labels
+            del step
             model.zero_grad(set_to_none=True)  # the next probe starts without this one's gradients
             gc.collect()
             torch.cuda.empty_cache()
@@ -113,19 +113,11 @@ def gpu_fits(
 
 def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device) -> dict:
     """All memory figures of one (method, resolution) row."""
-    model = models.build_model(
-        variant,
-        args.model,
-        resolution,
-        num_classes=args.num_classes,
-        grad_checkpointing=args.grad_checkpointing,
-        device=device,
-    )
+    model = models.model_for(variant, resolution, args, device)
     trainable, total = count_parameters(model)
     cached = variant.cached_features
     saved = saved_bytes_at(model, args, resolution, args.batch_size, device, cached)
-    images, labels = models.synthetic_batch(args.batch_size, resolution, args.num_classes, device, args.seed)
-    step = models.TrainingStep(model, images, labels, args.precision, cached)
+    step = models.synthetic_step(model, args.batch_size, resolution, args, device, cached)
     figures = measure_step_cuda(step) if device.type == "cuda" else measure_step_cpu(step)
     row: dict[str, Any] = {
         "model": args.model,

@@ -90,6 +90,18 @@ def build_model(
     return model.to(device).train()
 
 
+def model_for(variant: Variant, resolution: int, args: Any, device: torch.device) -> nn.Module:
+    """`build_model` with a suite's command-line settings (`args.model`, `num_classes`, `grad_checkpointing`)."""
+    return build_model(
+        variant,
+        args.model,
+        resolution,
+        num_classes=args.num_classes,
+        grad_checkpointing=args.grad_checkpointing,
+        device=device,
+    )
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed-precision autocast for bf16 on `device`; a no-op for fp32."""
     if precision not in PRECISIONS:
@@ -154,6 +166,14 @@ class TrainingStep:
         loss.backward()
         self.optimizer.step()
         return loss.item()
+
+
+def synthetic_step(
+    model: nn.Module, batch_size: int, resolution: int, args: Any, device: torch.device, cached_features: bool
+) -> TrainingStep:
+    """A TrainingStep of `model` on a synthetic batch, from a suite's `args.num_classes`, `seed` and `precision`."""
+    images, labels = synthetic_batch(batch_size, resolution, args.num_classes, device, args.seed)
+    return TrainingStep(model, images, labels, args.precision, cached_features)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

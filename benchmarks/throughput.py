@@ -47,17 +47,9 @@ def step_flops(step: models.TrainingStep) -> int:
 
 def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device) -> dict:
     """Step-time statistics, images/s, FLOPs and (GPU) MFU of one (method, resolution) row."""
-    model = models.build_model(
-        variant,
-        args.model,
-        resolution,
-        num_classes=args.num_classes,
-        grad_checkpointing=args.grad_checkpointing,
-        device=device,
-    )
+    model = models.model_for(variant, resolution, args, device)
     trainable, total = count_parameters(model)
-    images, labels = models.synthetic_batch(args.batch_size, resolution, args.num_classes, device, args.seed)
-    step = models.TrainingStep(model, images, labels, args.precision, variant.cached_features)
+    step = models.synthetic_step(model, args.batch_size, resolution, args, device, variant.cached_features)
     stats = harness.time_fn(step, device, warmup=args.warmup, repeats=args.repeats)
     row = {
         "model": args.model,
