@@ -112,7 +112,14 @@ class FeatureCache:
         tensors = {name: features[name].detach().to("cpu", self.dtype).contiguous() for name in FEATURE_NAMES}
         metadata = {"key": key, "sha256": _checksum(tensors), "format": CACHE_FORMAT}
         data = save_safetensors(tensors, metadata=metadata)
-        atomic_write_bytes(self.path(key), data)
+        try:
+            atomic_write_bytes(self.path(key), data)
+        except OSError as err:
+            raise OSError(
+                err.errno,
+                f"{err.strerror}: could not write feature cache entry {self.path(key)}; every entry already written "
+                "is intact. Free disk space (or choose another cache directory) and run preload again: it resumes",
+            ) from err
         return len(data)
 
     def load(self, key: str) -> Features | None:
