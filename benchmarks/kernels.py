@@ -249,7 +249,6 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             ms = 1e3 * row["time_seconds"]["median"]
             tqdm.write(f"{op:<10} {impl:<34} {n:>5} {d:>4} {kind:<8} {ms:>9.3f} {row['tflops']:>9.5f}")
-    config = {key: value for key, value in vars(args).items() if key != "output"}
     notes = [
         f"timing: {args.warmup} warm-up calls, {args.repeats} timed calls, median and IQR; "
         + ("CUDA events" if device.type == "cuda" else "time.perf_counter"),
@@ -260,11 +259,8 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     if device.type != "cuda":
         notes.append("CPU run: tiny sizes in fp32 — checks the harness and the code paths, not a speed claim")
-    record = results.run_record("kernels", device, config, rows, notes)
     stem = f"kernels_{args.dtype}_n{'-'.join(map(str, args.ns))}_d{'-'.join(map(str, args.head_dims))}"
-    path = results.write_record(record, args.output or results.default_path(record, stem))
-    print(f"wrote {path}")
-    return path
+    return results.save_suite_run("kernels", device, args, rows, notes, stem)
 
 
 if __name__ == "__main__":

@@ -254,7 +254,6 @@ def main(argv: list[str] | None = None) -> Path:
     for resolution, variant in tqdm(cells, desc="memory", file=sys.stderr):
         rows.append(run_row(variant, resolution, args, device))
         tqdm.write(format_row(rows[-1]))
-    config = {key: value for key, value in vars(args).items() if key != "output"}
     notes = [
         "saved_bytes: tensors autograd keeps for backward (forward + loss), de-duplicated by storage, "
         "parameters excluded; device-independent"
@@ -265,10 +264,7 @@ def main(argv: list[str] | None = None) -> Path:
             "(VmHWM, reset before the step) over one full training step (forward, backward, AdamW); includes the "
             "model, the interpreter and the libraries"
         )
-    record = results.run_record("memory", device, config, rows, notes)
-    path = results.write_record(record, args.output or results.default_path(record, output_stem(args)))
-    print(f"wrote {path}")
-    return path
+    return results.save_suite_run("memory", device, args, rows, notes, output_stem(args))
 
 
 if __name__ == "__main__":

@@ -131,6 +131,17 @@ def write_record(record: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def save_suite_run(
+    suite: str, device: torch.device | str, args: Any, rows: list[dict[str, Any]], notes: list[str], stem: str
+) -> Path:
+    """Write a suite run (config: its command-line `args` less `output`) to `args.output` or the default path."""
+    config = {key: value for key, value in vars(args).items() if key != "output"}
+    record = run_record(suite, device, config, rows, notes)
+    path = write_record(record, args.output or default_path(record, stem))
+    print(f"wrote {path}")
+    return path
+
+
 def validate_record(record: object) -> dict[str, Any]:
     """Raise a ValueError unless `record` has this schema and every required key; return it."""
     if not isinstance(record, dict):

@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> Path:
             f"{row['method']:<14} {resolution:>5} {1e3 * step['median']:>10.1f} {1e3 * step['iqr']:>8.1f} "
             f"{row['images_per_second']:>8.2f} {mfu}"
         )
-    config = {key: value for key, value in vars(args).items() if key != "output"}
     notes = [
         f"timing: {args.warmup} warm-up steps, {args.repeats} timed steps; median and IQR of one full training "
         "step (forward, backward, AdamW) — " + ("CUDA events" if device.type == "cuda" else "time.perf_counter")
@@ -147,10 +146,7 @@ def main(argv: list[str] | None = None) -> Path:
             "flops_per_step: torch.utils.flop_counter.FlopCounterMode over one step; custom (Triton) kernels "
             "are invisible to it, so MFU of methods that use them is understated"
         )
-    record = results.run_record("throughput", device, config, rows, notes)
-    path = results.write_record(record, args.output or results.default_path(record, output_stem(args)))
-    print(f"wrote {path}")
-    return path
+    return results.save_suite_run("throughput", device, args, rows, notes, output_stem(args))
 
 
 if __name__ == "__main__":
