@@ -42,6 +42,18 @@ def _precision(q: torch.Tensor) -> str:
     return "tf32x3" if q.dtype == torch.float32 and not interpreting() else "ieee"
 
 
+@triton.jit
+def _tile_ptrs(base, idx, dims, stride_n, stride_d):
+    """`base` plus the offsets of the [len(idx), len(dims)] tile of rows `idx` and columns `dims`."""
+    return base + idx[:, None] * stride_n + dims[None, :] * stride_d
+
+
+@triton.jit
+def _load_tile(base, idx, dims, stride_n, stride_d, mask):
+    """The strided tile at rows `idx`, columns `dims`; zero where `mask` is false (ragged tails, padded D)."""
+    return tl.load(_tile_ptrs(base, idx, dims, stride_n, stride_d), mask=mask, other=0.0)
+
+
 @triton.autotune(configs=_configs("forward"), key=["N_Q", "N_K", "BLOCK_D"])
 @triton.jit
 def _forward_kernel(
@@ -62,10 +74,8 @@ def _forward_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
     dim_ok = dims < D
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
-        mask=row_ok[:, None] & dim_ok[None, :],
-        other=0.0,
+    q = _load_tile(
+        Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, row_ok[:, None] & dim_ok[None, :]
     )
     sink = tl.load(G + b * stride_gb + h * stride_gh + rows * stride_gm, mask=row_ok, other=0.0).to(tl.float32)
     sink = sink * LOG2E_C
@@ -78,20 +88,20 @@ def _forward_kernel(
         keys = start + cols
         key_ok = keys < N_K
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :] * stride_kd, mask=tile_ok, other=0.0)
+        k = _load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         alpha = tl.where(new_max == row_max, 1.0, tl.exp2(row_max - new_max))
         p = tl.exp2(s - new_max[:, None])
         key_mass = key_mass * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :] * stride_vd, mask=tile_ok, other=0.0)
+        v = _load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = new_max
     sink_mass = tl.where(sink == row_max, 1.0, tl.exp2(sink - row_max))
     total = key_mass + sink_mass
     out = acc / total[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od
+    o_ptrs = _tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     stat = pid_bh.to(tl.int64) * N_Q + rows
     tl.store(LSE + stat, (row_max + tl.log2(total)) * LN2_C, mask=row_ok)
@@ -113,14 +123,8 @@ def _delta_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
     mask = row_ok[:, None] & (dims < D)[None, :]
-    o = tl.load(
-        Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
-        mask=mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + dims[None, :] * stride_dd, mask=mask, other=0.0
-    )
+    o = _load_tile(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od, mask)
+    do = _load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + rows, delta, mask=row_ok)
 
@@ -155,16 +159,8 @@ def _dkdv_kernel(
     key_ok = keys < N_K
     dim_ok = dims < D
     kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kn + dims[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + keys[:, None] * stride_vn + dims[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )
+    k = _load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
+    v = _load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -174,17 +170,16 @@ def _dkdv_kernel(
         rows = start + rows0
         row_ok = rows < N_Q
         tile_ok = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qm + dims[None, :] * stride_qd, mask=tile_ok, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dm + dims[None, :] * stride_dd, mask=tile_ok, other=0.0)
+        q = _load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
+        do = _load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
         lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0) * LOG2E_C
         delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
         p, ds = _tile_grads(q, k, v, do, lse, delta, row_ok[:, None] & key_ok[None, :], qk_scale, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    dk_ptrs = DK + b * stride_gb + h * stride_gh + keys[:, None] * stride_gn + dims[None, :] * stride_gd
-    dv_ptrs = DV + b * stride_gb + h * stride_gh + keys[:, None] * stride_gn + dims[None, :] * stride_gd
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    offsets = _tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
+    tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.autotune(configs=_configs("backward"), key=["N_Q", "N_K", "BLOCK_D"])
@@ -208,16 +203,8 @@ def _dq_kernel(
     row_ok = rows < N_Q
     dim_ok = dims < D
     q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
-        mask=q_mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + dims[None, :] * stride_dd,
-        mask=q_mask,
-        other=0.0,
-    )
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, q_mask)
+    do = _load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, q_mask)
     stat = pid_bh.to(tl.int64) * N_Q + rows
     lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * LOG2E_C
     delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
@@ -228,11 +215,11 @@ def _dq_kernel(
         keys = start + cols
         key_ok = keys < N_K
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :] * stride_kd, mask=tile_ok, other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :] * stride_vd, mask=tile_ok, other=0.0)
+        k = _load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
+        v = _load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
         _, ds = _tile_grads(q, k, v, do, lse, delta, key_ok[None, :], qk_scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq_ptrs = DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + dims[None, :] * stride_gd
+    dq_ptrs = _tile_ptrs(DQ + b * stride_gb + h * stride_gh, rows, dims, stride_gm, stride_gd)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
