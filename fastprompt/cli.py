@@ -702,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types shown as a one-line message (exit code 2) rather than a traceback."""
     from fastprompt.data import CorruptImageError
-    from fastprompt.engine_checkpoint import CheckpointError
+    from fastprompt.engine.checkpoint import CheckpointError
 
     return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, CorruptImageError, CheckpointError)
 

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastprompt
-import fastprompt.engine_checkpoint
+import fastprompt.engine.checkpoint
 import fastprompt.io
 
 NUM_CLASSES = 3
@@ -95,7 +95,7 @@ def kill_inside_write(number: int, fraction: float) -> None:
             yield Dying()
 
     fastprompt.io.atomic_open = dying_open
-    fastprompt.engine_checkpoint.atomic_open = dying_open
+    fastprompt.engine.checkpoint.atomic_open = dying_open
 
 
 class LossThatDies:

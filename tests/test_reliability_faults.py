@@ -24,10 +24,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import fastprompt
-import fastprompt.engine_checkpoint as engine_checkpoint
+import fastprompt.engine.checkpoint as engine_checkpoint
 from fastprompt.data import FeatureCache, FeatureDataset, ImageFolderDataset, build_transforms, preload
 from fastprompt.engine import NonFiniteLossError
-from fastprompt.engine_checkpoint import CheckpointError, read_checkpoint
+from fastprompt.engine.checkpoint import CheckpointError, read_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reliability_worker import feature_images, make_engine, tiny_fpt, train_data  # noqa: E402
@@ -189,7 +189,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, mo
             monkeypatch.setattr(engine_checkpoint, "atomic_open", disk_full_open(budget))
         return real_write(path, payload)
 
-    monkeypatch.setattr("fastprompt.engine.write_checkpoint", write_then_fill_disk)
+    monkeypatch.setattr("fastprompt.engine.core.write_checkpoint", write_then_fill_disk)
     with pytest.raises((OSError, CheckpointError)) as raised:
         engine.fit(loader)
     error = raised.value

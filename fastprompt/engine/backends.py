@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastprompt.engine_data import call_model, map_tensors
+from fastprompt.engine.data import call_model, map_tensors
 
 _ENGINE_OWNED_KEYS = {
     "optimizer": "Engine(optimizer=..., lr=..., weight_decay=...)",

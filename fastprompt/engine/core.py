@@ -1,6 +1,6 @@
 """`fastprompt.Engine`: train, evaluate and checkpoint a parameter-efficient model on PyTorch or DeepSpeed.
 
-Batches follow the convention of `fastprompt.engine_data`: ``(inputs, targets)`` or ``{"image", "target"}``, where
+Batches follow the convention of `fastprompt.engine.data`: ``(inputs, targets)`` or ``{"image", "target"}``, where
 ``inputs`` is a tensor, a tuple of tensors (passed as ``*args``) or a dict (passed as ``**kwargs``).
 
 Only parameters with ``requires_grad`` are optimised and checkpointed (by name). The training order is a function of
@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fastprompt.engine_backends import (
+from fastprompt.engine.backends import (
     DeepSpeedBackend,
     TorchBackend,
     all_finite,
@@ -37,7 +37,7 @@ from fastprompt.engine_backends import (
     load_user_config,
     world_info,
 )
-from fastprompt.engine_checkpoint import (
+from fastprompt.engine.checkpoint import (
     CheckpointError,
     keep_previous,
     read_checkpoint,
@@ -47,7 +47,7 @@ from fastprompt.engine_checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from fastprompt.engine_data import (
+from fastprompt.engine.data import (
     EpochSampler,
     LossFn,
     auto_loss,
@@ -57,7 +57,7 @@ from fastprompt.engine_data import (
     rebuild_loader,
     split_batch,
 )
-from fastprompt.engine_report import write_curves, write_metrics_jsonl
+from fastprompt.engine.report import write_curves, write_metrics_jsonl
 from fastprompt.methods.registry import check_choice, check_float, check_int
 
 __all__ = ["CheckpointError", "Engine", "NonFiniteLossError"]
