@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from fastprompt.engine import checkpoint as engine_checkpoint
 from fastprompt.engine import CheckpointError, Engine, NonFiniteLossError
+from fastprompt.engine import checkpoint as engine_checkpoint
 from fastprompt.engine.backends import deep_merge
 from fastprompt.engine.checkpoint import read_checkpoint
 from tests.engine_worker import STALL_AFTER, resume_engine, shuffled, tiny_data, tiny_vit
