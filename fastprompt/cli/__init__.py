@@ -1,0 +1,90 @@
+"""The `fastprompt` command line: train, evaluate, preload, bench, explain and demo.
+
+A training run directory (``--output-dir``) holds ``config.json`` (everything needed to rebuild the model),
+``metrics.json`` (final validation metrics), the Engine's ``metrics.jsonl``, ``curves.png`` and
+``checkpoints/{best,last}.pt``, and, for a randomly initialised backbone, ``backbone.safetensors`` (its frozen
+weights, which checkpoints do not hold). ``metrics.json`` is measured with the model as it ends training (the
+``last`` checkpoint); ``evaluate`` takes either checkpoint. FPT methods can train from the feature cache
+(``--cache DIR``, filled by ``preload`` or on the fly): the frozen branch then runs once per image. Without
+``--val`` a stratified ``--val-fraction`` of ``--data`` (20 % by default, per class, fixed by ``--seed``) is held
+out for validation. Mistakes a user can fix end with one message and exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import fastprompt
+from fastprompt.cli import bench, demo, evaluate, explain, preload, train
+from fastprompt.cli.common import EXIT_FAILURE, EXIT_USAGE, UsageError
+
+__all__ = ["UsageError", "build_parser", "main"]
+
+COMMANDS = (train, evaluate, preload, bench, explain, demo)
+OUT_OF_MEMORY_HINT = (
+    "; lower --batch-size (with --grad-accum to keep the effective batch), use --precision bf16, --zero-stage 2/3, "
+    "or FPT+ with --cache"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--version", action="version", version=f"fastprompt {fastprompt.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(commands)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types shown as a one-line message (exit code 2) rather than a traceback."""
+    from fastprompt.data import CorruptImageError
+    from fastprompt.engine.checkpoint import CheckpointError
+
+    return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, CorruptImageError, CheckpointError)
+
+
+def _write(line: str) -> None:
+    """One line on stderr, above any progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # never imported just to classify an error
+    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Library warnings as one line each (no source excerpt), above any progress bar."""
+    _write(f"fastprompt: warning: {message}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fastprompt` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.handler(args)
+    except KeyboardInterrupt:
+        print("fastprompt: interrupted", file=sys.stderr)
+        return 130
+    except user_errors() as err:
+        if args.debug:
+            raise
+        _write(f"fastprompt {args.command}: error: {err}")
+        return EXIT_USAGE
+    except Exception as err:
+        if args.debug or not (isinstance(err, FloatingPointError) or _is_out_of_memory(err)):
+            raise
+        hint = OUT_OF_MEMORY_HINT if _is_out_of_memory(err) else ""
+        _write(f"fastprompt {args.command}: failed: {type(err).__name__}: {err}{hint}")
+        return EXIT_FAILURE
+    return 0

@@ -1,0 +1,237 @@
+"""Helpers the commands share once they run: datasets and loaders, building and rebuilding models, run folders.
+
+Imported by a command's `run` (never at parser time): it imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+import fastprompt
+from fastprompt.cli.common import CONFIG_NAME, UsageError
+from fastprompt.io import atomic_write_bytes
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class TransformedSubset(Dataset):
+    """Items `indices` of a dataset (which returns decoded images), passed through `transform`."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Any) -> None:
+        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image, target = self.dataset[self.indices[index]]
+        return self.transform(image), target
+
+
+def open_dataset(path: str | Path, classes: Sequence[str] | None = None) -> Any:
+    """An image folder (`root/<class>/<image>`) or a CSV list, decoded but not transformed; unreadable files dropped."""
+    from fastprompt.data import CsvDataset, ImageFolderDataset, SkippedImageWarning
+
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"data path {path} does not exist; pass a folder of <class>/<image> files or a CSV list")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImageWarning)
+        if path.is_file() and path.suffix.lower() == ".csv":
+            dataset = CsvDataset(path, classes=classes)
+        else:
+            dataset = ImageFolderDataset(path, classes=classes)
+        dropped = dict(dataset.skipped)
+        dropped.update(dataset.verify(progress=len(dataset) > 200))
+    if dropped:
+        first, reason = next(iter(dropped.items()))
+        print(f"skipped {len(dropped)} unreadable image(s) in {path}, e.g. {first}: {reason}", file=sys.stderr)
+    return dataset
+
+
+def drop_small_images(dataset: Any, patch: int) -> int:
+    """Remove images smaller than one patch on either side; print and return how many."""
+    small: list[tuple[str, tuple[int, int]]] = []
+    kept = []
+    samples = dataset.samples
+    for path, target in tqdm(samples, desc="checking image sizes", unit="img", disable=len(samples) <= 200):
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except Exception:  # not a PIL format (e.g. DICOM): decodable, checked by verify()
+            size = None
+        if size is not None and min(size) < patch:
+            small.append((path, size))
+        else:
+            kept.append((path, target))
+    if small:
+        path, (width, height) = small[0]
+        print(
+            f"skipped {len(small)} image(s) smaller than one {patch}-pixel patch, e.g. {path} ({width}x{height})",
+            file=sys.stderr,
+        )
+        if not kept:
+            raise UsageError(
+                f"every image in {dataset.source} is smaller than one {patch}-pixel patch; use larger images"
+            )
+        dataset.samples = kept
+    return len(small)
+
+
+def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: bool) -> DataLoader:
+    """A DataLoader with the CLI's settings."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers)
+
+
+# ---------------------------------------------------------------------------------------------- FPT feature cache
+
+
+class CachedFPTItems(Dataset):
+    """`((features, side_image), target)` items for training FPT from its feature cache."""
+
+    def __init__(self, features: Dataset) -> None:
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> tuple[tuple[dict[str, torch.Tensor], torch.Tensor], Any]:
+        features, side_image, target = self.features[index]
+        return (features, side_image), target
+
+
+class CachedForward(nn.Module):
+    """Runs an FPT model from cached frozen features: `forward(features, side_images)`.
+
+    It holds the FPT's trainable parts under their own names (`fusion`, `side`), so checkpoints load into the FPT.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.fusion, self.side = model.fusion, model.side
+        self._run = model.forward_features_cached
+
+    def forward(self, features: dict[str, torch.Tensor], side_images: torch.Tensor) -> torch.Tensor:
+        """Logits from cached features and side-branch images."""
+        return self._run(features, side_images)
+
+
+def cached_fpt_sets(
+    model: nn.Module, args: argparse.Namespace, train: tuple[Any, Sequence[int]], val: tuple[Any, Sequence[int]]
+) -> tuple[Dataset, Dataset]:
+    """Fill the cache for the training and validation images (resumable), then datasets that read it."""
+    from fastprompt.data import FeatureCache, FeatureDataset, preload, transforms_for_model
+
+    backbone = model.backbone
+    frozen_tf = transforms_for_model(backbone, args.img_size, train=False)
+    side_train = transforms_for_model(backbone, model.side_input_size, train=True, augment="fpt")
+    side_eval = transforms_for_model(backbone, model.side_input_size, train=False)
+    cache = FeatureCache(args.cache)
+    sets = []
+    for (source, indices), side_tf in ((train, side_train), (val, side_eval)):
+        paths = [source.samples[i][0] for i in indices]
+        frozen = TransformedSubset(source, indices, frozen_tf)
+        report = preload(
+            model, frozen, cache, batch_size=args.batch_size, paths=paths, preprocess=repr(frozen_tf),
+            progress=not args.quiet,
+        )  # fmt: skip
+        sets.append(CachedFPTItems(FeatureDataset(cache, report.keys, TransformedSubset(source, indices, side_tf))))
+    return sets[0], sets[1]
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def patch_size_of(backbone: nn.Module) -> int:
+    """The larger side of the backbone's patch."""
+    return int(max(backbone.patch_embed.patch_size))
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The timm ViT inside a patched model or an FPT wrapper."""
+    return model.backbone if isinstance(model, fastprompt.FPT) else model
+
+
+def make_backbone(
+    name: str, img_size: int, *, pretrained: bool, checkpoint: str | Path | None, model_kwargs: dict[str, Any]
+) -> nn.Module:
+    """`create_backbone`, saying first where hub weights come from (a download can take minutes to time out)."""
+    from fastprompt.models import create_backbone
+
+    if pretrained:
+        print(
+            f"loading timm's pretrained weights for {name} (local cache or the Hugging Face hub; without internet, "
+            "use --checkpoint FILE)",
+            file=sys.stderr,
+        )
+    return create_backbone(name, img_size=img_size, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs)
+
+
+def build_model(config: dict[str, Any], run_dir: Path | None = None) -> nn.Module:
+    """Rebuild the backbone and apply the method exactly as `config` (a run's config.json) describes."""
+    weights = config["weights"]
+    checkpoint = weights.get("file")
+    if checkpoint is not None and run_dir is not None and not Path(checkpoint).is_absolute():
+        checkpoint = run_dir / checkpoint
+    torch.manual_seed(config["seed"])
+    backbone = make_backbone(
+        config["model"],
+        config["img_size"],
+        pretrained=weights["source"] == "pretrained",
+        checkpoint=checkpoint,
+        model_kwargs=config["model_kwargs"],
+    )
+    return fastprompt.apply(backbone, config["method"], num_classes=len(config["classes"]), **config["method_options"])
+
+
+def save_backbone(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the frozen backbone's state_dict (safetensors, atomically) so that evaluate/explain can rebuild it."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}))
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+
+
+def find_run(checkpoint: str | Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(checkpoint file, run directory, config) for a checkpoint file or a run directory written by `train`."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise UsageError(f"checkpoint {path} does not exist; pass OUT/checkpoints/best.pt of a `fastprompt train` run")
+    if path.is_dir():
+        candidates = [path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise UsageError(f"{path} holds no checkpoints/best.pt or checkpoints/last.pt; train first")
+        path = found
+    for folder in (path.parent, path.parent.parent):
+        if (folder / CONFIG_NAME).is_file():
+            config = json.loads((folder / CONFIG_NAME).read_text())
+            return path, folder, config
+    raise UsageError(
+        f"no {CONFIG_NAME} next to {path} or in its parent folder; pass a checkpoint written by `fastprompt train` "
+        "(OUT/checkpoints/best.pt), whose run folder holds the config to rebuild the model"
+    )
+
+
+def load_run(checkpoint: str | Path) -> tuple[nn.Module, Any, dict[str, Any], Path]:
+    """Rebuild a trained model: (model with trained parameters, its Engine, config, run directory)."""
+    from fastprompt.engine import Engine
+
+    path, run_dir, config = find_run(checkpoint)
+    model = build_model(config, run_dir)
+    engine = Engine.load(path, model, output_dir=None, backend="torch", zero_stage=0, progress=False)
+    return model, engine, config, run_dir

@@ -1,0 +1,183 @@
+"""`fastprompt train`: build a backbone, apply a method, train it with the Engine and write the run folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from fastprompt.cli.common import (
+    BACKBONE_FILE,
+    CONFIG_NAME,
+    FPT_METHODS,
+    UsageError,
+    add_common,
+    add_model_args,
+    check_method,
+    flatten,
+    format_metrics,
+    method_options,
+    parse_key_values,
+    write_json,
+)
+
+
+def add_parser(commands: Any) -> None:
+    """Register the `train` subcommand."""
+    parser = commands.add_parser("train", help="train a method on an image folder")
+    parser.add_argument("--data", required=True, help="folder of <class>/<image> files, or a CSV list")
+    parser.add_argument("--val", help="validation folder/CSV (default: hold out --val-fraction of --data)")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.2, help="held-out share without --val (stratified per class; 0.2)"
+    )
+    parser.add_argument("--shots", type=int, help="train on K images per class (few-shot), drawn with --seed")
+    add_model_args(parser)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--clip-grad", type=float)
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
+    parser.add_argument("--backend", default="auto", choices=("auto", "deepspeed", "torch"))
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    parser.add_argument("--cache", help="FPT feature cache folder: frozen features computed once (see preload)")
+    add_common(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """`fastprompt train`: build, train, evaluate; returns the final validation metrics."""
+    import numpy as np
+    import torch
+
+    import fastprompt
+    from fastprompt.cli.runs import (
+        CachedForward,
+        TransformedSubset,
+        cached_fpt_sets,
+        drop_small_images,
+        make_backbone,
+        make_loader,
+        open_dataset,
+        patch_size_of,
+        save_backbone,
+    )
+    from fastprompt.data import make_few_shot_splits, train_val_split, transforms_for_model
+    from fastprompt.engine import Engine
+
+    method = check_method(args.method)
+    if args.cache is not None and method not in FPT_METHODS:
+        raise UsageError(f"--cache holds FPT frozen-branch features; use it with --method fpt+ or fpt, not {method!r}")
+    options = method_options(args)
+    model_kwargs = parse_key_values(flatten(args.model_kwargs), "--model-kwargs")
+    out = Path(args.output_dir)
+    if not args.resume and (out / "checkpoints" / "last.pt").is_file():
+        raise UsageError(
+            f"{out} already holds a training run (checkpoints/last.pt); pass --resume to continue it, or choose "
+            "another --output-dir"
+        )
+    torch.manual_seed(args.seed)
+    saved_backbone = out / BACKBONE_FILE
+    random_init = not args.pretrained and args.checkpoint is None
+    weights_file = saved_backbone if random_init and args.resume and saved_backbone.is_file() else args.checkpoint
+    backbone = make_backbone(
+        args.model, args.img_size, pretrained=args.pretrained, checkpoint=weights_file, model_kwargs=model_kwargs
+    )
+    data = open_dataset(args.data)
+    patch = patch_size_of(backbone)
+    drop_small_images(data, patch)
+    if args.val is not None:
+        val_data = open_dataset(args.val, classes=data.classes)
+        drop_small_images(val_data, patch)
+        train_idx, val_idx, val_source = list(range(len(data))), list(range(len(val_data))), val_data
+    else:
+        train_idx, val_idx = train_val_split(data.targets, args.val_fraction, args.seed)
+        val_source = data
+    if args.shots is not None:
+        labels = np.asarray(data.targets)
+        exclude = None if args.val is not None else val_idx
+        train_idx = make_few_shot_splits(labels, args.shots, args.seed, exclude=exclude)[(args.shots, args.seed)]
+
+    frozen_state = backbone.state_dict()  # before the method patches the model; values are not changed by it
+    model = fastprompt.apply(backbone, method, num_classes=len(data.classes), **options)
+    trainable, total = fastprompt.count_parameters(model)
+    out.mkdir(parents=True, exist_ok=True)
+    if random_init:
+        save_backbone(frozen_state, saved_backbone)
+        weights = {"source": "random", "file": BACKBONE_FILE}
+    elif args.pretrained:
+        weights = {"source": "pretrained", "file": None}
+    else:
+        weights = {"source": "file", "file": str(Path(args.checkpoint).resolve())}
+
+    if args.cache is not None:
+        train_set, val_set = cached_fpt_sets(model, args, (data, train_idx), (val_source, val_idx))
+        trained = CachedForward(model)
+    else:
+        augment = "fpt" if method in FPT_METHODS else "ept"
+        train_tf = transforms_for_model(backbone, args.img_size, train=True, augment=augment)
+        eval_tf = transforms_for_model(backbone, args.img_size, train=False)
+        train_set, val_set = (
+            TransformedSubset(data, train_idx, train_tf),
+            TransformedSubset(val_source, val_idx, eval_tf),
+        )
+        trained = model
+    train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True)
+    val_loader = make_loader(val_set, args.batch_size, args.workers, shuffle=False)
+
+    engine_options = dict(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        epochs=args.epochs,
+        warmup_steps=args.warmup_steps,
+        precision=args.precision,
+        zero_stage=args.zero_stage,
+        grad_accum=args.grad_accum,
+        clip_grad=args.clip_grad,
+        backend=args.backend,
+        seed=args.seed,
+    )
+    config = {
+        "fastprompt_version": fastprompt.__version__,
+        "model": args.model,
+        "model_kwargs": model_kwargs,
+        "img_size": args.img_size,
+        "weights": weights,
+        "method": method,
+        "method_options": options,
+        "classes": list(data.classes),
+        "multilabel": bool(data.multilabel),
+        "data": str(Path(args.data).resolve()),
+        "val": str(Path(args.val).resolve()) if args.val is not None else None,
+        "val_fraction": None if args.val is not None else args.val_fraction,
+        "shots": args.shots,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "train_size": len(train_idx),
+        "val_size": len(val_idx),
+        "cache": str(Path(args.cache).resolve()) if args.cache is not None else None,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "engine": engine_options,
+    }
+    write_json(out / CONFIG_NAME, config)
+    print(
+        f"{method} on {args.model}: {trainable:,} trainable of {total:,} parameters; "
+        f"{len(train_idx)} training and {len(val_idx)} validation images, {len(data.classes)} classes",
+        file=sys.stderr,
+    )
+    engine = Engine(trained, output_dir=out, progress=not args.quiet, **engine_options)
+    engine.fit(train_loader, val_loader, resume=args.resume)
+    metrics = engine.evaluate(val_loader)
+    write_json(out / "metrics.json", metrics)
+    print(format_metrics(metrics, data.classes))
+    print(f"run written to {out}", file=sys.stderr)
+    return metrics
