@@ -6,6 +6,8 @@ tolerance, or raises ValueError/TypeError whose message names the offending argu
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +21,8 @@ from fastprompt.kernels.reference import (
     sink_attention_reference,
 )
 from fastprompt.kernels.sink_attention import sink_attention_triton
+
+sink_module = importlib.import_module("fastprompt.kernels.sink_attention")  # the package attribute is the function
 
 # (output atol, gradient atol) against a float64 reference computed from the same rounded inputs
 TOLERANCE = {
@@ -113,6 +117,21 @@ def check_sink_attention(function, case) -> None:
 @given(attention_case())
 def test_sink_attention_matches_reference(case):
     check_sink_attention(sink_attention, case)
+
+
+def sink_attention_chunked(q, k, v, sink, *, return_scale=False):
+    """sink_attention forced onto the query-chunked PyTorch backend (the one non-CPU, non-Triton devices use)."""
+    return sink_module._sink_attention(q, k, v, sink, None, return_scale, "chunked")
+
+
+@PROPERTY
+@given(attention_case(), st.sampled_from([1, 40, 1 << 24]))
+def test_sink_attention_chunked_backend_matches_reference(case, chunk_elements):
+    """Output, scaling map σ(lse − g) and gradients of the chunked backend, with one query row per chunk, a few
+    rows per chunk, or everything in one chunk."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sink_module, "_CHUNK_ELEMENTS", chunk_elements)
+        check_sink_attention(sink_attention_chunked, case)
 
 
 @INTERPRETER
@@ -317,30 +336,85 @@ def finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def extreme_inputs(logit_size: float, sink: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """q, k, v [1, 2, 7, 16] in `dtype` whose logits q·kᵀ·d^-½ reach ±logit_size, and an fp32 sink.
+
+    Keys 0 and 1 are equal and queries 0-2 point along them, so those rows split their attention exactly between two
+    tied keys even at logits of 1e4: their q, k and v gradients are of the size of the inputs, not underflowed to 0.
+    `sink` is a number, or "row_max": per row, the row's largest logit (the sink then carries real weight and gets a
+    real gradient at the logits' own magnitude).
+    """
+    generator = torch.Generator().manual_seed(3)
+    dim, tokens = 16, 7
+    radius = (logit_size * dim**0.5) ** 0.5  # |q| = |k| = radius gives logits of logit_size · cos(q, k)
+    k = torch.randn(1, 2, tokens, dim, generator=generator)
+    k[:, :, 1] = k[:, :, 0]
+    q = torch.randn(1, 2, tokens, dim, generator=generator)
+    q[:, :, :3] = k[:, :, :1]
+    q, k = (t / t.norm(dim=-1, keepdim=True) * radius for t in (q, k))
+    v = torch.randn(1, 2, tokens, dim, generator=generator)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if sink == "row_max":
+        logits = q.double() @ k.double().transpose(-2, -1) * dim**-0.5
+        return q, k, v, logits.amax(-1).float()
+    return q, k, v, torch.full((tokens,), float(sink))
+
+
+def gradients(function, q, k, v, sink, grad_out: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output and (dq, dk, dv, dsink) of `function` for the upstream gradient `grad_out`."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, sink)]
+    out = function(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out, [leaf.grad for leaf in leaves]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("sink_value", [float("-inf"), 80.0, 1e4, -1e4])
+@pytest.mark.parametrize("sink", ["-inf", "80", "1e4", "-1e4", "row_max"])
 @pytest.mark.parametrize("logit_size", [1e4, 1e-4])
-def test_extreme_logits_and_sinks_give_finite_outputs_and_gradients(backend, dtype, sink_value, logit_size):
-    """Logits up to ±1e4 (q scaled), tiny logits, sinks far above/below every logit: outputs and gradients finite."""
+def test_extreme_logits_and_sinks_match_the_float64_reference(backend, dtype, sink, logit_size):
+    """Logits up to ±1e4 (q scaled), tiny logits, sinks far above/below every logit or level with the row maximum:
+    the output and all four gradients equal the float64 reference wherever the reference is finite.
+
+    Tolerance (flash-attention's rule): 2× the error of PyTorch's own computation in the same dtype, plus the
+    rounding of O, stored in the input dtype, in the terms the backward cancels (Δ = rowsum(dO ⊙ O) against dO·v_j),
+    scaled by their size, plus the fp32 rounding of lse' at the logits' magnitude (the backward recomputes
+    P = exp(s − lse')) times the gradient.
+    """
     if backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter computes bf16 incorrectly (kernel rule); bf16 runs on the torch path")
     function = sink_attention_triton if backend == "triton" else sink_attention
-    generator = torch.Generator().manual_seed(3)
-    dim = 16
-    q = torch.randn(1, 2, 7, dim, generator=generator)
-    q = q / q.norm(dim=-1, keepdim=True) * (logit_size * dim**0.5) ** 0.5
-    k = torch.randn(1, 2, 7, dim, generator=generator)
-    k = k / k.norm(dim=-1, keepdim=True) * (logit_size * dim**0.5) ** 0.5
-    v = torch.randn(1, 2, 7, dim, generator=generator)
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    sink = torch.full((7,), sink_value, requires_grad=True)
-    out, keep = function(*leaves, sink, return_scale=True)
-    out.float().square().sum().backward()
-    assert finite(out, keep, *(leaf.grad for leaf in leaves), sink.grad)
-    reference = sink_attention_reference(*(leaf.detach().double() for leaf in leaves), sink.detach().double())
-    out_tol = 1e-3 if dtype == torch.float32 else TOLERANCE[dtype][0] * 4
-    torch.testing.assert_close(out.double(), reference, atol=out_tol, rtol=out_tol)
+    q, k, v, sink_tensor = extreme_inputs(logit_size, sink, dtype)
+    grad_out = 2 * sink_attention_reference(q.double(), k.double(), v.double(), sink_tensor.double())
+    out, grads = gradients(function, q, k, v, sink_tensor, grad_out)
+    ref_out, ref_grads = gradients(sink_attention_reference, *(t.double() for t in (q, k, v, sink_tensor)), grad_out)
+    same_out, same_grads = gradients(sink_attention_reference, q, k, v, sink_tensor, grad_out)
+
+    norm = lambda t: float(t.double().norm(dim=-1).max())  # noqa: E731
+    size_do, size_v, scale = norm(grad_out), norm(v), q.shape[-1] ** -0.5
+    cancelled = {  # the size of the largest term each gradient is a difference of
+        "out": norm(v),
+        "dq": scale * norm(k) * size_do * size_v,
+        "dk": scale * norm(q) * size_do * size_v,
+        "dv": size_do,
+        "dsink": size_do * size_v,
+    }
+    logit_max = float((q.double() @ k.double().transpose(-2, -1)).abs().max()) * scale
+    pairs = [("out", out, ref_out, same_out)] + list(zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, same_grads))
+    for name, got, ref, same in pairs:
+        assert got is not None and got.shape == ref.shape, name
+        where = torch.isfinite(ref)
+        assert where.any(), f"{name}: the float64 reference is nowhere finite"
+        assert torch.isfinite(got[where]).all(), f"{name} is not finite where the float64 reference is"
+        got, ref, same = got.detach().double(), ref.detach(), same.detach().double()
+        error = float((got - ref)[where].abs().max())
+        same_error = float((same - ref)[where].abs().nan_to_num(float("inf")).max())
+        lse_rounding = FP32_EPS * max(1.0, logit_max) * float(ref[where].abs().max())
+        bound = 2 * same_error + torch.finfo(dtype).eps * cancelled[name] + 2 * lse_rounding
+        assert error <= bound, f"{name}: error {error:.3g} against float64 > {bound:.3g} (|ref| {ref.abs().max():.3g})"
 
 
 @pytest.mark.parametrize("function", [sink_attention, sink_attention_triton])
