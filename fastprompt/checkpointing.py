@@ -1,0 +1,155 @@
+"""Activation checkpointing of a frozen ViT's blocks: recompute in backward what is cheap, keep what is not.
+
+`checkpoint_activations(model, policy, blocks)` wraps the chosen blocks' forward in PyTorch's non-reentrant
+`torch.utils.checkpoint.checkpoint`:
+
+- ``"full"`` keeps only each block's input and re-runs the whole block in backward (timm's
+  `set_grad_checkpointing`, per block);
+- ``"selective"`` also keeps the outputs of the attention ops (the attention output and its log-sum-exp, which
+  the fused kernels produce anyway) through PyTorch's selective checkpoint contexts, so backward re-runs the
+  norms, the q/k/v projection and the MLP with its GELU input but never the attention itself;
+- ``"none"`` removes the wrapper again.
+
+Frozen weights make the cheap-and-large activations the whole story: autograd keeps no input of a frozen linear
+layer, so what a block keeps is its norms' inputs, q/k/v, the attention output and lse, and the GELU input.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from fastprompt.methods.registry import check_layers
+
+__all__ = ["POLICIES", "activation_plan", "attention_ops", "checkpoint_activations", "is_attention_op"]
+
+POLICIES = ("none", "selective", "full")
+_POLICY_ATTR = "_fastprompt_activation_policy"
+_INNER_ATTR = "_fastprompt_inner_forward"
+
+# Attention ops whose outputs "selective" keeps, by identity (aten namespace): the kernels PyTorch's
+# scaled_dot_product_attention dispatches to, which return the output and its log-sum-exp.
+_ATEN_ATTENTION = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
+)
+# fastprompt's own attention forward ops (torch.library custom ops registered by fastprompt.kernels).
+_FASTPROMPT_ATTENTION = ("sink_attention_forward",)
+
+
+@functools.cache
+def attention_ops() -> frozenset[torch._ops.OpOverloadPacket]:
+    """The op packets whose outputs the selective policy keeps (those that exist in this torch / fastprompt)."""
+    import fastprompt.kernels  # noqa: F401  (registers fastprompt's custom ops)
+
+    found = set()
+    for namespace, names in (("aten", _ATEN_ATTENTION), ("fastprompt", _FASTPROMPT_ATTENTION)):
+        for name in names:
+            try:
+                found.add(getattr(getattr(torch.ops, namespace), name))
+            except (AttributeError, RuntimeError):  # an op this build / kernel version does not define
+                continue
+    return frozenset(found)
+
+
+def is_attention_op(op: Any) -> bool:
+    """Whether `op` (an OpOverload) is one of `attention_ops()`."""
+    packet = getattr(op, "overloadpacket", op)
+    return packet in attention_ops()
+
+
+def _keep_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective policy: save the attention ops' outputs, recompute every other op."""
+    return CheckpointPolicy.MUST_SAVE if is_attention_op(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
+
+
+def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward installed on a checkpointed block: the block's own forward under torch's checkpoint."""
+    inner = getattr(block, _INNER_ATTR) or types.MethodType(type(block).forward, block)
+    if not torch.is_grad_enabled():
+        return inner(*args, **kwargs)
+    options: dict[str, Any] = {"use_reentrant": False}
+    if getattr(block, _POLICY_ATTR) == "selective":
+        options["context_fn"] = _SELECTIVE_CONTEXT
+    return checkpoint(inner, *args, **options, **kwargs)
+
+
+def _model_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        raise TypeError(
+            "checkpoint_activations works on timm ViTs (a model with a `blocks` sequence), "
+            f"got {type(model).__name__}; "
+            "FPT / FPT+ already run their frozen backbone without gradients, so there is nothing to recompute there"
+        )
+    return blocks
+
+
+def _resolve_blocks(blocks: int | Iterable[int] | None, depth: int) -> list[int]:
+    if blocks is None:
+        return list(range(depth))
+    if isinstance(blocks, bool):
+        raise TypeError("blocks must be None, a count of blocks from the input side, or an iterable of block indices")
+    if isinstance(blocks, int):
+        if not 0 <= blocks <= depth:
+            raise ValueError(f"blocks={blocks}: a count from the input side must be between 0 and the depth {depth}")
+        return list(range(blocks))
+    return check_layers("blocks", blocks, depth)
+
+
+def checkpoint_activations(
+    model: nn.Module, policy: str = "full", blocks: int | Iterable[int] | None = None
+) -> nn.Module:
+    """Recompute activations of `model`'s blocks in backward instead of keeping them; returns `model`.
+
+    Call it after `fastprompt.apply` (any method that back-propagates through the backbone: ept, vpt, lora,
+    adapter, bitfit, partial, full). `policy`: "full" re-runs whole blocks; "selective" keeps the attention output
+    and its log-sum-exp and re-runs norms, q/k/v and the MLP; "none" turns checkpointing off for those blocks.
+    `blocks`: None (all), a count k (the first k blocks from the input side) or an iterable of block indices;
+    blocks not named keep their current setting, so policies can be mixed by calling it more than once.
+    Gradients are those of the model without recomputation; only memory and time change. In no-grad mode
+    (evaluation) blocks run as usual.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
+    block_list = _model_blocks(model)
+    if getattr(model, "grad_checkpointing", False):
+        raise ValueError(
+            "the model has timm's whole-model gradient checkpointing on, which would checkpoint the blocks twice; "
+            "call model.set_grad_checkpointing(False) first (checkpoint_activations(model, 'full') does the same job)"
+        )
+    for index in _resolve_blocks(blocks, len(block_list)):
+        block = block_list[index]
+        wrapped = hasattr(block, _POLICY_ATTR)
+        if policy == "none":
+            if wrapped:
+                inner = getattr(block, _INNER_ATTR)
+                del block.forward
+                if inner is not None:
+                    block.forward = inner
+                delattr(block, _POLICY_ATTR)
+                delattr(block, _INNER_ATTR)
+            continue
+        if not wrapped:
+            setattr(block, _INNER_ATTR, block.__dict__.get("forward"))
+            block.forward = types.MethodType(_checkpointed_forward, block)
+        setattr(block, _POLICY_ATTR, policy)
+    return model
+
+
+def activation_plan(model: nn.Module) -> list[str]:
+    """The checkpointing policy of each block of `model`, input side first ("none", "selective" or "full")."""
+    return [getattr(block, _POLICY_ATTR, "none") for block in _model_blocks(model)]
