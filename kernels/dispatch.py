@@ -7,6 +7,8 @@ import os
 
 import torch
 
+TRITON_DEVICE_TYPES = ("cuda",)  # device types the Triton kernels launch on (tests trace the Triton path on "meta")
+
 
 @functools.cache
 def triton_importable() -> bool:
@@ -24,13 +26,13 @@ def interpreting() -> bool:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is on a CUDA device and Triton is importable.
+    """True when every tensor is on a CUDA device (a device type of TRITON_DEVICE_TYPES) and Triton is importable.
 
     Setting FASTPROMPT_DISABLE_TRITON=1 forces the PyTorch path (for debugging and comparisons).
     """
     if os.environ.get("FASTPROMPT_DISABLE_TRITON", "0") == "1" or not triton_importable():
         return False
-    return all(t.is_cuda for t in tensors)
+    return all(t.device.type in TRITON_DEVICE_TYPES for t in tensors)
 
 
 def deterministic() -> bool:

@@ -2,6 +2,8 @@
 
 Pass 1 finds every query row's normaliser lse (or takes the attention forward's); pass 2 gives each key block
 the column sums of exp(s − lse) over the query rows. 'global' averages over all N rows, 'cls' uses row 0 only.
+Both backends run inside the custom op `fastprompt::attention_importance` (with a fake implementation), so
+`torch.compile` sees one opaque op per call.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from fastprompt.kernels.dispatch import triton_importable, use_triton
 from fastprompt.kernels.sink_attention import attention_forward
@@ -69,6 +72,21 @@ def _importance_torch(
     return total / rows
 
 
+@torch.library.custom_op("fastprompt::attention_importance", mutates_args=())
+def _importance_op(q: Tensor, k: Tensor, lse: Tensor | None, rows: int, scale: float, backend: str) -> Tensor:
+    """Scores [B, H, N] fp32 over the first `rows` query rows, on `backend` ("triton" or "torch"); inputs validated."""
+    if backend == "triton":
+        from fastprompt.kernels import importance_triton  # imported late: triton.jit reads TRITON_INTERPRET at import
+
+        return importance_triton.attention_importance(q, k, lse, rows, scale).contiguous()
+    return _importance_torch(q, k, rows, scale, lse).contiguous()
+
+
+@_importance_op.register_fake
+def _(q, k, lse, rows, scale, backend):
+    return q.new_empty(k.shape[:3], dtype=torch.float32)
+
+
 @torch.no_grad()
 def attention_importance(
     q: torch.Tensor,
@@ -85,9 +103,8 @@ def attention_importance(
     CUDA runs the Triton kernels (head dim D <= 128); elsewhere, or for larger D, a chunked PyTorch path runs.
     """
     scale, rows = _check_attention_inputs(q, k, mode, scale, lse)
-    if q.shape[-1] <= MAX_TRITON_HEAD_DIM and use_triton(q, k):
-        return attention_importance_triton(q, k, mode=mode, scale=scale, lse=lse)
-    return _importance_torch(q, k, rows, scale, lse)
+    backend = "triton" if q.shape[-1] <= MAX_TRITON_HEAD_DIM and use_triton(q, k) else "torch"
+    return _importance_op(q, k, lse, rows, scale, backend)
 
 
 @torch.no_grad()
@@ -115,9 +132,7 @@ def attention_importance_triton(
         raise RuntimeError("attention_importance_triton needs triton; call attention_importance for the PyTorch path")
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"the Triton path takes head dim D <= {MAX_TRITON_HEAD_DIM}, got D={q.shape[-1]}")
-    from fastprompt.kernels import importance_triton  # imported late: triton.jit reads TRITON_INTERPRET at import
-
-    return importance_triton.attention_importance(q, k, lse, rows, scale)
+    return _importance_op(q, k, lse, rows, scale, "triton")
 
 
 def _check_selection_inputs(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, ratio: float) -> int:

@@ -4,6 +4,10 @@ The forward keeps only O and the row normaliser lse' = logaddexp(lse, g); the ba
 backward run with (O, lse'), which gives exact dq, dk, dv, plus one reduction for the sink:
 dg = −exp(g − lse')·Δ with Δ = rowsum(dO ⊙ O). Backends: Triton on CUDA, PyTorch's CPU flash attention on CPU,
 and a query-chunked PyTorch implementation on any other device.
+
+Each backend runs inside three PyTorch custom ops (`fastprompt::sink_attention_forward`, `…_row_delta`,
+`…_backward`) with fake implementations and a registered autograd formula, so `torch.compile` sees one opaque op
+per call (no graph break, no tracing into Triton's launch code) and `fullgraph=True` works.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+from torch import Tensor
 
 from fastprompt.kernels.dispatch import triton_importable, use_triton
 
@@ -103,7 +108,7 @@ def _query_chunks(q: torch.Tensor, k: torch.Tensor) -> range:
 def _chunked_forward(q, k, v, g, scale):
     acc = torch.promote_types(q.dtype, torch.float32)
     k_acc, v_acc = k.to(acc), v.to(acc)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = _empty_heads_last(q.shape, q.dtype, q.device)
     lse = torch.empty(q.shape[:-1], dtype=g.dtype, device=q.device)
     chunks = _query_chunks(q, k)
     for start in chunks:
@@ -118,7 +123,7 @@ def _chunked_forward(q, k, v, g, scale):
 def _chunked_backward(dout, q, k, v, lse_p, delta, scale):
     acc = torch.promote_types(q.dtype, torch.float32)
     k_acc, v_acc = k.to(acc), v.to(acc)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dq = _empty_heads_last(q.shape, q.dtype, q.device)
     dk = torch.zeros_like(k_acc, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(v_acc, memory_format=torch.contiguous_format)
     chunks = _query_chunks(q, k)
@@ -136,6 +141,21 @@ def _chunked_backward(dout, q, k, v, lse_p, delta, scale):
 def _triton_module():
     """The Triton kernels' module, imported on first use (it imports triton)."""
     return importlib.import_module("fastprompt.kernels.sink_attention_triton")
+
+
+def _empty_heads_last(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An empty [B, H, N, D] tensor laid out as [B, N, H, D]: the layout timm reshapes attention outputs from, and
+    the one every backend's O, dq, dk and dv leave the custom ops in (the fake implementations promise it)."""
+    batch, heads, tokens, dim = shape
+    return torch.empty(batch, tokens, heads, dim, dtype=dtype, device=device).transpose(1, 2)
+
+
+def _as_heads_last(x: Tensor) -> Tensor:
+    """`x` itself when already in the heads-last layout of `_empty_heads_last`, else a copy in that layout."""
+    batch, heads, tokens, dim = x.shape
+    if x.stride() == (tokens * heads * dim, dim, heads * dim, 1):
+        return x
+    return _empty_heads_last(x.shape, x.dtype, x.device).copy_(x)
 
 
 def _forward(backend: str, q, k, v, g, scale):
@@ -164,32 +184,78 @@ def _backward(backend: str, dout, q, k, v, out, lse_p, delta, scale):
     return _chunked_backward(dout, q, k, v, lse_p, delta, scale)
 
 
+# The custom ops. Outputs have fixed layouts (O, dq, dk, dv heads-last; row statistics contiguous) on every backend,
+# so the fake implementations below describe exactly what the real ones return.
+
+
+@torch.library.custom_op("fastprompt::sink_attention_forward", mutates_args=())
+def _forward_op(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(O, lse', σ(lse − g)) on `backend` ("triton", "flash_cpu" or "chunked"); g is [B, H, N] in the stat dtype."""
+    out, lse_p, keep = _forward(backend, q, k, v, g, scale)
+    return _as_heads_last(out), lse_p.contiguous(), keep.contiguous()
+
+
+@_forward_op.register_fake
+def _(q, k, v, g, scale, backend):
+    stat = torch.float32 if backend == "triton" else g.dtype
+    rows = q.new_empty(q.shape[:-1], dtype=stat)
+    return _empty_heads_last(q.shape, q.dtype, q.device), rows, torch.empty_like(rows)
+
+
+@torch.library.custom_op("fastprompt::sink_attention_row_delta", mutates_args=())
+def _row_delta_op(dout: Tensor, out: Tensor, backend: str) -> Tensor:
+    """Δ = rowsum(dO ⊙ O), [B, H, N] in fp32 (fp64 for fp64 inputs)."""
+    return _row_delta(backend, dout, out).contiguous()
+
+
+@_row_delta_op.register_fake
+def _(dout, out, backend):
+    return out.new_empty(out.shape[:-1], dtype=torch.promote_types(out.dtype, torch.float32))
+
+
+@torch.library.custom_op("fastprompt::sink_attention_backward", mutates_args=())
+def _backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_p: Tensor, delta: Tensor, scale: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the flash-attention backward run with the sink-aware normaliser lse'."""
+    grads = _backward(backend, dout, q, k, v, out, lse_p, delta, scale)
+    return tuple(_as_heads_last(grad.to(like.dtype)) for grad, like in zip(grads, (q, k, v)))
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, out, lse_p, delta, scale, backend):
+    return tuple(_empty_heads_last(t.shape, t.dtype, t.device) for t in (q, k, v))
+
+
 def _sink_weight(g: torch.Tensor, lse_p: torch.Tensor) -> torch.Tensor:
     """Probability mass on the sink, exp(g − lse'), defined as 1 where both are +inf."""
     return torch.where(g == lse_p, torch.ones_like(g), torch.exp(g - lse_p))
 
 
-class _SinkAttention(torch.autograd.Function):
-    """Saves O, lse', the expanded sink and (when they need gradients) q, k, v: nothing with N×N elements."""
+def _setup_context(ctx, inputs, output) -> None:
+    """Save O, lse', the expanded sink and (when they need gradients) q, k, v: nothing with N×N elements."""
+    q, k, v, g, scale, backend = inputs
+    out, lse_p, keep = output
+    saved = (q, k, v) if any(ctx.needs_input_grad[:3]) else (None, None, None)
+    ctx.save_for_backward(*saved, g, out, lse_p)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mark_non_differentiable(lse_p, keep)
 
-    @staticmethod
-    def forward(ctx, q, k, v, g, scale, backend):
-        out, lse_p, keep = _forward(backend, q, k, v, g, scale)
-        inputs = (q, k, v) if any(ctx.needs_input_grad[:3]) else (None, None, None)
-        ctx.save_for_backward(*inputs, g, out, lse_p)
-        ctx.scale, ctx.backend = scale, backend
-        ctx.mark_non_differentiable(keep)
-        return out, keep
 
-    @staticmethod
-    def backward(ctx, dout, _dkeep):
-        q, k, v, g, out, lse_p = ctx.saved_tensors
-        delta = _row_delta(ctx.backend, dout, out)
-        dg = -_sink_weight(g, lse_p) * delta.to(g.dtype) if ctx.needs_input_grad[3] else None
-        dq = dk = dv = None
-        if any(ctx.needs_input_grad[:3]):
-            dq, dk, dv = _backward(ctx.backend, dout, q, k, v, out, lse_p, delta, ctx.scale)
-        return dq, dk, dv, dg, None, None
+def _backward_formula(ctx, dout, _dlse, _dkeep):
+    """dq, dk, dv from the flash backward with (O, lse'); dg = −exp(g − lse')·Δ (lse' and the scale carry none)."""
+    q, k, v, g, out, lse_p = ctx.saved_tensors
+    delta = _row_delta_op(dout, out, ctx.backend)
+    dg = -_sink_weight(g, lse_p) * delta.to(g.dtype) if ctx.needs_input_grad[3] else None
+    dq = dk = dv = None
+    if any(ctx.needs_input_grad[:3]):
+        dq, dk, dv = _backward_op(dout, q, k, v, out, lse_p, delta, ctx.scale, ctx.backend)
+    return dq, dk, dv, dg, None, None
+
+
+_forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def _sink_attention(q, k, v, sink, scale, return_scale, backend):
@@ -200,7 +266,7 @@ def _sink_attention(q, k, v, sink, scale, return_scale, backend):
             f"D = {q.shape[-1]}; call sink_attention, which falls back to PyTorch"
         )
     g = sink.to(_stat_dtype(q)).expand(q.shape[:-1])
-    out, keep = _SinkAttention.apply(q, k, v, g, scale, backend or _auto_backend(q, k, v))
+    out, _, keep = _forward_op(q, k, v, g, scale, backend or _auto_backend(q, k, v))
     return (out, keep) if return_scale else out
 
 
@@ -251,5 +317,5 @@ def attention_forward(
     else:
         g = sink.to(stat).expand(q.shape[:-1])
     with torch.no_grad():
-        out, lse_p, _ = _forward(_auto_backend(q, k, v), q, k, v, g, scale)
+        out, lse_p, _ = _forward_op(q, k, v, g, scale, _auto_backend(q, k, v))
     return out, lse_p
