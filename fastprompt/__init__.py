@@ -1,14 +1,58 @@
-"""fastprompt: parameter-efficient prompt tuning of frozen ViTs at high resolution."""
+"""fastprompt: parameter-efficient prompt tuning of frozen ViTs at high resolution.
 
-from fastprompt._compat import import_torchvision
+`import fastprompt` is light: it imports no torch. The public names below load on first use (PEP 562), so the
+command line's ``--help`` answers at once. It also installs the torchvision repair (`fastprompt._compat`), which runs
+when torchvision is first imported, by timm or anyone else: import fastprompt before timm/torchvision.
+"""
 
-import_torchvision()
+from __future__ import annotations
 
-from fastprompt.engine import Engine  # noqa: E402
-from fastprompt.methods.ept import ept_scales  # noqa: E402
-from fastprompt.methods.fpt import FPT  # noqa: E402
-from fastprompt.patch import apply, available_methods, count_parameters, merge  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from fastprompt._compat import install_torchvision_repair
+
+install_torchvision_repair()
 
 __version__ = "0.1.0"
 
-__all__ = ["FPT", "Engine", "__version__", "apply", "available_methods", "count_parameters", "ept_scales", "merge"]
+# public name -> module that defines it; add new exports here (and to the TYPE_CHECKING imports below)
+_EXPORTS = {
+    "Engine": "fastprompt.engine",
+    "FPT": "fastprompt.methods.fpt",
+    "apply": "fastprompt.patch",
+    "available_methods": "fastprompt.patch",
+    "count_parameters": "fastprompt.patch",
+    "ept_scales": "fastprompt.methods.ept",
+    "merge": "fastprompt.patch",
+}
+
+__all__ = [  # the same names as _EXPORTS (tests/test_compat.py checks)
+    "FPT",
+    "Engine",
+    "__version__",
+    "apply",
+    "available_methods",
+    "count_parameters",
+    "ept_scales",
+    "merge",
+]
+
+if TYPE_CHECKING:  # what static tools see; at run time `__getattr__` imports these on first use
+    from fastprompt.engine import Engine
+    from fastprompt.methods.ept import ept_scales
+    from fastprompt.methods.fpt import FPT
+    from fastprompt.patch import apply, available_methods, count_parameters, merge
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastprompt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -20,7 +20,7 @@ from typing import Any
 
 import fastprompt
 from fastprompt.cli import bench, demo, evaluate, explain, preload, train
-from fastprompt.cli.common import EXIT_FAILURE, EXIT_USAGE, UsageError
+from fastprompt.cli.common import EXIT_FAILURE, EXIT_USAGE, Parser, UsageError
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -33,7 +33,7 @@ OUT_OF_MEMORY_HINT = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__.split("\n", 1)[0])
+    parser = Parser(prog="fastprompt", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--version", action="version", version=f"fastprompt {fastprompt.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
@@ -68,7 +68,12 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: Any, *
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fastprompt` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a flag argparse rejected (it printed why)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    args.argv = argv  # for the exact --resume command after an interrupt
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

@@ -3,18 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 from typing import Any
 
-from fastprompt.cli.common import UsageError
+from fastprompt.cli.common import UsageError, add_command
+
+
+def benchmarks_root() -> Path | None:
+    """The folder holding `benchmarks/` (the current directory or this checkout's root), or None from a wheel."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "benchmarks" / "__init__.py").is_file():
+            return root
+    return None
+
+
+def suite_summaries(root: Path | None) -> dict[str, str]:
+    """Suite name -> the first line of its docstring, for the modules of `root/benchmarks` that define main()."""
+    suites: dict[str, str] = {}
+    if root is None:
+        return suites
+    for path in sorted((root / "benchmarks").glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue
+        if any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body):
+            suites[path.stem] = (ast.get_docstring(tree) or "").strip().split("\n", 1)[0]
+    return suites
 
 
 def add_parser(commands: Any) -> None:
     """Register the `bench` subcommand."""
-    parser = commands.add_parser("bench", help="run a benchmark suite: fastprompt bench SUITE [ARGS...]")
-    parser.add_argument("suite", help="module of the benchmarks package, e.g. memory")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the suite")
+    suites = suite_summaries(benchmarks_root())
+    listing = "\n".join(f"  {name:<12} {summary}" for name, summary in suites.items())
+    description = (
+        f"suites:\n{listing}\n\n" if suites else "No benchmarks/ folder here: run from a checkout of fastprompt.\n\n"
+    )
+    description += (
+        "`fastprompt bench SUITE --help` shows a suite's options. Results go to ./benchmark-results/<device>/ under "
+        "the current directory unless the suite is given --output FILE or --output DIR (e.g. --output "
+        "benchmarks/results to add them to the repository's committed results)."
+    )
+    parser = add_command(commands, "bench", "run a benchmark suite: fastprompt bench SUITE [ARGS...]", description)
+    parser.add_argument("suite", metavar="SUITE", help=f"one of: {', '.join(suites) or 'see above'}")
+    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the suite")
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(handler=run)
 
@@ -24,12 +60,9 @@ def run(args: argparse.Namespace) -> Any:
     import importlib
     import pkgutil
 
-    import fastprompt
-
-    for root in (Path.cwd(), Path(fastprompt.__file__).resolve().parent.parent):  # a checkout / editable install
-        if (root / "benchmarks" / "__init__.py").is_file() and str(root) not in sys.path:
-            sys.path.append(str(root))
-            break
+    root = benchmarks_root()
+    if root is not None and str(root) not in sys.path:
+        sys.path.append(str(root))
     try:
         benchmarks = importlib.import_module("benchmarks")
     except ImportError:

@@ -125,38 +125,151 @@ def format_metrics(metrics: dict[str, Any], classes: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------- shared flags
 
+# The registered methods, for --help without importing torch (the registry imports every method module);
+# tests/test_cli.py checks that this equals fastprompt.available_methods().
+METHOD_NAMES = ("adapter", "bitfit", "ept", "fpt", "fpt+", "full", "linear", "lora", "partial", "vpt")
 
-def available_methods_for_help() -> str:
-    """The method names for --help, without importing torch (the registry imports every method)."""
-    from fastprompt.methods.registry import available_methods
+CSV_FORMAT = (
+    "Data: a folder of <class>/<image> files, or a CSV list with a header row. Single-label CSV: `path,label`, "
+    "one image per row, the label a class name (or a class index 0..K-1). Multi-label CSV: `path,<class 1>,"
+    "<class 2>,...` with a 0/1 column per class. Paths are relative to the CSV's folder (or absolute)."
+)
 
-    return ", ".join(available_methods())
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `fastprompt train: error: argument --lr: ...` and where to look."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Backbone, weights and method flags (train and preload)."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, or says that it is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "(default" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if action.default is None or action.default is False:
+            return f"{text} (default: off)" if action.nargs == 0 else text
+        return f"{text} (default: %(default)s)"
+
+
+def _checked_number(kind: type, text: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _checked_number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _checked_number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _checked_number(float, text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number greater than 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = _checked_number(float, text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    value = _checked_number(float, text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def share(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = _checked_number(float, text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0 and at most 1, got {text}")
+    return value
+
+
+def add_command(commands: Any, name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
+    """A subcommand parser with fastprompt's help formatter; description paragraphs are wrapped, indented lines kept."""
+    import textwrap
+
+    paragraphs = [f"{summary}."] + [part for part in description.split("\n\n") if part]
+    text = "\n\n".join(
+        "\n".join(line if line.startswith(" ") else textwrap.fill(line, 100) for line in part.split("\n"))
+        for part in paragraphs
+    )
+    return commands.add_parser(name, help=summary, description=text, formatter_class=HelpFormatter)
+
+
+def add_model_args(
+    parser: argparse.ArgumentParser,
+    *,
+    methods: Sequence[str] = METHOD_NAMES,
+    default_method: str = "ept",
+    method_flags: Sequence[str] = tuple(METHOD_FLAGS),
+) -> None:
+    """Backbone, weights and method flags (train: every method; preload: the FPT ones)."""
     parser.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_384")
     weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights")
-    weights.add_argument("--checkpoint", help="local weight file (safetensors/PyTorch state_dict) loaded through timm")
+    weights.add_argument(
+        "--pretrained", action="store_true", help="timm's pretrained weights (local cache or the Hugging Face hub)"
+    )
+    weights.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="local weight file (safetensors/PyTorch state_dict) loaded through timm (default: random init "
+        "unless --pretrained)",
+    )
     parser.add_argument(
         "--model-kwargs",
         action="append",
         nargs="+",
         metavar="KEY=VALUE",
-        help="timm constructor overrides, e.g. depth=2",
+        help="timm constructor overrides, e.g. depth=2 (default: none)",
     )
-    parser.add_argument("--img-size", type=int, default=512, help="input resolution (default 512)")
-    parser.add_argument("--method", default="ept", help=f"one of {available_methods_for_help()} (default: %(default)s)")
-    parser.add_argument("--prompt-length", dest="prompt_length", type=int, help="EPT prompt length")
-    parser.add_argument("--rank", type=int, help="LoRA rank")
-    parser.add_argument("--num-tokens", dest="num_tokens", type=int, help="VPT prompt tokens")
-    parser.add_argument("--num-prompts", dest="num_prompts", type=int, help="FPT prompts per layer")
-    parser.add_argument("--token-ratio", dest="token_ratio", type=float, help="FPT share of tokens kept")
+    parser.add_argument("--img-size", type=positive_int, default=512, help="input resolution in pixels")
+    parser.add_argument("--method", default=default_method, metavar="METHOD", help=f"one of {', '.join(methods)}")
+    flags = {
+        "prompt_length": dict(type=positive_int, help="EPT prompt length (default: the method's, 100)"),
+        "rank": dict(type=positive_int, help="LoRA rank (default: the method's, 8)"),
+        "num_tokens": dict(type=positive_int, help="VPT prompt tokens (default: the method's, 10)"),
+        "num_prompts": dict(type=positive_int, help="FPT prompts per layer (default: the method's, 16)"),
+        "token_ratio": dict(type=share, help="FPT share of tokens kept per head (default: the method's, 0.2)"),
+    }
+    for name in method_flags:
+        parser.add_argument(METHOD_FLAGS[name], **flags[name])
     parser.add_argument(
-        "--option", action="append", nargs="+", metavar="KEY=VALUE", help="any other method option, e.g. deep=True"
+        "--option",
+        action="append",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="any other method option, e.g. layers=[6,7] (default: none)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (initialisation, splits, shuffling)")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -8,21 +8,29 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fastprompt.cli.common import add_common, flatten, unused_path
+from fastprompt.cli.common import add_command, add_common, flatten, positive_int, unused_path
 
 
 def add_parser(commands: Any) -> None:
     """Register the `demo` subcommand."""
-    parser = commands.add_parser("demo", help="train on a built-in synthetic high-resolution task (a few minutes, CPU)")
-    parser.add_argument("--method", help="default: ept (lora when EPT is unavailable)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--images-per-class", type=int, default=30)
-    parser.add_argument("--size", type=int, default=256, help="generated image size")
-    parser.add_argument("--img-size", type=int, default=256, help="model input size")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the model is tiny)")
-    parser.add_argument("--option", action="append", nargs="+", metavar="KEY=VALUE", help="method options")
-    parser.add_argument("--output-dir", help="default: a new temporary folder")
+    parser = add_command(
+        commands,
+        "demo",
+        "train on a built-in synthetic high-resolution task (a few minutes, CPU)",
+        "Writes three classes of synthetic grayscale scans, then runs `fastprompt train` on them with a small "
+        "randomly initialised ViT.",
+    )
+    parser.add_argument("--method", help="method to train (default: ept)")
+    parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs")
+    parser.add_argument("--images-per-class", type=positive_int, default=30, help="generated images per class")
+    parser.add_argument("--size", type=positive_int, default=256, help="generated image size in pixels")
+    parser.add_argument("--img-size", type=positive_int, default=256, help="model input size in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images and the training")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (1: the model is tiny)")
+    parser.add_argument(
+        "--option", action="append", nargs="+", metavar="KEY=VALUE", help="method options (default: none)"
+    )
+    parser.add_argument("--output-dir", metavar="DIR", help="where data/ and run/ go (default: a new temporary folder)")
     add_common(parser)
     parser.set_defaults(handler=run)
 
@@ -31,7 +39,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """`fastprompt demo`: generate the synthetic task, then train and evaluate on it through `train`."""
     import torch
 
-    import fastprompt
     from fastprompt.cli import build_parser
     from fastprompt.cli.train import run as run_train
     from fastprompt.demo import demo_train_args, write_synthetic_dataset
@@ -41,7 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_synthetic_dataset(
         data_dir, images_per_class=args.images_per_class, size=args.size, seed=args.seed, progress=not args.quiet
     )
-    method = args.method or ("ept" if "ept" in fastprompt.available_methods() else "lora")
+    method = args.method or "ept"
     train_argv = demo_train_args(
         data_dir, run_dir, method=method, epochs=args.epochs, img_size=args.img_size, seed=args.seed
     )

@@ -7,17 +7,42 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastprompt.cli.common import add_common, format_metrics, write_json
+from fastprompt.cli.common import (
+    CSV_FORMAT,
+    add_command,
+    add_common,
+    format_metrics,
+    non_negative_int,
+    positive_int,
+    write_json,
+)
 
 
 def add_parser(commands: Any) -> None:
     """Register the `evaluate` subcommand."""
-    parser = commands.add_parser("evaluate", help="metrics of a trained checkpoint on a dataset")
-    parser.add_argument("--checkpoint", required=True, help="OUT/checkpoints/best.pt of a train run (or OUT)")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--output", help="metrics JSON (default: RUN/evaluate_<data name>.json)")
+    parser = add_command(
+        commands,
+        "evaluate",
+        "metrics of a trained run on a dataset",
+        f"{CSV_FORMAT}\n\nPrints the metrics table and the confusion matrix; writes the metrics JSON and the confusion "
+        "matrix PNG beside it.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
+    )
+    parser.add_argument("--data", required=True, metavar="PATH", help="folder of <class>/<image> files or a CSV list")
+    parser.add_argument(
+        "--batch-size", type=positive_int, help="images per batch (default: the run's training batch size)"
+    )
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="data loading processes (0: in-process)")
+    parser.add_argument(
+        "--output",
+        metavar="FILE",
+        help="metrics JSON (default: RUN/evaluate_<data name>.json, numbered when it exists)",
+    )
     add_common(parser)
     parser.set_defaults(handler=run)
 

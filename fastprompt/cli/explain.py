@@ -6,15 +6,27 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fastprompt.cli.common import add_common
+from fastprompt.cli.common import add_command, add_common
 
 
 def add_parser(commands: Any) -> None:
     """Register the `explain` subcommand."""
-    parser = commands.add_parser("explain", help="PNG overlays of EPT scaling maps / FPT selected tokens")
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--output-dir", required=True)
+    parser = add_command(
+        commands,
+        "explain",
+        "PNG figures of what a trained EPT or FPT model looks at",
+        "One PNG per image: the image with its predicted class and probability, a class-discriminative map (where "
+        "the evidence for that class is), and the method's own internals (EPT's per-layer patch-wise scale, or the "
+        "tokens FPT keeps).",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to explain")
+    parser.add_argument("--output-dir", required=True, metavar="DIR", help="folder for the PNG files")
     add_common(parser)
     parser.set_defaults(handler=run)
 

@@ -6,26 +6,37 @@ import argparse
 from typing import Any
 
 from fastprompt.cli.common import (
+    CSV_FORMAT,
     FPT_METHODS,
     UsageError,
+    add_command,
     add_common,
     add_model_args,
     check_method,
     flatten,
     method_options,
     parse_key_values,
+    positive_int,
 )
 
 
 def add_parser(commands: Any) -> None:
     """Register the `preload` subcommand."""
-    parser = commands.add_parser("preload", help="fill the FPT feature cache (resumable)")
-    parser.add_argument("--data", required=True)
-    add_model_args(parser)
-    parser.set_defaults(method="fpt+")
-    parser.add_argument("--cache", required=True, help="cache folder")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser = add_command(
+        commands,
+        "preload",
+        "fill the FPT feature cache (resumable)",
+        f"{CSV_FORMAT}\n\nRuns FPT's frozen branch once per image and stores the selected keys and values in "
+        "--cache, so that `train --cache` runs only the small trainable part. Use the --model, weights, --img-size, "
+        "--seed and FPT options of the later `train`.",
+    )
+    parser.add_argument("--data", required=True, metavar="PATH", help="folder of <class>/<image> files or a CSV list")
+    add_model_args(parser, methods=FPT_METHODS, default_method="fpt+", method_flags=("token_ratio",))
+    parser.add_argument("--cache", required=True, metavar="DIR", help="cache folder (created when missing)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per frozen forward pass")
+    parser.add_argument(
+        "--dtype", default="float16", choices=("float16", "bfloat16", "float32"), help="stored feature precision"
+    )
     add_common(parser)
     parser.set_defaults(handler=run)
 

@@ -10,44 +10,86 @@ from typing import Any
 from fastprompt.cli.common import (
     BACKBONE_FILE,
     CONFIG_NAME,
+    CSV_FORMAT,
     FPT_METHODS,
     UsageError,
+    add_command,
     add_common,
     add_model_args,
     check_method,
     flatten,
     format_metrics,
+    fraction,
     method_options,
+    non_negative_float,
+    non_negative_int,
     parse_key_values,
+    positive_float,
+    positive_int,
     write_json,
 )
 
 
 def add_parser(commands: Any) -> None:
     """Register the `train` subcommand."""
-    parser = commands.add_parser("train", help="train a method on an image folder")
-    parser.add_argument("--data", required=True, help="folder of <class>/<image> files, or a CSV list")
-    parser.add_argument("--val", help="validation folder/CSV (default: hold out --val-fraction of --data)")
-    parser.add_argument(
-        "--val-fraction", type=float, default=0.2, help="held-out share without --val (stratified per class; 0.2)"
+    parser = add_command(
+        commands,
+        "train",
+        "train a method on an image folder or CSV list",
+        f"{CSV_FORMAT}\n\nThe run folder (--output-dir) gets config.json, metrics.json, metrics.jsonl, curves.png and "
+        "checkpoints/{best,last}.pt. Ctrl-C saves a checkpoint mid-epoch and prints the --resume command.",
     )
-    parser.add_argument("--shots", type=int, help="train on K images per class (few-shot), drawn with --seed")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="training images: a folder of <class>/<image> files or a CSV list (format above)",
+    )
+    parser.add_argument(
+        "--val", metavar="PATH", help="validation folder/CSV (default: hold out --val-fraction of --data)"
+    )
+    parser.add_argument(
+        "--val-fraction", type=fraction, default=0.2, help="held-out share without --val, stratified per class"
+    )
+    parser.add_argument(
+        "--shots", type=positive_int, help="train on K images per class, drawn with --seed (default: all images)"
+    )
     add_model_args(parser)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--clip-grad", type=float)
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
-    parser.add_argument("--backend", default="auto", choices=("auto", "deepspeed", "torch"))
-    parser.add_argument("--workers", type=int, default=2, help="data loading processes")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
-    parser.add_argument("--cache", help="FPT feature cache folder: frozen features computed once (see preload)")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="passes over the training images")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per micro-batch")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (cosine schedule)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="decoupled weight decay")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="optimizer")
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up optimizer steps")
+    parser.add_argument(
+        "--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (gradient accumulation)"
+    )
+    parser.add_argument(
+        "--clip-grad", type=positive_float, help="clip the global gradient L2 norm to this value (default: no clipping)"
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        help="auto: bf16 on a GPU that supports it, else fp32",
+    )
+    parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage (0: off)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "deepspeed", "torch"),
+        help="auto: DeepSpeed when installed and useful (GPU, several ranks or ZeRO), else plain PyTorch",
+    )
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="data loading processes (0: in-process)")
+    parser.add_argument("--output-dir", required=True, metavar="DIR", help="run folder to write")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir from its checkpoints/last.pt"
+    )
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="FPT feature cache folder: frozen-branch features computed once, see `preload` (default: no cache)",
+    )
     add_common(parser)
     parser.set_defaults(handler=run)
 
