@@ -7,7 +7,7 @@ from typing import Any
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from fastprompt.methods import registry
+from fastprompt.methods import hf, registry
 from fastprompt.methods.registry import available_methods, check_int
 
 __all__ = ["apply", "available_methods", "count_parameters", "merge"]
@@ -19,14 +19,15 @@ def check_vit(model: object) -> VisionTransformer:
     """Raise a TypeError unless `model` is a timm VisionTransformer."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(
-            f"fastprompt methods patch timm VisionTransformer models, got {type(model).__name__}; "
+            f"fastprompt methods patch timm VisionTransformer models and the Hugging Face models "
+            f"{', '.join(hf.SUPPORTED)}, got {type(model).__name__}; "
             "create one with timm.create_model('vit_base_patch16_224', ...)"
         )
     return model
 
 
 def apply(model: nn.Module, method: str, *, num_classes: int | None = None, **options: Any) -> nn.Module:
-    """Apply a parameter-efficient `method` to a timm ViT and return the model.
+    """Apply a parameter-efficient `method` to a timm ViT or a Hugging Face ViT / DINOv2 and return the model.
 
     Patch methods (linear, partial, full, bitfit, lora, adapter, vpt, ept) change `model` in place
     and return the same object; wrapper methods (fpt, fpt+) return a new module around it.
@@ -34,7 +35,12 @@ def apply(model: nn.Module, method: str, *, num_classes: int | None = None, **op
     reset to that many outputs (and trained).
     """
     spec = registry.get_method(method)
-    check_vit(model)
+    if hf.is_hf_model(model):
+        hf.base_model(model)  # a TypeError for an unsupported Hugging Face model
+        method_fn, reset_classifier = hf.method_fn(spec), hf.reset_classifier
+    else:
+        check_vit(model)
+        method_fn, reset_classifier = spec.fn, type(model).reset_classifier
     if getattr(model, METHOD_ATTR, None) is not None:
         raise ValueError(
             f"model already has method {getattr(model, METHOD_ATTR)!r} applied; apply methods to a fresh model"
@@ -49,12 +55,12 @@ def apply(model: nn.Module, method: str, *, num_classes: int | None = None, **op
     if spec.wrapper:
         if num_classes is None:
             raise ValueError(f"method {spec.name!r} builds a new classifier: pass num_classes=<number of classes>")
-        result = spec.fn(model, num_classes, **options)
+        result = method_fn(model, num_classes, **options)
     else:
         if num_classes is not None:
-            model.reset_classifier(num_classes)
-            model.get_classifier().requires_grad_(False)
-        result = spec.fn(model, **options)
+            reset_classifier(model, num_classes)
+            model.requires_grad_(False)
+        result = method_fn(model, **options)
     setattr(result, METHOD_ATTR, spec.name)
     return result
 

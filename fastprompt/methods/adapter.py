@@ -37,9 +37,13 @@ def adapter(model: VisionTransformer, *, reduction: int = 8) -> VisionTransforme
     """Sequential bottleneck adapter after every MLP: 2·D·(D/r) + D/r + D parameters per block."""
     check_int("reduction", reduction, minimum=1)
     for block in model.blocks:
-        mlp = block.mlp
-        ref = next(mlp.parameters())
-        mlp.adapter = Adapter(model.embed_dim, reduction).to(device=ref.device, dtype=ref.dtype)
-        mlp.forward = types.MethodType(_mlp_forward_with_adapter, mlp)
+        attach_adapter(block.mlp, model.embed_dim, reduction)
     unfreeze_head(model)
     return model
+
+
+def attach_adapter(mlp: nn.Module, dim: int, reduction: int) -> None:
+    """Run an Adapter on `mlp`'s output (on the MLP's device and dtype)."""
+    ref = next(mlp.parameters())
+    mlp.adapter = Adapter(dim, reduction).to(device=ref.device, dtype=ref.dtype)
+    mlp.forward = types.MethodType(_mlp_forward_with_adapter, mlp)

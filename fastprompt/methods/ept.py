@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from timm.layers import Attention, resample_abs_pos_embed
@@ -48,6 +49,9 @@ class EPTState:
     prefix_tokens: int
     attention: str
     scales: list[torch.Tensor] | None = None
+    resample: Callable[[torch.Tensor, tuple[int, int], tuple[int, int], int], torch.Tensor] = field(
+        default=lambda *args: resample_prompt(*args)
+    )  # how the model resamples its position embeddings (timm's or Hugging Face's way)
 
 
 def resample_prompt(
@@ -72,7 +76,7 @@ def token_prompt(attn: Attention, num_tokens: int) -> torch.Tensor:
     grid = state.tracker.size or state.grid
     prompt = attn.prompt
     if grid != state.grid:
-        prompt = resample_prompt(prompt, grid, state.grid, state.prefix_tokens)
+        prompt = state.resample(prompt, grid, state.grid, state.prefix_tokens)
     if prompt.shape[0] != num_tokens:
         raise ValueError(
             f"EPT prompt has {prompt.shape[0]} rows ({state.prefix_tokens} prefix + {grid[0]}x{grid[1]} patches) "
@@ -80,6 +84,25 @@ def token_prompt(attn: Attention, num_tokens: int) -> torch.Tensor:
             "blocks through the model's forward (which records the patch grid) without token dropping or extra tokens"
         )
     return prompt
+
+
+def prompted_attention(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """softmax over [prompt | q kᵀ·scale], prompt columns dropped, times v: `[B, H, N, Dh]` for `attn`'s prompt.
+
+    Runs the fused sink attention, or the materialised official formulation when the model was patched with
+    `attention="official"`; records the patch-wise scaling map while `ept_scales` asks for it.
+    """
+    prompt = token_prompt(attn, q.shape[-2])
+    state: EPTState = attn.ept
+    if state.scales is not None:
+        out, scaling = sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1), scale=scale, return_scale=True)
+        state.scales.append(scaling.mean(dim=1))
+        return out
+    if state.attention == "official":
+        return ept_attention_reference(q, k, v, prompt, scale=scale)
+    return sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1), scale=scale)
 
 
 def _ept_attention_forward(
@@ -96,15 +119,7 @@ def _ept_attention_forward(
     qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
-    prompt = token_prompt(self, num_tokens)
-    state: EPTState = self.ept
-    if state.scales is not None:
-        out, scale = sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1), scale=self.scale, return_scale=True)
-        state.scales.append(scale.mean(dim=1))
-    elif state.attention == "official":
-        out = ept_attention_reference(q, k, v, prompt, scale=self.scale)
-    else:
-        out = sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1), scale=self.scale)
+    out = prompted_attention(self, q, k, v, scale=self.scale)
     x = out.transpose(1, 2).reshape(batch, num_tokens, self.num_heads * self.head_dim)
     x = self.norm(x)
     if gate is not None:
@@ -177,39 +192,52 @@ def ept(
     tracker = TokenGrid()
     patch_embed.register_forward_pre_hook(tracker)
     for attn in attns.values():
-        weight = attn.qkv.weight
-        prompt = torch.empty(num_tokens, prompt_length, device=weight.device, dtype=weight.dtype)
-        init_prompt(prompt, prompt_init)
-        attn.prompt = nn.Parameter(prompt)
-        attn.ept = EPTState(tracker=tracker, grid=grid, prefix_tokens=model.num_prefix_tokens, attention=attention)
+        state = EPTState(tracker=tracker, grid=grid, prefix_tokens=model.num_prefix_tokens, attention=attention)
+        attach_prompt(attn, num_tokens, prompt_length, prompt_init, state)
         attn.forward = types.MethodType(_ept_attention_forward, attn)
     unfreeze_head(model)
     return model
 
 
+def attach_prompt(attn: nn.Module, num_tokens: int, prompt_length: int, prompt_init: str, state: EPTState) -> None:
+    """Give `attn` a trainable `[num_tokens, prompt_length]` prompt (on its weights' device and dtype) and `state`."""
+    weight = next(attn.parameters())
+    prompt = torch.empty(num_tokens, prompt_length, device=weight.device, dtype=weight.dtype)
+    init_prompt(prompt, prompt_init)
+    attn.prompt = nn.Parameter(prompt)
+    attn.ept = state
+
+
+def prompted_attentions(model: nn.Module) -> dict[int, nn.Module]:
+    """The attention modules that carry an EPT prompt, by block index (timm or Hugging Face ViT)."""
+    from fastprompt.methods.hf import attention_modules
+
+    return {i: attn for i, attn in attention_modules(model).items() if isinstance(getattr(attn, "ept", None), EPTState)}
+
+
 def prompted_layers(model: nn.Module) -> list[int]:
     """Indices of the blocks that carry an EPT prompt."""
-    blocks = getattr(model, "blocks", ())
-    return [i for i, block in enumerate(blocks) if isinstance(getattr(block.attn, "ept", None), EPTState)]
+    return list(prompted_attentions(model))
 
 
-def ept_scales(model: nn.Module, images: torch.Tensor) -> dict[int, torch.Tensor]:
+def ept_scales(model: nn.Module, images: torch.Tensor, **forward_kwargs: Any) -> dict[int, torch.Tensor]:
     """Patch-wise scaling map σ(lse − g) per prompted layer, averaged over heads: `{layer: [B, N]}`.
 
-    Runs `model(images)` in eval mode without gradients (the model's train/eval mode is restored); the map comes
+    Runs `model(images, **forward_kwargs)` (e.g. `interpolate_pos_encoding=True` for a Hugging Face ViT) in eval
+    mode without gradients (the model's train/eval mode is restored); the map comes
     from `sink_attention(..., return_scale=True)` whichever attention path the model trains with.
     """
-    layers = prompted_layers(model)
-    if not layers:
+    attentions = prompted_attentions(model)
+    if not attentions:
         raise ValueError("model has no EPT prompts; call fastprompt.apply(model, 'ept', ...) first")
-    states = [model.blocks[i].attn.ept for i in layers]
+    layers, states = list(attentions), [attn.ept for attn in attentions.values()]
     was_training = model.training
     try:
         model.eval()
         for state in states:
             state.scales = []
         with torch.no_grad():
-            model(images)
+            model(images, **forward_kwargs)
         return {i: state.scales[0] for i, state in zip(layers, states)}
     finally:
         for state in states:

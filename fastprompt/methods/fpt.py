@@ -38,7 +38,8 @@ def _check_backbone(backbone: object) -> VisionTransformer:
     """Raise unless `backbone` is a timm ViT whose blocks FPT can run itself (pre-norm Block + Attention)."""
     if not isinstance(backbone, VisionTransformer):
         raise TypeError(
-            f"FPT wraps a timm VisionTransformer, got {type(backbone).__name__}; "
+            "FPT wraps a timm VisionTransformer or a Hugging Face ViTModel / Dinov2Model, got "
+            f"{type(backbone).__name__}; "
             "create one with timm.create_model('vit_base_patch16_384', img_size=512)"
         )
     for i, block in enumerate(backbone.blocks):
@@ -74,6 +75,46 @@ def _finish_block(block: Block, x: torch.Tensor, normed: torch.Tensor, attended:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+class TimmTap:
+    """How FPT runs a frozen timm ViT block by block (the Hugging Face counterpart is `methods.hf.HFTap`)."""
+
+    def __init__(self, backbone: VisionTransformer) -> None:
+        self.backbone = _check_backbone(backbone)
+        self.blocks = list(backbone.blocks)
+        self.embed_dim = backbone.embed_dim
+        self.num_heads = backbone.blocks[0].attn.num_heads
+        self.patch_size = backbone.patch_embed.patch_size[0]
+        self.in_chans = backbone.patch_embed.proj.in_channels
+        self.num_prefix_tokens = backbone.num_prefix_tokens
+        self.image_size = list(backbone.patch_embed.img_size)
+        self.name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens entering block 0."""
+        backbone = self.backbone
+        x = backbone.patch_embed(images.to(next(backbone.parameters()).dtype))
+        return backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(x)))
+
+    qkv = staticmethod(_qkv)
+    finish = staticmethod(_finish_block)
+
+    @staticmethod
+    def scale(block: Block) -> float:
+        return block.attn.scale
+
+    def grid(self, image_size: tuple[int, int] | None) -> tuple[int, int]:
+        """Patch grid at `image_size` (default: the backbone's)."""
+        patch_embed = self.backbone.patch_embed
+        return tuple(patch_embed.grid_size if image_size is None else patch_embed.dynamic_feat_size(image_size))
+
+
+def backbone_tap(backbone: nn.Module) -> Any:
+    """The tap FPT runs `backbone` through: timm's ViT or a Hugging Face ViT / DINOv2."""
+    from fastprompt.methods.hf import HFTap, is_hf_model
+
+    return HFTap(backbone) if is_hf_model(backbone) else TimmTap(backbone)
+
+
 class FPT(nn.Module):
     """FPT / FPT+ around a frozen timm ViT: only the fusion module and the side ViT train.
 
@@ -96,10 +137,10 @@ class FPT(nn.Module):
         side_input_size: int | None = None,
     ) -> None:
         super().__init__()
-        _check_backbone(backbone)
+        tap = backbone_tap(backbone)
         check_int("num_classes", num_classes, minimum=1)
         variant = check_choice("variant", variant.lower() if isinstance(variant, str) else variant, VARIANTS)
-        depth = len(backbone.blocks)
+        depth = len(tap.blocks)
         if layers is None:
             layers = range(depth // 2, depth) if variant == "fpt+" else range(depth)
         self.layers = check_layers("layers", layers, depth)
@@ -108,7 +149,7 @@ class FPT(nn.Module):
         if self.token_ratio == 0.0:
             raise ValueError("option 'token_ratio' must be > 0 (the share of tokens kept per head), got 0")
         self.token_importance = check_choice("token_importance", token_importance, IMPORTANCE_MODES)
-        embed_dim, num_heads = backbone.embed_dim, backbone.blocks[0].attn.num_heads
+        embed_dim, num_heads = tap.embed_dim, tap.num_heads
         if side_width is None:
             side_width = embed_dim // SIDE_REDUCTION
         check_int("side_width", side_width, minimum=1)
@@ -120,7 +161,7 @@ class FPT(nn.Module):
         self.side_input_size = check_int(
             "side_input_size", SIDE_INPUT_SIZE[variant] if side_input_size is None else side_input_size, minimum=1
         )
-        side_patch = backbone.patch_embed.patch_size[0]
+        side_patch = tap.patch_size
         if self.side_input_size % side_patch:
             nearest = max(1, round(self.side_input_size / side_patch)) * side_patch
             raise ValueError(
@@ -132,6 +173,7 @@ class FPT(nn.Module):
 
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
+        self.tap = tap  # a plain object (not a submodule) viewing self.backbone
         ref = next(backbone.parameters())
         self.fusion = FusionModule(
             len(self.layers), num_prompts, embed_dim, num_heads, side_width, query_projection=variant == "fpt"
@@ -139,7 +181,7 @@ class FPT(nn.Module):
         self.side = build_side_vit(
             img_size=self.side_input_size,
             patch_size=side_patch,
-            in_chans=backbone.patch_embed.proj.in_channels,
+            in_chans=tap.in_chans,
             width=side_width,
             depth=len(self.layers),
             num_heads=num_heads,
@@ -160,22 +202,21 @@ class FPT(nn.Module):
         Runs the backbone blocks up to the last extracted layer (no further); what the feature cache stores.
         With `return_indices`, also `indices` `[B, L, H, int(N·ratio)]`: the token index of each selection.
         """
-        backbone = self.backbone
-        x = backbone.patch_embed(images.to(next(backbone.parameters()).dtype))
-        x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(x)))
+        tap = self.tap
+        x = tap.embed(images)
         wanted, last = set(self.layers), self.layers[-1]
         keys, values, indices = [], [], []
-        for i, block in enumerate(backbone.blocks[: last + 1]):
+        for i, block in enumerate(tap.blocks[: last + 1]):
             if i not in wanted:
                 x = block(x)
                 continue
-            normed, q, k, v = _qkv(block, x)
-            options = dict(mode=self.token_importance, scale=block.attn.scale)
+            normed, q, k, v = tap.qkv(block, x)
+            options = dict(mode=self.token_importance, scale=tap.scale(block))
             if i == last:
                 scores = kernels.attention_importance(q, k, **options)
             else:
                 attended, scores = kernels.attention_with_importance(q, k, v, **options)
-                x = _finish_block(block, x, normed, attended)
+                x = tap.finish(block, x, normed, attended)
             k_sel, v_sel, chosen = kernels.select_tokens(k, v, scores, self.token_ratio, return_indices=True)
             keys.append(k_sel)
             values.append(v_sel)
@@ -208,9 +249,8 @@ class FPT(nn.Module):
 
     def num_selected_tokens(self, image_size: tuple[int, int] | None = None) -> int:
         """Tokens kept per head and layer, `int(N·token_ratio)`, at `image_size` (default: the backbone's)."""
-        patch_embed = self.backbone.patch_embed
-        grid = patch_embed.grid_size if image_size is None else patch_embed.dynamic_feat_size(image_size)
-        return int((grid[0] * grid[1] + self.backbone.num_prefix_tokens) * self.token_ratio)
+        grid = self.tap.grid(image_size)
+        return int((grid[0] * grid[1] + self.tap.num_prefix_tokens) * self.token_ratio)
 
     def weights_digest(self) -> str:
         """SHA-256 of the frozen backbone's weights (names, dtypes, shapes, bytes).
@@ -229,13 +269,11 @@ class FPT(nn.Module):
 
     def feature_signature(self) -> dict[str, Any]:
         """Everything the frozen features depend on besides the image: backbone identity and selection settings."""
-        backbone = self.backbone
-        name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
         return {
             "format": FEATURE_FORMAT,
-            "backbone": name,
+            "backbone": self.tap.name,
             "weights_sha256": self.weights_digest(),
-            "image_size": list(backbone.patch_embed.img_size),
+            "image_size": list(self.tap.image_size),
             "layers": list(self.layers),
             "token_ratio": self.token_ratio,
             "token_importance": self.token_importance,

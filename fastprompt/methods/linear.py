@@ -8,8 +8,10 @@ from fastprompt.methods.registry import check_int, register_method
 
 
 def unfreeze_head(model: VisionTransformer) -> None:
-    """Make the classifier (and the final norm feeding it, when `with_norm`) trainable."""
-    model.get_classifier().requires_grad_(True)
+    """Make the classifier trainable: timm's `get_classifier()`, a Hugging Face model's `classifier` (if any)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "classifier", None)
+    if head is not None:
+        head.requires_grad_(True)
 
 
 @register_method("linear")

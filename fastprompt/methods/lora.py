@@ -63,6 +63,16 @@ def lora(
     targets: tuple[str, ...] = ("qkv",),
 ) -> VisionTransformer:
     """LoRA on each block's attention `qkv` and/or `proj` linear layers (rank·(in+out) parameters each)."""
+    targets = check_lora_options(rank, alpha, dropout, targets)
+    for block in model.blocks:
+        for name in targets:
+            wrap_linear(block.attn, name, rank, alpha, dropout)
+    unfreeze_head(model)
+    return model
+
+
+def check_lora_options(rank: object, alpha: object, dropout: object, targets: object) -> tuple[str, ...]:
+    """Validate LoRA's options; the targets as a tuple without repeats."""
     check_int("rank", rank, minimum=1)
     check_float("alpha", alpha, minimum=0.0)
     check_float("dropout", dropout, minimum=0.0, maximum=1.0)
@@ -72,14 +82,15 @@ def lora(
         raise TypeError(f"option 'targets' must be a name or a tuple of names, got {type(targets).__name__}")
     if not targets or any(t not in LORA_TARGETS for t in targets):
         raise ValueError(f"option 'targets' must be a non-empty subset of {list(LORA_TARGETS)}, got {targets!r}")
-    for block in model.blocks:
-        for name in dict.fromkeys(targets):
-            base = getattr(block.attn, name)
-            if not isinstance(base, nn.Linear):
-                raise TypeError(f"LoRA target attn.{name} is {type(base).__name__}, expected nn.Linear")
-            setattr(block.attn, name, LoRALinear(base, rank, alpha, dropout))
-    unfreeze_head(model)
-    return model
+    return tuple(dict.fromkeys(targets))
+
+
+def wrap_linear(parent: nn.Module, name: str, rank: int, alpha: float, dropout: float) -> None:
+    """Replace the nn.Linear `parent.<name>` by a LoRALinear around it."""
+    base = getattr(parent, name)
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"LoRA target attn.{name} is {type(base).__name__}, expected nn.Linear")
+    setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
