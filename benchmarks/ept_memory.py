@@ -20,7 +20,6 @@ from fastprompt.profiling import saved_tensor_bytes
 
 ATTENTIONS = ("fused", "official")
 LIMIT = 0.25
-DEFAULT_OUTPUT = results.RESULTS_DIR / "cpu" / "ept_saved_bytes.json"
 
 
 def step_saved_bytes(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--img-size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-length", type=int, default=100)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--output", type=Path, default=results.default_output_dir() / "cpu" / "ept_saved_bytes.json")
     args = parser.parse_args(argv)
     saved = measure(args.img_size, args.batch, args.prompt_length)
     ratio = saved["fused"] / saved["official"]

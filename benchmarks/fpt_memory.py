@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fastprompt
-from benchmarks.results import RESULTS_DIR, run_record, write_record
+from benchmarks.results import default_output_dir, run_record, write_record
 from fastprompt import FPT
 from fastprompt.profiling import saved_tensor_bytes
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "cpu" / "fpt_saved_bytes.json")
+    parser.add_argument("--out", type=Path, default=default_output_dir() / "cpu" / "fpt_saved_bytes.json")
     args = parser.parse_args(argv)
     result = measure(args.image_size, args.batch)
     fpt_plus = result["fpt+_cached"]

@@ -220,7 +220,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--repeats", type=int)
-    parser.add_argument("--output", type=Path, help="result JSON path (default: benchmarks/results/<device>/...)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="result JSON file, or a folder for <device>/<name>.json (default: ./benchmark-results/)",
+    )
     args = parser.parse_args(argv)
     defaults = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
     for key in ("ns", "head_dims", "batch", "width", "dtype"):

@@ -230,7 +230,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU: measure every row in this process (faster start; later rows' peak RSS may include earlier heap)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, help="result JSON path (default: benchmarks/results/<device>/...)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="result JSON file, or a folder for <device>/<name>.json (default: ./benchmark-results/)",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")

@@ -111,9 +111,15 @@ def command_args() -> list[str]:
     return [module, *sys.argv[1:]]
 
 
-def default_path(record: dict[str, Any], stem: str) -> Path:
-    """Where a record is written by default: benchmarks/results/<device>/<stem>.json."""
-    return RESULTS_DIR / record_device_dir(record) / f"{stem}.json"
+def default_output_dir() -> Path:
+    """Where runs go unless told otherwise: ./benchmark-results under the current directory (never the repository's
+    committed benchmarks/results/, which a run joins only through an explicit --output benchmarks/results)."""
+    return Path.cwd() / "benchmark-results"
+
+
+def default_path(record: dict[str, Any], stem: str, root: str | os.PathLike | None = None) -> Path:
+    """Where a record is written: <root, default ./benchmark-results>/<device>/<stem>.json."""
+    return Path(root if root is not None else default_output_dir()) / record_device_dir(record) / f"{stem}.json"
 
 
 def record_device_dir(record: dict[str, Any]) -> str:
@@ -134,10 +140,14 @@ def write_record(record: dict[str, Any], path: str | os.PathLike) -> Path:
 def save_suite_run(
     suite: str, device: torch.device | str, args: Any, rows: list[dict[str, Any]], notes: list[str], stem: str
 ) -> Path:
-    """Write a suite run (config: its command-line `args` less `output`) to `args.output` or the default path."""
+    """Write a suite run (config: its command-line `args` less `output`) to `args.output`: a .json file, or a folder
+    that gets <device>/<stem>.json (e.g. benchmarks/results); by default ./benchmark-results/<device>/<stem>.json."""
     config = {key: value for key, value in vars(args).items() if key != "output"}
     record = run_record(suite, device, config, rows, notes)
-    path = write_record(record, args.output or default_path(record, stem))
+    output = args.output
+    if output is None or Path(output).suffix.lower() != ".json":
+        output = default_path(record, stem, output)
+    path = write_record(record, output)
     print(f"wrote {path}")
     return path
 

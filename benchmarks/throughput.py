@@ -105,7 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed steps (default: 3 on CPU, 20 on GPU)")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip counting FLOPs (and MFU)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, help="result JSON path (default: benchmarks/results/<device>/...)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="result JSON file, or a folder for <device>/<name>.json (default: ./benchmark-results/)",
+    )
     args = parser.parse_args(argv)
     warmup, repeats = DEFAULT_COUNTS["cuda" if args.device.startswith("cuda") else "cpu"]
     args.warmup = warmup if args.warmup is None else args.warmup

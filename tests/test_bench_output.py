@@ -1,0 +1,45 @@
+"""Benchmark runs write where the user is (./benchmark-results/), never into the committed benchmarks/results/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import pytest
+
+results = pytest.importorskip("benchmarks.results")
+
+
+def committed_files() -> set:
+    return {path for path in results.RESULTS_DIR.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("output, expected", [(None, "benchmark-results/cpu/s.json"), ("mine", "mine/cpu/s.json"),
+                                              ("one.json", "one.json")])  # fmt: skip
+def test_suite_runs_default_to_the_current_directory(tmp_path, monkeypatch, capsys, output, expected):
+    monkeypatch.chdir(tmp_path)
+    before = committed_files()
+    args = argparse.Namespace(output=output, batch=1)
+    path = results.save_suite_run("memory", "cpu", args, [{"method": "ept", "bytes": 1}], [], "s")
+    assert path.resolve() == (tmp_path / expected).resolve()
+    assert results.load_record(path)["config"] == {"batch": 1}
+    assert committed_files() == before
+
+
+def test_explicit_output_benchmarks_results_commits(tmp_path, monkeypatch):
+    record = {"device_type": "cpu", "device": "x"}
+    assert results.default_path(record, "s", results.RESULTS_DIR) == results.RESULTS_DIR / "cpu" / "s.json"
+
+
+@pytest.mark.parametrize("suite, measured", [
+    ("ept_memory", {"fused": 1, "official": 2}),
+    ("fpt_memory", {"fpt+_cached": {"saved_bytes": 1}, "full_finetune_saved_bytes": 4, "ratio": 0.25}),
+])  # fmt: skip
+def test_standalone_suites_default_to_the_current_directory(tmp_path, monkeypatch, capsys, suite, measured):
+    module = importlib.import_module(f"benchmarks.{suite}")
+    monkeypatch.setattr(module, "measure", lambda *args: measured)  # the measurement itself is tested elsewhere
+    monkeypatch.chdir(tmp_path)
+    before = committed_files()
+    path = module.main([])
+    assert path.resolve().is_relative_to((tmp_path / "benchmark-results" / "cpu").resolve())
+    assert committed_files() == before
