@@ -246,6 +246,30 @@ def test_pretrained_without_network(data, tmp_path, capsys, monkeypatch):
     assert "could not download the pretrained weights" in err and "--checkpoint FILE" in err
 
 
+def test_pretrained_with_an_unreachable_hub_fails_at_once(data, tmp_path, capsys, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    sleeps = []
+    monkeypatch.setattr(_http.time, "sleep", sleeps.append)  # the hub's retry back-off, counted instead of slept
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    argv = ["train", f"--data={data.clean}", *TINY, "--pretrained", "--method=linear", *FAST]
+    started = time.perf_counter()
+    err = run_error(capsys, [*argv, f"--output-dir={tmp_path / 'run'}"])
+    elapsed = time.perf_counter() - started
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "could not download the pretrained weights" in errors[0]
+    assert "--checkpoint FILE" in errors[0]
+    assert sleeps == [], f"the hub retried {len(sleeps)} times"
+    assert not (tmp_path / "run").exists()
+    print(f"--pretrained without a network: failed in {elapsed:.2f} s")
+
+
 @pytest.mark.parametrize(
     "error, message",
     [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -164,13 +165,37 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.backbone if isinstance(model, fastprompt.FPT) else model
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether one short request to the Hugging Face hub gets any answer (offline mode counts as unreachable)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # DNS, connection, proxy, TLS: any failure means a download would only retry and fail
+        return False
+    return True
+
+
+def use_offline_hub() -> None:
+    """Switch huggingface_hub to offline mode (cached files only): no minutes of retries without a network."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for subprocesses (data loader workers, DeepSpeed launchers)
+    constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub.is_offline_mode()
+
+
 def make_backbone(
     name: str, img_size: int, *, pretrained: bool, checkpoint: str | Path | None, model_kwargs: dict[str, Any]
 ) -> nn.Module:
     """`create_backbone`, saying first where hub weights come from (a download can take minutes to time out)."""
     from fastprompt.models import create_backbone
 
-    if pretrained:
+    if pretrained and not hub_reachable():
+        use_offline_hub()  # the local cache or one clear error, at once
+    elif pretrained:
         print(
             f"loading timm's pretrained weights for {name} (local cache or the Hugging Face hub; without internet, "
             "use --checkpoint FILE)",
