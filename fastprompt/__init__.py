@@ -25,6 +25,11 @@ _EXPORTS = {
     "count_parameters": "fastprompt.patch",
     "ept_scales": "fastprompt.methods.ept",
     "merge": "fastprompt.patch",
+    "load": "fastprompt.serialization",
+    "load_run": "fastprompt.serialization",
+    "load_trainable": "fastprompt.serialization",
+    "read_checkpoint": "fastprompt.serialization",
+    "save_trainable": "fastprompt.serialization",
 }
 
 __all__ = [  # the same names as _EXPORTS (tests/test_compat.py checks)
@@ -35,7 +40,12 @@ __all__ = [  # the same names as _EXPORTS (tests/test_compat.py checks)
     "available_methods",
     "count_parameters",
     "ept_scales",
+    "load",
+    "load_run",
+    "load_trainable",
     "merge",
+    "read_checkpoint",
+    "save_trainable",
 ]
 
 if TYPE_CHECKING:  # what static tools see; at run time `__getattr__` imports these on first use
@@ -43,6 +53,7 @@ if TYPE_CHECKING:  # what static tools see; at run time `__getattr__` imports th
     from fastprompt.methods.ept import ept_scales
     from fastprompt.methods.fpt import FPT
     from fastprompt.patch import apply, available_methods, count_parameters, merge
+    from fastprompt.serialization import load, load_run, load_trainable, read_checkpoint, save_trainable
 
 
 def __getattr__(name: str) -> Any:

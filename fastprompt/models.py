@@ -208,7 +208,13 @@ def create_backbone(
     _check_img_size(name, img_size, _probe(name, img_size, model_kwargs))
     build = dict(img_size=img_size, num_classes=0, dynamic_img_size=dynamic_img_size, **model_kwargs)
     if checkpoint is not None:
-        return _load_file(name, checkpoint, build)
-    if pretrained:
-        return _load_hub(name, build)
-    return timm.create_model(name, pretrained=False, **build)
+        model = _load_file(name, checkpoint, build)
+    elif pretrained:
+        model = _load_hub(name, build)
+    else:
+        model = timm.create_model(name, pretrained=False, **build)
+    # the recipe fastprompt.save_trainable records, so that fastprompt.load can rebuild this architecture
+    model.fastprompt_backbone = {
+        "name": name, "img_size": img_size, "dynamic_img_size": dynamic_img_size, "model_kwargs": dict(model_kwargs)
+    }  # fmt: skip
+    return model

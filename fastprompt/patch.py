@@ -13,6 +13,7 @@ from fastprompt.methods.registry import available_methods, check_int
 __all__ = ["apply", "available_methods", "count_parameters", "merge"]
 
 METHOD_ATTR = "fastprompt_method"
+CONFIG_ATTR = "fastprompt_config"  # {"method", "num_classes", "options"} as given to apply: what rebuilds it
 
 
 def check_vit(model: object) -> VisionTransformer:
@@ -62,6 +63,7 @@ def apply(model: nn.Module, method: str, *, num_classes: int | None = None, **op
             model.requires_grad_(False)
         result = method_fn(model, **options)
     setattr(result, METHOD_ATTR, spec.name)
+    setattr(result, CONFIG_ATTR, {"method": spec.name, "num_classes": num_classes, "options": dict(options)})
     return result
 
 
