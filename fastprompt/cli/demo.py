@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # tiny ops: extra threads only wait on each other on a busy CPU
     try:
-        return run_train(build_parser().parse_args(train_argv))
+        train_args = build_parser().parse_args(train_argv)
+        train_args.argv = train_argv
+        return run_train(train_args)
     finally:
         torch.set_num_threads(previous)

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_backbone,
     )
     from fastprompt.data import make_few_shot_splits, train_val_split, transforms_for_model
-    from fastprompt.engine import Engine
+    from fastprompt.engine import Engine, TrainingInterrupted
 
     method = check_method(args.method)
     if args.cache is not None and method not in FPT_METHODS:
@@ -217,9 +217,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         file=sys.stderr,
     )
     engine = Engine(trained, output_dir=out, progress=not args.quiet, **engine_options)
-    engine.fit(train_loader, val_loader, resume=args.resume)
+    try:
+        history = engine.fit(
+            train_loader, val_loader, resume=args.resume, on_epoch_end=lambda record: print_epoch(record, engine)
+        )
+    except TrainingInterrupted as interrupt:
+        print(f"fastprompt train: {interrupt}", file=sys.stderr)
+        if interrupt.checkpoint:
+            print(f"resume with: {resume_command(args)}", file=sys.stderr)
+        raise
     metrics = engine.evaluate(val_loader)
     write_json(out / "metrics.json", metrics)
+    print(f"final model (checkpoints/last.pt, epoch {len(history)}):")
     print(format_metrics(metrics, data.classes))
+    print(best_summary(engine, out))
     print(f"run written to {out}", file=sys.stderr)
     return metrics
+
+
+SHOWN_METRICS = ("train_loss", "val_loss", "val_acc", "val_auc", "val_map")
+
+
+def epoch_line(record: dict[str, Any], epochs: int, best_epoch: int | None) -> str:
+    """One line per epoch: losses and validation metrics, the best epoch marked."""
+    values = "  ".join(f"{key} {record[key]:.4f}" for key in SHOWN_METRICS if isinstance(record.get(key), float))
+    mark = "  * best" if best_epoch == record["epoch"] else ""
+    return f"epoch {record['epoch']}/{epochs}  {values}  ({record.get('time_s', 0.0):.1f} s){mark}"
+
+
+def print_epoch(record: dict[str, Any], engine: Any) -> None:
+    """Print an epoch's line above the progress bars."""
+    from tqdm.auto import tqdm
+
+    best = engine.state.get("best")
+    tqdm.write(epoch_line(record, engine.config["epochs"], best["epoch"] if best else None))
+
+
+def best_summary(engine: Any, out: Path) -> str:
+    """Which checkpoint is best, at which epoch, with its validation metrics."""
+    best = engine.state.get("best")
+    path = out / "checkpoints" / "best.pt"
+    if not best or not path.is_file():
+        return "no best checkpoint (no finite validation metric); use checkpoints/last.pt"
+    record = next((r for r in engine.history if r.get("epoch") == best["epoch"]), {})
+    values = ", ".join(f"{key} {record[key]:.4f}" for key in SHOWN_METRICS if isinstance(record.get(key), float))
+    return f"best checkpoint: {path} (epoch {best['epoch']}, best {best['metric']}; {values})"
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run."""
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or ["train"])
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(["fastprompt", *argv])

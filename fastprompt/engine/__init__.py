@@ -5,6 +5,6 @@ checkpoint files, `data` the batch conventions and `report` the metrics file and
 """
 
 from fastprompt.engine.checkpoint import CheckpointError
-from fastprompt.engine.core import Engine, NonFiniteLossError, enable_determinism
+from fastprompt.engine.core import Engine, NonFiniteLossError, TrainingInterrupted, enable_determinism
 
-__all__ = ["CheckpointError", "Engine", "NonFiniteLossError", "enable_determinism"]
+__all__ = ["CheckpointError", "Engine", "NonFiniteLossError", "TrainingInterrupted", "enable_determinism"]

@@ -11,11 +11,16 @@ training loader is sharded like a DistributedSampler; evaluate/predict run the f
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +65,46 @@ from fastprompt.engine.data import (
 from fastprompt.engine.report import write_curves, write_metrics_jsonl
 from fastprompt.methods.registry import check_choice, check_float, check_int
 
-__all__ = ["CheckpointError", "Engine", "NonFiniteLossError"]
+__all__ = ["CheckpointError", "Engine", "NonFiniteLossError", "TrainingInterrupted"]
 
 CHECKPOINT_VERSION = 1
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss and `skip_nonfinite` was off."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `fit`: training stopped after an optimizer step and saved its position to `checkpoint`."""
+
+    def __init__(self, checkpoint: str | None, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> None:
+        where = f"epoch {epoch + 1}, after step {step_in_epoch} of {steps_per_epoch}"
+        saved = f"saved {checkpoint}" if checkpoint else "nothing saved (no output_dir)"
+        super().__init__(f"training interrupted in {where}; {saved}")
+        self.checkpoint, self.epoch, self.step_in_epoch = checkpoint, epoch, step_in_epoch
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(engine: Engine):
+    """While training, a first Ctrl-C asks `engine` to stop at the next optimizer step (a second one aborts).
+
+    Only in the main thread of a single-process run: ranks that stopped at different steps would deadlock.
+    """
+    engine._stop_requested = False
+    if threading.current_thread() is not threading.main_thread() or engine.world_size > 1:
+        yield
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        engine._stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
@@ -285,8 +323,18 @@ class Engine:
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None, resume: bool = False) -> list[dict]:
+    def fit(
+        self,
+        train_loader: DataLoader,
+        val_loader: DataLoader | None = None,
+        resume: bool = False,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list[dict]:
         """Train for `epochs` epochs; returns the per-epoch history (train loss, lr, skipped batches, val metrics).
+
+        `on_epoch_end(record)` sees each epoch's record (train loss, val metrics) after its checkpoint is written.
+        Ctrl-C stops after the current optimizer step, writes ``checkpoints/last.pt`` at that position (mid-epoch)
+        and raises `TrainingInterrupted`; `fit(resume=True)` continues from there.
 
         With `resume`, continue from ``output_dir/checkpoints/last.pt`` (or the previous checkpoint when `last` is
         corrupt); the already-consumed batches of the interrupted epoch are skipped in the same order.
@@ -315,7 +363,21 @@ class Engine:
         self.history = []
         if not (resume and self._resume()):
             _seed_everything(cfg["seed"])
+        with _stop_on_interrupt(self):
+            self._train_epochs(loader, sampler, steps_per_epoch, val_loader, on_epoch_end)
+        return self.history
+
+    def _train_epochs(
+        self,
+        loader: DataLoader,
+        sampler: Any,
+        steps_per_epoch: int,
+        val_loader: DataLoader | None,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        cfg = self.config
         while self.state["epoch"] < cfg["epochs"]:
+            self._stop_if_requested(steps_per_epoch)
             record = self._train_epoch(loader, sampler, steps_per_epoch)
             if val_loader is not None:
                 val = self.evaluate(val_loader)
@@ -325,7 +387,17 @@ class Engine:
             self.state["step_in_epoch"] = 0
             self._update_best(record)
             self._checkpoint_epoch_end()
-        return self.history
+            if on_epoch_end is not None and self.rank == 0:
+                on_epoch_end(record)
+
+    def _stop_if_requested(self, steps_per_epoch: int) -> None:
+        """After Ctrl-C: save the position (mid-epoch when inside one) to last.pt and raise TrainingInterrupted."""
+        if not getattr(self, "_stop_requested", False):
+            return
+        state = self.state
+        if state["step_in_epoch"] > 0 or state["last_good"] is None:
+            self._checkpoint_last()
+        raise TrainingInterrupted(state["last_good"], state["epoch"], state["step_in_epoch"], steps_per_epoch)
 
     def _train_epoch(self, loader: DataLoader, sampler: Any, steps_per_epoch: int) -> dict[str, Any]:
         cfg, state, backend = self.config, self.state, self.backend
@@ -389,6 +461,9 @@ class Engine:
                 self._checkpoint_last()
             if state["step_in_epoch"] >= steps_per_epoch:
                 break
+            if getattr(self, "_stop_requested", False):
+                bar.close()
+                self._stop_if_requested(steps_per_epoch)
         bar.close()
         elapsed = time.perf_counter() - started
         totals = torch.tensor([running["loss_sum"], running["loss_count"], running["skipped"]], dtype=torch.float64)

@@ -1,0 +1,85 @@
+"""`fastprompt train` says what it did: per-epoch metrics, the best checkpoint, and Ctrl-C that can be resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from test_cli import CLASSES, FAST, TINY, write_folder
+
+from fastprompt.cli import main
+from fastprompt.engine.checkpoint import read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return write_folder(root / "train", 6), write_folder(root / "val", 2, seed=1)
+
+
+def train_argv(folders, out, *extra):
+    train, val = folders
+    return ["train", f"--data={train}", f"--val={val}", *TINY, "--method=linear", *FAST, f"--output-dir={out}", *extra]
+
+
+def test_train_prints_each_epoch_and_names_the_best_checkpoint(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(folders, out, "--epochs=3")) == 0
+    printed = capsys.readouterr().out
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    for line, record in zip(lines, history):  # the numbers on screen are the recorded ones
+        assert f"val_loss {record['val_loss']:.4f}" in line and f"val_acc {record['val_acc']:.4f}" in line
+    best = max(history, key=lambda r: (r["val_auc"], -r["epoch"]))  # first epoch with the highest val AUC
+    assert sum("* best" in line for line in lines) >= 1
+    summary = next(line for line in printed.splitlines() if line.startswith("best checkpoint:"))
+    assert str(out / "checkpoints" / "best.pt") in summary
+    assert f"(epoch {best['epoch']}, best val_auc; " in summary and f"val_auc {best['val_auc']:.4f}" in summary
+    payload = read_checkpoint(out / "checkpoints" / "best.pt")
+    assert payload["state"]["epoch"] == best["epoch"]
+
+
+INTERRUPT_AT = 3  # optimizer step (of 3 per epoch at batch 4 with 12 images) during which Ctrl-C arrives
+
+
+def test_ctrl_c_saves_mid_epoch_and_prints_the_resume_command(folders, tmp_path):
+    out = tmp_path / "run"
+    argv = train_argv(folders, out, "--epochs=2", "--batch-size=2")  # 6 steps per epoch
+    code = f"""
+    import os, signal, sys
+    from fastprompt.engine import core
+    set_lr = core.Engine._set_lr
+    def set_lr_then_interrupt(self, step):  # a real SIGINT to this process while step {INTERRUPT_AT} runs
+        if step == {INTERRUPT_AT - 1}:
+            os.kill(os.getpid(), signal.SIGINT)
+        set_lr(self, step)
+    core.Engine._set_lr = set_lr_then_interrupt
+    from fastprompt.cli import main
+    sys.exit(main({argv!r}))
+    """
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 130, result.stderr
+    assert "interrupted in epoch 1, after step 3 of 6" in result.stderr
+    command = next(line for line in result.stderr.splitlines() if line.startswith("resume with: "))
+    resume = shlex.split(command.removeprefix("resume with: "))
+    assert resume == ["fastprompt", *argv, "--resume"]
+    payload = read_checkpoint(out / "checkpoints" / "last.pt")
+    assert (payload["state"]["epoch"], payload["state"]["step_in_epoch"]) == (0, INTERRUPT_AT)
+
+    assert main(resume[1:]) == 0  # the printed command continues the run to the end ...
+    reference = tmp_path / "reference"
+    assert main(train_argv(folders, reference, "--epochs=2", "--batch-size=2")) == 0
+    resumed, uninterrupted = (read_checkpoint(p / "checkpoints" / "last.pt")["trainable"] for p in (out, reference))
+    for name, value in uninterrupted.items():  # ... to the same parameters as a run never interrupted
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
+    assert CLASSES == tuple(json.loads((out / "config.json").read_text())["classes"])
