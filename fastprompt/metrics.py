@@ -149,6 +149,43 @@ def _single_label_auc(scores: np.ndarray, targets: np.ndarray, names: list[str])
     return _per_class(roc_auc_score, scores, onehot, names)
 
 
+def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """`[C, C]` counts: row = true class, column = predicted class."""
+    targets, predicted = _numpy(targets).astype(np.int64), _numpy(predicted).astype(np.int64)
+    return np.bincount(targets * num_classes + predicted, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
+def _rate(hits: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """hits / total per class; NaN where the class has no cases of that kind."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, hits / np.maximum(total, 1), np.nan)
+
+
+def sensitivity_specificity(tp: np.ndarray, fn: np.ndarray, fp: np.ndarray, tn: np.ndarray) -> tuple:
+    """Per class: sensitivity TP/(TP+FN) (recall of the class), specificity TN/(TN+FP); NaN when undefined."""
+    return _rate(tp, tp + fn), _rate(tn, tn + fp)
+
+
+def _rates_from_confusion(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-vs-rest sensitivity and specificity of each class from a single-label confusion matrix."""
+    tp = np.diag(matrix).astype(np.float64)
+    fn = matrix.sum(axis=1) - tp
+    fp = matrix.sum(axis=0) - tp
+    tn = matrix.sum() - tp - fn - fp
+    return sensitivity_specificity(tp, fn, fp, tn)
+
+
+def _by_name(values: np.ndarray, names: list[str]) -> dict[str, float]:
+    return {name: float(value) for name, value in zip(names, values)}
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def accuracy(scores: np.ndarray, targets: np.ndarray, *, multilabel: bool = False, from_logits: bool = True) -> float:
     """Top-1 accuracy (argmax), or for multi-label the exact-match accuracy at probability 0.5."""
     if multilabel:
@@ -205,6 +242,10 @@ def compute_metrics(
     Keys: ``acc``, ``auc`` (binary positive-class / macro one-vs-rest / macro over labels), ``per_class_auc``
     (class name -> AUC, evaluated classes only), ``skipped_classes`` (names whose targets hold one value),
     and for multi-label also ``map`` and ``per_class_ap``. ``auc``/``map`` are NaN when no class is defined.
+    ``per_class_sensitivity`` / ``per_class_specificity`` (class name -> TP/(TP+FN), TN/(TN+FP), one class against
+    the rest; NaN without positives / negatives) at the predicted class (argmax; multi-label: probability 0.5);
+    ``sensitivity`` / ``specificity`` are the positive class's for a binary task, else the mean over classes.
+    Single-label also gives ``confusion_matrix`` (rows: true class, columns: predicted class, in class order).
     """
     if multilabel:
         scores, targets = _check_multilabel(scores, targets)
@@ -212,16 +253,31 @@ def compute_metrics(
         ranked = _ranking_scores(scores, multilabel=True, from_logits=from_logits)
         per_auc, skipped = _per_class(roc_auc_score, ranked, targets, names)
         per_ap, _ = _per_class(average_precision_score, ranked, targets, names)
-        acc = float(accuracy_score(targets, _predict_labels(ranked, from_logits=from_logits)))
+        predicted = _predict_labels(ranked, from_logits=from_logits)
+        acc = float(accuracy_score(targets, predicted))
         result = {"acc": acc, "auc": _mean(per_auc), "map": _mean(per_ap), "per_class_auc": per_auc}
         result["per_class_ap"] = per_ap
+        tp, fn = (predicted & targets).sum(0), ((1 - predicted) & targets).sum(0)
+        fp, tn = (predicted & (1 - targets)).sum(0), ((1 - predicted) & (1 - targets)).sum(0)
+        sensitivity, specificity = sensitivity_specificity(tp, fn, fp, tn)
+        result.update(sensitivity=_nanmean(sensitivity), specificity=_nanmean(specificity))
     else:
         scores, targets = _check_single_label(scores, targets)
         names = _names(class_names, scores.shape[1])
         ranked = _ranking_scores(scores, multilabel=False, from_logits=from_logits)
         per_auc, skipped = _single_label_auc(ranked, targets, names)
-        acc = float(accuracy_score(targets, ranked.argmax(axis=1)))
+        predicted = ranked.argmax(axis=1)
+        acc = float(accuracy_score(targets, predicted))
         result = {"acc": acc, "auc": _mean(per_auc), "per_class_auc": per_auc}
+        matrix = confusion_matrix(targets, predicted, scores.shape[1])
+        sensitivity, specificity = _rates_from_confusion(matrix)
+        if scores.shape[1] == 2:  # binary: the positive class's (class 1) sensitivity and specificity
+            result.update(sensitivity=float(sensitivity[1]), specificity=float(specificity[1]))
+        else:
+            result.update(sensitivity=_nanmean(sensitivity), specificity=_nanmean(specificity))
+        result["confusion_matrix"] = matrix.tolist()
+    result["per_class_sensitivity"] = _by_name(sensitivity, names)
+    result["per_class_specificity"] = _by_name(specificity, names)
     result["skipped_classes"] = skipped
     _warn_skipped(skipped, "AUC" + ("/mAP" if multilabel else ""))
     return result

@@ -175,3 +175,46 @@ def test_extreme_logits_keep_their_order():
     result = compute_metrics(logits, labels, multilabel=True)
     assert result["per_class_auc"] == {"0": 1.0, "1": 1.0} and result["map"] == pytest.approx(1.0)
     assert result["acc"] == pytest.approx(0.5)  # every row predicts [0, 1]: rows 1 and 3 match exactly
+
+
+def _logits_predicting(predicted, num_classes):
+    logits = np.full((len(predicted), num_classes), -3.0)
+    logits[np.arange(len(predicted)), predicted] = 3.0
+    return logits
+
+
+def test_confusion_matrix_sensitivity_specificity_hand_computed_three_classes():
+    targets = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    predicted = np.array([0, 1, 0, 1, 1, 2, 0, 2, 2])
+    result = compute_metrics(_logits_predicting(predicted, 3), targets, multilabel=False, class_names=["a", "b", "c"])
+    assert result["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 3]]  # rows: true class, columns: predicted
+    # a: TP 2, FN 1, FP 1, TN 5; b: TP 2, FN 0, FP 1, TN 6; c: TP 3, FN 1, FP 0, TN 5
+    assert result["per_class_sensitivity"] == pytest.approx({"a": 2 / 3, "b": 1.0, "c": 3 / 4})
+    assert result["per_class_specificity"] == pytest.approx({"a": 5 / 6, "b": 6 / 7, "c": 1.0})
+    assert result["sensitivity"] == pytest.approx((2 / 3 + 1 + 3 / 4) / 3)
+    assert result["specificity"] == pytest.approx((5 / 6 + 6 / 7 + 1) / 3)
+    assert set(result["per_class_auc"]) == {"a", "b", "c"}  # per-class AUC by name
+
+
+def test_binary_sensitivity_and_specificity_are_the_positive_class():
+    targets = np.array([0, 0, 0, 1, 1])
+    result = compute_metrics(_logits_predicting(np.array([0, 1, 0, 1, 0]), 2), targets, multilabel=False)
+    assert result["confusion_matrix"] == [[2, 1], [1, 1]]
+    assert (result["sensitivity"], result["specificity"]) == pytest.approx((1 / 2, 2 / 3))  # TP 1 FN 1; TN 2 FP 1
+
+
+def test_multilabel_sensitivity_and_specificity_at_one_half():
+    targets = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
+    probs = np.array([[0.9, 0.8], [0.2, 0.7], [0.1, 0.4], [0.3, 0.1]])  # predicted [[1,1],[0,1],[0,0],[0,0]]
+    result = compute_metrics(probs, targets, multilabel=True, from_logits=False, class_names=["x", "y"])
+    assert result["per_class_sensitivity"] == pytest.approx({"x": 0.5, "y": 0.5})  # x: TP 1 FN 1; y: TP 1 FN 1
+    assert result["per_class_specificity"] == pytest.approx({"x": 1.0, "y": 0.5})  # x: TN 2 FP 0; y: TN 1 FP 1
+    assert (result["sensitivity"], result["specificity"]) == pytest.approx((0.5, 0.75))
+    assert "confusion_matrix" not in result
+
+
+def test_a_class_absent_from_the_set_has_no_sensitivity():
+    result = compute_metrics(_logits_predicting(np.array([0, 1, 0]), 3), np.array([0, 1, 1]), multilabel=False)
+    assert np.isnan(result["per_class_sensitivity"]["2"])  # no positives of class 2: undefined, not 0 or 1
+    assert result["per_class_specificity"]["2"] == 1.0
+    assert result["sensitivity"] == pytest.approx((1.0 + 0.5) / 2)  # the mean over defined classes
