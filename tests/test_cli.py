@@ -1,5 +1,6 @@
 """The command line end to end on tiny image folders written by the tests, and every user error it explains."""
 
+import hashlib
 import json
 import runpy
 import sys
@@ -171,7 +172,7 @@ def test_fpt_preload_resume_train_from_cache_evaluate_explain(data, tmp_path, ca
     assert "--cache holds FPT frozen-branch features" in err
 
 
-def test_train_from_local_weights_file(data, tmp_path):
+def test_train_from_local_weights_file(data, tmp_path, capsys):
     torch.manual_seed(3)
     weights = tmp_path / "weights.pth"
     source = create_backbone("vit_tiny_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2, patch_size=8)
@@ -180,8 +181,28 @@ def test_train_from_local_weights_file(data, tmp_path):
     argv = ["train", f"--data={data.clean}", *TINY, f"--checkpoint={weights}", "--method=bitfit", *FAST, "--epochs=1"]
     assert main([*argv, f"--output-dir={out}"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["weights"] == {"source": "file", "file": str(weights.resolve())}
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert config["weights"] == {"source": "file", "file": str(weights.resolve()), "sha256": digest}
     assert not (out / "backbone.safetensors").exists()
+
+    copied = tmp_path / "copied"
+    assert main([*argv, "--copy-weights", f"--output-dir={copied}"]) == 0
+    copy = copied / "weights" / "weights.pth"
+    assert json.loads((copied / "config.json").read_text())["weights"]["file"] == "weights/weights.pth"
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == digest
+
+    torch.manual_seed(4)  # the file changes after training: other weights under the same name
+    torch.save(create_backbone("vit_tiny_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2,
+                               patch_size=8).state_dict(), weights)  # fmt: skip
+    evaluate = ["evaluate", f"--data={data.val}", "--workers=0", "--quiet"]
+    err = run_error(capsys, [*evaluate, f"--checkpoint={out}"])
+    assert "the weight file" in err and "changed since training" in err and str(weights) in err
+    image = str(data.val / CLASSES[0] / "0.png")
+    err = run_error(capsys, ["explain", f"--checkpoint={out}", image, f"--output-dir={tmp_path / 'png'}"])
+    assert "changed since training" in err
+    assert main([*evaluate, f"--checkpoint={copied}"]) == 0  # the run's own copy is unaffected
+    err = run_error(capsys, [*argv, "--epochs=2", f"--output-dir={out}", "--resume"])
+    assert "is not the weight file this run started with" in err
 
 
 def test_train_on_a_csv_list_few_shot(data, tmp_path):

@@ -61,9 +61,16 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
 
 
+_SHOWN_WARNINGS: set[str] = set()
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    """Library warnings as one line each (no source excerpt), above any progress bar."""
-    _write(f"fastprompt: warning: {message}")
+    """Library warnings as one line each (no source excerpt), above any progress bar; each text once per run."""
+    text = str(message)
+    if text in _SHOWN_WARNINGS:
+        return
+    _SHOWN_WARNINGS.add(text)
+    _write(f"fastprompt: warning: {text}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,8 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, or a flag argparse rejected (it printed why)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     args.argv = argv  # for the exact --resume command after an interrupt
+    _SHOWN_WARNINGS.clear()
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("always")  # every warning reaches _show_warning, which prints each text once
             warnings.showwarning = _show_warning
             args.handler(args)
     except KeyboardInterrupt:

@@ -96,11 +96,11 @@ def _json_safe(value: Any) -> Any:
 
 
 def unused_path(path: Path) -> Path:
-    """`path`, or `path-2`, `path-3`, ... — the first that does not exist yet."""
+    """`path`, or `<stem>-2<suffix>`, `<stem>-3<suffix>`, ... — the first that does not exist yet (never overwrite)."""
     candidate, number = path, 1
     while candidate.exists():
         number += 1
-        candidate = path.with_name(f"{path.name}-{number}")
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
     return candidate
 
 
@@ -110,10 +110,11 @@ def format_metrics(metrics: dict[str, Any], classes: Sequence[str]) -> str:
     for key, value in metrics.items():
         if isinstance(value, (int, float)):
             rows.append((key, f"{value:.4f}" if math.isfinite(value) else "n/a"))
-    for key in ("per_class_auc", "per_class_ap"):
+    for key in ("per_class_auc", "per_class_ap", "per_class_sensitivity", "per_class_specificity"):
         for name, value in (metrics.get(key) or {}).items():
             label = classes[int(name)] if name.isdigit() and int(name) < len(classes) else name
-            rows.append((f"{key.removeprefix('per_class_')}[{label}]", f"{value:.4f}"))
+            shown = f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+            rows.append((f"{key.removeprefix('per_class_')}[{label}]", shown))
     skipped = metrics.get("skipped_classes") or []
     if skipped:
         rows.append(("skipped classes", ", ".join(classes[int(s)] if s.isdigit() else s for s in skipped)))

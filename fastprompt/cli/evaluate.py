@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fastprompt.cli.common import (
     CSV_FORMAT,
+    UsageError,
     add_command,
     add_common,
     format_metrics,
     non_negative_int,
     positive_int,
+    unused_path,
     write_json,
 )
+from fastprompt.io import atomic_write_bytes
 
 
 def add_parser(commands: Any) -> None:
@@ -43,6 +47,7 @@ def add_parser(commands: Any) -> None:
         metavar="FILE",
         help="metrics JSON (default: RUN/evaluate_<data name>.json, numbered when it exists)",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     add_common(parser)
     parser.set_defaults(handler=run)
 
@@ -52,17 +57,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from fastprompt.cli.runs import (
         TransformedSubset,
         backbone_of,
+        describe_checkpoint,
         drop_small_images,
-        load_run,
+        load_trained,
         make_loader,
         open_dataset,
         patch_size_of,
     )
     from fastprompt.data import transforms_for_model
 
-    model, engine, config, run_dir = load_run(args.checkpoint)
-    backbone = backbone_of(model)
-    data = open_dataset(args.data, classes=config["classes"])
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists() and not args.overwrite:
+        raise UsageError(f"{output} exists (an earlier evaluation); pass --overwrite to replace it or another --output")
+    run, engine = load_trained(args.checkpoint)
+    config, classes = run.config, run.classes
+    print(f"checkpoint: {describe_checkpoint(run)}", file=sys.stderr)
+    backbone = backbone_of(run.model)
+    data = open_dataset(args.data, classes=classes)
     drop_small_images(data, patch_size_of(backbone))
     eval_tf = transforms_for_model(backbone, config["img_size"], train=False)
     loader = make_loader(
@@ -70,8 +81,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shuffle=False,
     )  # fmt: skip
     metrics = engine.evaluate(loader)
-    output = Path(args.output) if args.output else run_dir / f"evaluate_{Path(args.data).stem}.json"
-    write_json(output, {"checkpoint": str(Path(args.checkpoint).resolve()), "data": str(args.data), **metrics})
-    print(format_metrics(metrics, config["classes"]))
+    if output is None:
+        output = unused_path(run.run_dir / f"evaluate_{Path(args.data).stem}.json")
+    record = {
+        "checkpoint": str(run.checkpoint.resolve()),
+        "epoch": run.epoch,
+        "step_in_epoch": run.step_in_epoch,
+        "data": str(Path(args.data).resolve()),
+        "images": len(data),
+        "classes": classes,
+        **metrics,
+    }
+    write_json(output, record)
+    print(format_metrics(metrics, classes))
+    if "confusion_matrix" in metrics:
+        print(format_confusion(metrics["confusion_matrix"], classes))
+        picture = output.with_name(f"{output.stem}_confusion.png")
+        atomic_write_bytes(picture, confusion_png(metrics["confusion_matrix"], classes, title=output.stem))
+        print(f"confusion matrix drawn in {picture}", file=sys.stderr)
     print(f"metrics written to {output}", file=sys.stderr)
     return metrics
+
+
+def format_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
+    """The confusion matrix as text: rows are the true classes, columns the predicted ones."""
+    width = max(len(str(value)) for row in matrix for value in row)
+    label = max(len(name) for name in classes)
+    columns = [max(width, len(name)) for name in classes]
+    lines = ["confusion matrix (rows: true class, columns: predicted class)"]
+    lines.append(" " * (label + 2) + "  ".join(f"{name:>{w}}" for name, w in zip(classes, columns)))
+    for name, row in zip(classes, matrix):
+        lines.append(f"{name:<{label}}  " + "  ".join(f"{value:>{w}}" for value, w in zip(row, columns)))
+    return "\n".join(lines)
+
+
+def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str], *, title: str) -> bytes:
+    """A PNG of the confusion matrix: counts in each cell, shaded by the share of the true class (row)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 1.6 + 0.7 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for (row, column), value in np.ndenumerate(counts):
+        colour = "white" if share[row, column] > 0.5 else "black"
+        ax.text(column, row, str(value), ha="center", va="center", color=colour, fontsize=9)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{title}: confusion matrix", fontsize=10)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()

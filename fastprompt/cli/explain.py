@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from fastprompt.cli.common import add_command, add_common
+from fastprompt.cli.common import add_command, add_common, unused_path, write_json
 
 
 def add_parser(commands: Any) -> None:
@@ -33,14 +34,30 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """`fastprompt explain`: PNG overlays of EPT scaling maps or FPT selected tokens, one per image."""
-    from fastprompt.cli.runs import backbone_of, load_run
+    from fastprompt.cli.runs import backbone_of, describe_checkpoint, load_trained
     from fastprompt.data import transforms_for_model
     from fastprompt.explain import explain_images
 
-    model, _, config, _ = load_run(args.checkpoint)
-    backbone = backbone_of(model)
-    eval_tf = transforms_for_model(backbone, config["img_size"], train=False)
-    written = explain_images(model, [Path(p) for p in args.images], Path(args.output_dir), eval_tf, batch_size=4)
+    run, _ = load_trained(args.checkpoint)
+    print(f"checkpoint: {describe_checkpoint(run)}", file=sys.stderr)
+    backbone = backbone_of(run.model)
+    eval_tf = transforms_for_model(backbone, run.config["img_size"], train=False)
+    written = explain_images(
+        run.model,
+        [Path(p) for p in args.images],
+        Path(args.output_dir),
+        eval_tf,
+        batch_size=4,
+        classes=run.classes,
+        multilabel=bool(run.config.get("multilabel")),
+    )
+    record = {
+        "checkpoint": str(run.checkpoint.resolve()),
+        "epoch": run.epoch,
+        "step_in_epoch": run.step_in_epoch,
+        "images": {str(Path(image).resolve()): str(path) for image, path in zip(args.images, written)},
+    }
+    write_json(unused_path(Path(args.output_dir) / "explain.json"), record)
     for path in written:
         print(path)
     return written

@@ -6,7 +6,6 @@ Imported by a command's `run` (never at parser time): it imports torch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import fastprompt
-from fastprompt.cli.common import CONFIG_NAME, UsageError
+from fastprompt.cli.common import UsageError
 from fastprompt.io import atomic_write_bytes
 
 # ---------------------------------------------------------------------------------------------- data
@@ -204,23 +203,6 @@ def make_backbone(
     return create_backbone(name, img_size=img_size, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs)
 
 
-def build_model(config: dict[str, Any], run_dir: Path | None = None) -> nn.Module:
-    """Rebuild the backbone and apply the method exactly as `config` (a run's config.json) describes."""
-    weights = config["weights"]
-    checkpoint = weights.get("file")
-    if checkpoint is not None and run_dir is not None and not Path(checkpoint).is_absolute():
-        checkpoint = run_dir / checkpoint
-    torch.manual_seed(config["seed"])
-    backbone = make_backbone(
-        config["model"],
-        config["img_size"],
-        pretrained=weights["source"] == "pretrained",
-        checkpoint=checkpoint,
-        model_kwargs=config["model_kwargs"],
-    )
-    return fastprompt.apply(backbone, config["method"], num_classes=len(config["classes"]), **config["method_options"])
-
-
 def save_backbone(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write the frozen backbone's state_dict (safetensors, atomically) so that evaluate/explain can rebuild it."""
     from safetensors.torch import save
@@ -231,32 +213,21 @@ def save_backbone(state: dict[str, torch.Tensor], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- run folders
 
 
-def find_run(checkpoint: str | Path) -> tuple[Path, Path, dict[str, Any]]:
-    """(checkpoint file, run directory, config) for a checkpoint file or a run directory written by `train`."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise UsageError(f"checkpoint {path} does not exist; pass OUT/checkpoints/best.pt of a `fastprompt train` run")
-    if path.is_dir():
-        candidates = [path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise UsageError(f"{path} holds no checkpoints/best.pt or checkpoints/last.pt; train first")
-        path = found
-    for folder in (path.parent, path.parent.parent):
-        if (folder / CONFIG_NAME).is_file():
-            config = json.loads((folder / CONFIG_NAME).read_text())
-            return path, folder, config
-    raise UsageError(
-        f"no {CONFIG_NAME} next to {path} or in its parent folder; pass a checkpoint written by `fastprompt train` "
-        "(OUT/checkpoints/best.pt), whose run folder holds the config to rebuild the model"
-    )
+def load_trained(checkpoint: str | Path) -> tuple[Any, Any]:
+    """(`fastprompt.serialization.LoadedRun`, an Engine to evaluate it) for a run folder or one of its checkpoints.
 
-
-def load_run(checkpoint: str | Path) -> tuple[nn.Module, Any, dict[str, Any], Path]:
-    """Rebuild a trained model: (model with trained parameters, its Engine, config, run directory)."""
+    A run folder means its best checkpoint (last when there is none); the run's frozen weight file is verified
+    against the digest recorded at training.
+    """
     from fastprompt.engine import Engine
+    from fastprompt.serialization import load_run
 
-    path, run_dir, config = find_run(checkpoint)
-    model = build_model(config, run_dir)
-    engine = Engine.load(path, model, output_dir=None, backend="torch", zero_stage=0, progress=False)
-    return model, engine, config, run_dir
+    run = load_run(checkpoint)
+    engine = Engine(run.model, output_dir=None, backend="torch", progress=False, class_names=run.classes)
+    return run, engine
+
+
+def describe_checkpoint(run: Any) -> str:
+    """`RUN/checkpoints/best.pt (epoch 3)`: the file and the training position its weights come from."""
+    where = f"epoch {run.epoch}" + (f" + {run.step_in_epoch} steps" if run.step_in_epoch else "")
+    return f"{run.checkpoint} ({where})"

@@ -83,6 +83,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--workers", type=non_negative_int, default=2, help="data loading processes (0: in-process)")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="run folder to write")
     parser.add_argument(
+        "--copy-weights",
+        action="store_true",
+        help="copy the --checkpoint FILE into RUN/weights/ (evaluate and explain then read the copy; by default the "
+        "run records the file's path and SHA-256 and checks it on every load)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="continue the run in --output-dir from its checkpoints/last.pt"
     )
     parser.add_argument(
@@ -125,6 +131,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{out} already holds a training run (checkpoints/last.pt); pass --resume to continue it, or choose "
             "another --output-dir"
         )
+    if args.copy_weights and args.checkpoint is None:
+        raise UsageError("--copy-weights copies the --checkpoint FILE into the run; pass --checkpoint FILE with it")
+    digest = check_weights_file(args, out)
     torch.manual_seed(args.seed)
     saved_backbone = out / BACKBONE_FILE
     random_init = not args.pretrained and args.checkpoint is None
@@ -156,8 +165,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weights = {"source": "random", "file": BACKBONE_FILE}
     elif args.pretrained:
         weights = {"source": "pretrained", "file": None}
+    elif args.copy_weights:
+        copied = copy_weights(Path(args.checkpoint), out / WEIGHTS_DIR, digest)
+        weights = {"source": "file", "file": copied.relative_to(out).as_posix(), "sha256": digest}
+        weights["copied_from"] = str(Path(args.checkpoint).resolve())
     else:
-        weights = {"source": "file", "file": str(Path(args.checkpoint).resolve())}
+        weights = {"source": "file", "file": str(Path(args.checkpoint).resolve()), "sha256": digest}
 
     if args.cache is not None:
         train_set, val_set = cached_fpt_sets(model, args, (data, train_idx), (val_source, val_idx))
@@ -216,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{len(train_idx)} training and {len(val_idx)} validation images, {len(data.classes)} classes",
         file=sys.stderr,
     )
-    engine = Engine(trained, output_dir=out, progress=not args.quiet, **engine_options)
+    engine = Engine(trained, output_dir=out, progress=not args.quiet, class_names=data.classes, **engine_options)
     try:
         history = engine.fit(
             train_loader, val_loader, resume=args.resume, on_epoch_end=lambda record: print_epoch(record, engine)
@@ -233,6 +246,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(best_summary(engine, out))
     print(f"run written to {out}", file=sys.stderr)
     return metrics
+
+
+WEIGHTS_DIR = "weights"
+
+
+def check_weights_file(args: argparse.Namespace, out: Path) -> str | None:
+    """The --checkpoint file's SHA-256; on --resume, an error when it is not the file the run started with."""
+    import json
+
+    from fastprompt.io import sha256_file
+
+    if args.checkpoint is None:
+        return None
+    if not Path(args.checkpoint).is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint} is not a file; pass a safetensors/PyTorch weight file")
+    digest = sha256_file(args.checkpoint)
+    config = out / CONFIG_NAME
+    if args.resume and config.is_file():
+        recorded = json.loads(config.read_text()).get("weights", {}).get("sha256")
+        if recorded is not None and recorded != digest:
+            raise UsageError(
+                f"--checkpoint {args.checkpoint} is not the weight file this run started with (SHA-256 "
+                f"{digest[:16]}…, the run recorded {recorded[:16]}…); resume with the original file"
+            )
+    return digest
+
+
+def copy_weights(source: Path, folder: Path, digest: str) -> Path:
+    """Copy the weight file into the run (atomically, verified by its digest); returns the copy's path."""
+    import os
+    import shutil
+    import tempfile
+
+    from fastprompt.io import sha256_file
+
+    target = folder / source.name
+    if target.is_file() and sha256_file(target) == digest:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{source.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        shutil.copyfile(source, temporary)
+        if sha256_file(temporary) != digest:
+            raise OSError(f"copying {source} to {target} produced different bytes; check the disk and retry")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
 
 
 SHOWN_METRICS = ("train_loss", "val_loss", "val_acc", "val_auc", "val_map")

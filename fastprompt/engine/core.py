@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,7 @@ class Engine:
     deterministic: run-to-run reproducible GPU training: torch.use_deterministic_algorithms(True),
     CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN benchmarking off, and fastprompt's Triton kernels on one fixed block
     configuration instead of autotuning (slower). CPU runs are reproducible without it.
+    class_names: the output classes' names, used by evaluate's per-class metrics and warnings (default: indices).
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class Engine:
         monitor: str = "auto",
         progress: bool = True,
         deterministic: bool = False,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         """Validate the configuration; nothing heavy (DeepSpeed, process groups) happens before the first fit."""
         if not isinstance(model, nn.Module):
@@ -205,6 +207,7 @@ class Engine:
         self.config["loss"] = "auto" if loss == "auto" else "callable"
         self.config["deepspeed_config"] = self.user_deepspeed_config
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.class_names = [str(name) for name in class_names] if class_names is not None else None
         if deterministic:
             enable_determinism()
         if grad_checkpointing:
@@ -684,7 +687,7 @@ class Engine:
         logits, targets = self._run(loader, need_targets=True)
         loss = float(self.loss_fn(logits, targets))
         multilabel = is_multilabel(targets)
-        metrics = compute_metrics(logits.numpy(), targets.numpy(), multilabel=multilabel)
+        metrics = compute_metrics(logits.numpy(), targets.numpy(), multilabel=multilabel, class_names=self.class_names)
         return {"loss": loss, **metrics}
 
     def predict(self, loader: DataLoader) -> torch.Tensor:
