@@ -37,7 +37,7 @@ def apply(model: nn.Module, method: str, *, num_classes: int | None = None, **op
     """
     spec = registry.get_method(method)
     if hf.is_hf_model(model):
-        hf.base_model(model)  # a TypeError for an unsupported Hugging Face model
+        hf.hf_layers(model)  # a TypeError for an unsupported Hugging Face model or transformers release
         method_fn, reset_classifier = hf.method_fn(spec), hf.reset_classifier
     else:
         check_vit(model)

@@ -58,9 +58,17 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def hf_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer layers of a supported Hugging Face model, in order."""
+    """The transformer layers of a supported Hugging Face model, in order; a TypeError for an older layout."""
     base = base_model(model)
-    return base.layers if hasattr(base, "layers") else base.encoder.layer
+    layers = base.layers if hasattr(base, "layers") else getattr(getattr(base, "encoder", None), "layer", None)
+    if layers is None or not all(hasattr(layer.attention, "q_proj") for layer in layers):
+        import transformers
+
+        raise TypeError(
+            f"{type(base).__name__} from transformers {transformers.__version__} lacks the attention layout fastprompt "
+            "patches (attention.q_proj / k_proj / v_proj / o_proj); install transformers>=5.24 (fastprompt[hf])"
+        )
+    return layers
 
 
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
