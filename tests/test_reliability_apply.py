@@ -199,30 +199,41 @@ def check_options_took_effect(model: torch.nn.Module, method: str, options: dict
         assert model.side_input_size == options["side_input_size"]
 
 
-@SETTINGS
-@given(st.data())
-def test_valid_options_always_work(data):
-    method = data.draw(st.sampled_from(sorted(METHODS)))
-    space = VALID.get(method, {})
-    drawn = data.draw(st.lists(st.sampled_from(sorted(space)), unique=True, max_size=len(space))) if space else []
+PAIRS = [(method, option) for method in sorted(VALID) for option in sorted(VALID[method])]
+PER_OPTION = settings(SETTINGS, max_examples=15)
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if not METHODS[m]))
+def test_methods_without_options_work(method):
+    check_model(fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES))
+
+
+@pytest.mark.parametrize("method, option", PAIRS)
+@PER_OPTION
+@given(data=st.data())
+def test_valid_options_always_work(method, option, data):
+    """`option` drawn from its valid space, up to two other options too: apply works and the options take effect."""
+    space = VALID[method]
+    rest = sorted(set(space) - {option})
+    drawn = [option] + (data.draw(st.lists(st.sampled_from(rest), unique=True, max_size=2)) if rest else [])
     options = small_side(method, {name: data.draw(space[name], label=name) for name in drawn})
     model = fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES, **options)
     check_model(model)
     check_options_took_effect(model, method, options)
 
 
-@SETTINGS
-@given(st.data())
-def test_an_invalid_value_fails_naming_its_option(data):
-    method = data.draw(st.sampled_from(sorted(INVALID)))
-    bad = data.draw(st.sampled_from(sorted(INVALID[method])), label="option")
-    rest = sorted(set(VALID[method]) - {bad})
+@pytest.mark.parametrize("method, option", PAIRS)
+@PER_OPTION
+@given(data=st.data())
+def test_an_invalid_value_fails_naming_its_option(method, option, data):
+    """`option` drawn from its invalid space (up to two others valid): ValueError/TypeError naming `option`."""
+    rest = sorted(set(VALID[method]) - {option})
     others = data.draw(st.lists(st.sampled_from(rest), unique=True, max_size=2)) if rest else []
     options = {name: data.draw(VALID[method][name], label=name) for name in others}
-    options[bad] = data.draw(INVALID[method][bad], label="bad value")
+    options[option] = data.draw(INVALID[method][option], label="bad value")
     with pytest.raises((ValueError, TypeError)) as error:
         fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES, **small_side(method, options))
-    assert f"'{bad}'" in str(error.value), f"the error does not name option {bad!r}: {error.value}"
+    assert f"'{option}'" in str(error.value), f"the error does not name option {option!r}: {error.value}"
 
 
 DEFINITELY_INVALID = [  # (method, option, value): regression examples, rejected whatever else is drawn
