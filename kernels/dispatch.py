@@ -11,13 +11,18 @@ TRITON_DEVICE_TYPES = ("cuda",)  # device types the Triton kernels launch on (te
 
 
 @functools.cache
-def triton_importable() -> bool:
-    """Whether the `triton` package imports on this machine."""
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer at trace time, never traces the import
+def triton_importable() -> bool:
+    """Whether the `triton` package imports on this machine."""
+    return _import_triton()
 
 
 def interpreting() -> bool:
