@@ -2,6 +2,8 @@
 
 python -m benchmarks.memory                       # ViT-B/16 at 224 and 512, batch 1, CPU, every method
 python -m benchmarks.memory --device cuda --precision bf16 --resolutions 512 1024 --budget 24GB
+python -m benchmarks.memory --model vit_base_patch16_384 --resolutions 512 --methods ept lora fpt+ \
+    --hf-model vit-base-patch16-384         # timm rows and Hugging Face ViT-B/16 rows side by side
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ def format_row(row: dict) -> str:
     """One printed line of the memory table."""
     peak = row.get("peak_allocated_bytes", row.get("peak_rss_bytes"))
     parts = [
-        f"{row['method']:<14}",
+        f"{row['method'] + (' (hf)' if row['model'].startswith(models.HF_PREFIX) else ''):<14}",
         f"{row['resolution']:>5}",
         f"{row['trainable_pct']:>9.3f}",
         f"{row['saved_bytes'] / MB:>11.1f}",
@@ -207,6 +209,8 @@ def output_stem(args: argparse.Namespace) -> str:
         parts.append("m-" + "-".join(args.methods))
     if args.budget:
         parts.append(f"budget{args.budget}")
+    if args.hf_model:
+        parts.append("hf-" + args.hf_model)
     return "_".join(re.sub(r"[^A-Za-z0-9._+-]+", "", part) for part in parts)
 
 
@@ -229,6 +233,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="CPU: measure every row in this process (faster start; later rows' peak RSS may include earlier heap)",
     )
+    parser.add_argument(
+        "--hf-model",
+        choices=sorted(models.HF_ARCHITECTURES),
+        help="also measure this Hugging Face ViT (random weights, run at each resolution) with --hf-methods",
+    )
+    parser.add_argument("--hf-methods", nargs="+", default=["ept", "lora", "fpt+"], help="method labels for --hf-model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output",
@@ -254,9 +264,13 @@ def main(argv: list[str] | None = None) -> Path:
     torch.manual_seed(args.seed)
     rows = []
     print(header(device, args.budget is not None))
-    cells = [(resolution, variant) for resolution in args.resolutions for variant in variants]
-    for resolution, variant in tqdm(cells, desc="memory", file=sys.stderr):
-        rows.append(run_row(variant, resolution, args, device))
+    cells = [(resolution, variant, args) for resolution in args.resolutions for variant in variants]
+    if args.hf_model:  # the same cells on the Hugging Face model, in the same run
+        hf_args = argparse.Namespace(**{**vars(args), "model": models.HF_PREFIX + args.hf_model})
+        hf_variants = models.select_variants(args.hf_methods)
+        cells += [(resolution, variant, hf_args) for resolution in args.resolutions for variant in hf_variants]
+    for resolution, variant, cell_args in tqdm(cells, desc="memory", file=sys.stderr):
+        rows.append(run_row(variant, resolution, cell_args, device))
         tqdm.write(format_row(rows[-1]))
     notes = [
         "saved_bytes: tensors autograd keeps for backward (forward + loss), de-duplicated by storage, "

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastprompt
+from fastprompt.methods import registry
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TABLE_ORDER = (
@@ -71,6 +72,42 @@ def select_variants(labels: list[str] | None) -> list[Variant]:
     return [by_label[label] for label in labels]
 
 
+HF_PREFIX = "hf:"  # a model name with this prefix is a Hugging Face architecture below (random weights)
+HF_ARCHITECTURES = {  # ViTConfig overrides; ViTConfig's defaults are ViT-B/16
+    "vit-base-patch16-224": {"image_size": 224},
+    "vit-base-patch16-384": {"image_size": 384},  # google/vit-base-patch16-384, FPT's official backbone
+    "vit-large-patch16-384": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=384
+    ),
+}
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face image classifier called like a timm model: images of any size in, logits out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images, interpolate_pos_encoding=True).logits
+
+
+def build_hf_model(variant: Variant, name: str, *, num_classes: int, grad_checkpointing: bool) -> nn.Module:
+    """A randomly initialised Hugging Face ViT (`HF_ARCHITECTURES[name]`) with `variant` applied, run at any size."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    if name not in HF_ARCHITECTURES:
+        raise ValueError(f"unknown Hugging Face architecture {name!r}; available: {', '.join(HF_ARCHITECTURES)}")
+    config = ViTConfig(**HF_ARCHITECTURES[name])
+    wrapper = registry.get_method(variant.method).wrapper  # FPT builds its own head around the bare ViTModel
+    backbone = ViTModel(config, add_pooling_layer=False) if wrapper else ViTForImageClassification(config)
+    if grad_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    model = fastprompt.apply(backbone, variant.method, num_classes=num_classes, **variant.options)
+    return model if wrapper else HFLogits(model)
+
+
 def build_model(
     variant: Variant,
     model_name: str,
@@ -80,9 +117,14 @@ def build_model(
     grad_checkpointing: bool,
     device: torch.device,
 ) -> nn.Module:
-    """A randomly initialised timm model at `resolution` with `variant` applied, in train mode on `device`."""
+    """A randomly initialised timm model at `resolution` with `variant` applied, in train mode on `device`
+    (a Hugging Face one for a name starting with "hf:", run at `resolution` through `interpolate_pos_encoding`)."""
     import timm  # imported here, after fastprompt's torchvision shim has run
 
+    if model_name.startswith(HF_PREFIX):
+        name = model_name[len(HF_PREFIX) :]
+        model = build_hf_model(variant, name, num_classes=num_classes, grad_checkpointing=grad_checkpointing)
+        return model.to(device).train()
     backbone = timm.create_model(model_name, pretrained=False, img_size=resolution)
     if grad_checkpointing:
         backbone.set_grad_checkpointing(True)

@@ -353,3 +353,17 @@ def test_hf_models_with_registers_or_other_heads_are_refused_clearly():
     with pytest.raises(TypeError, match="Dinov2Model"):
         fastprompt.apply(torch.nn.Linear(2, 2), "ept")
     assert hf.base_model(tiny_dinov2(Dinov2Model)) is not None
+
+
+def test_memory_benchmark_builds_hugging_face_rows():
+    from benchmarks import models
+
+    variant = models.Variant("ept", "ept", {"prompt_length": 3})
+    model = models.build_model(
+        variant, "hf:vit-base-patch16-224", 32, num_classes=5, grad_checkpointing=False, device=torch.device("cpu")
+    )
+    assert isinstance(model, models.HFLogits) and model.training
+    assert fastprompt.count_parameters(model)[0] == 12 * 197 * 3 + 768 * 5 + 5  # prompts at 224 + the new head
+    assert model(images(32, count=1)).shape == (1, 5)  # 32×32 through interpolate_pos_encoding
+    with pytest.raises(ValueError, match="unknown Hugging Face architecture 'vit-huge'"):
+        models.build_model(variant, "hf:vit-huge", 32, num_classes=5, grad_checkpointing=False, device="cpu")
