@@ -25,6 +25,7 @@ _EXPORTS = {
     "count_parameters": "fastprompt.patch",
     "ept_scales": "fastprompt.methods.ept",
     "merge": "fastprompt.patch",
+    "predict_images": "fastprompt.predict",
     "load": "fastprompt.serialization",
     "load_run": "fastprompt.serialization",
     "load_trainable": "fastprompt.serialization",
@@ -44,6 +45,7 @@ __all__ = [  # the same names as _EXPORTS (tests/test_compat.py checks)
     "load_run",
     "load_trainable",
     "merge",
+    "predict_images",
     "read_checkpoint",
     "save_trainable",
 ]
@@ -53,6 +55,7 @@ if TYPE_CHECKING:  # what static tools see; at run time `__getattr__` imports th
     from fastprompt.methods.ept import ept_scales
     from fastprompt.methods.fpt import FPT
     from fastprompt.patch import apply, available_methods, count_parameters, merge
+    from fastprompt.predict import predict_images
     from fastprompt.serialization import load, load_run, load_trainable, read_checkpoint, save_trainable
 
 

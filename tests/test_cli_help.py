@@ -12,7 +12,7 @@ import pytest
 from fastprompt.cli import build_parser, main
 from fastprompt.cli.common import METHOD_NAMES
 
-COMMANDS = ("train", "evaluate", "preload", "bench", "explain", "demo")
+COMMANDS = ("train", "evaluate", "predict", "preload", "bench", "explain", "demo")
 HEAVY = ("torch", "timm", "torchvision", "numpy", "PIL")
 
 

@@ -1,4 +1,4 @@
-"""The `fastprompt` command line: train, evaluate, preload, bench, explain and demo.
+"""The `fastprompt` command line: train, evaluate, predict, preload, bench, explain and demo.
 
 A training run directory (``--output-dir``) holds ``config.json`` (everything needed to rebuild the model),
 ``metrics.json`` (final validation metrics), the Engine's ``metrics.jsonl``, ``curves.png`` and
@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import fastprompt
-from fastprompt.cli import bench, demo, evaluate, explain, preload, train
+from fastprompt.cli import bench, demo, evaluate, explain, predict, preload, train
 from fastprompt.cli.common import EXIT_FAILURE, EXIT_USAGE, Parser, UsageError
 
 __all__ = ["UsageError", "build_parser", "main"]
 
-COMMANDS = (train, evaluate, preload, bench, explain, demo)
+COMMANDS = (train, evaluate, predict, preload, bench, explain, demo)
 OUT_OF_MEMORY_HINT = (
     "; lower --batch-size (with --grad-accum to keep the effective batch), use --precision bf16, --zero-stage 2/3, "
     "or FPT+ with --cache"

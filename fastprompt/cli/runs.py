@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-import fastprompt
 from fastprompt.cli.common import UsageError
 from fastprompt.io import atomic_write_bytes
+from fastprompt.predict import backbone_of  # noqa: F401  (re-exported for the commands)
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -157,11 +157,6 @@ def cached_fpt_sets(
 def patch_size_of(backbone: nn.Module) -> int:
     """The larger side of the backbone's patch."""
     return int(max(backbone.patch_embed.patch_size))
-
-
-def backbone_of(model: nn.Module) -> nn.Module:
-    """The timm ViT inside a patched model or an FPT wrapper."""
-    return model.backbone if isinstance(model, fastprompt.FPT) else model
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
