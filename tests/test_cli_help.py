@@ -66,7 +66,7 @@ def test_every_option_shows_its_default_and_a_description(command):
         described = parser._get_formatter()._expand_help(action) if action.help else ""
         assert described and len(described.split()) >= 3, f"{command} {flag}: no description"
         assert "(default" in described or "(required)" in described, f"{command} {flag}: {described!r}"
-    if command in ("train", "evaluate", "predict", "preload"):  # commands that read a dataset explain the CSV format
+    if command in ("train", "evaluate", "preload"):  # commands that read a labelled dataset explain the CSV format
         words = " ".join(text.split())
         assert "`path,label`" in words and "0/1 column per class" in words
 
