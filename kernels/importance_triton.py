@@ -11,23 +11,25 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.dispatch import deterministic, interpreting
+from fastprompt.kernels.sink_attention_triton import (
+    LOG2E,
+    autotuned,
+    block_d,
+    launch,
+    precision,
+    program_tile,
+    tile_grid,
+)
 
-LOG2E = 1.4426950408889634
-_CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-    (128, 128, 8, 3), (128, 64, 8, 2), (32, 64, 4, 4), (64, 32, 4, 4),
-]  # fmt: skip
-
-
-def _configs() -> list[triton.Config]:
-    """Autotuning space on CUDA; one small config under the interpreter (which cannot benchmark) and one fixed
-    config in deterministic mode."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=1)]
-    if deterministic():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _CUDA_CONFIGS]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by the element size of q, as sink_attention_triton.SPACES: 16-bit tiles
+# keep BLOCK_M >= 64 (the M side of q kᵀ: wgmma), fp32 tiles are smaller; what does not fit is pruned at launch.
+SPACE = {
+    2: [
+        (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
+        (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 4),
+    ],
+    4: [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
+}  # fmt: skip
 
 
 def attention_importance(
@@ -35,24 +37,23 @@ def attention_importance(
 ) -> torch.Tensor:
     """Column means of exp(q kᵀ·scale − lse) over the first `rows` query rows, [B, H, N] fp32 (inputs pre-validated)."""
     batch, heads, tokens, dim = q.shape
-    block_d = max(16, triton.next_power_of_2(dim))
-    precision = "tf32x3" if q.dtype == torch.float32 and not interpreting() else "ieee"
+    options = dict(BLOCK_D=block_d(dim), PRECISION=precision(q))
     qk_scale = scale * LOG2E
     if lse is None:
         lse = torch.empty(batch, heads, rows, dtype=torch.float32, device=q.device)
-        _row_lse_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batch * heads)](
-            q, k, lse, *q.stride(), *k.stride(), *lse.stride(), heads, rows, tokens, dim, qk_scale,
-            BLOCK_D=block_d, PRECISION=precision,
+        launch(
+            _row_lse, tile_grid(batch * heads, rows, "BLOCK_M"),
+            q, k, lse, *q.stride(), *k.stride(), *lse.stride(), heads, rows, tokens, dim, qk_scale, **options,
         )  # fmt: skip
     scores = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device)
-    _column_mass_kernel[lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]), batch * heads)](
+    launch(
+        _column_mass, tile_grid(batch * heads, tokens, "BLOCK_N"),
         q, k, lse, scores, *q.stride(), *k.stride(), *lse.stride(), *scores.stride(), heads, rows, tokens, dim,
-        qk_scale, 1.0 / rows, BLOCK_D=block_d, PRECISION=precision,
+        qk_scale, 1.0 / rows, **options,
     )  # fmt: skip
     return scores
 
 
-@triton.autotune(configs=_configs(), key=["ROWS", "N", "BLOCK_D"])
 @triton.jit
 def _row_lse_kernel(
     Q, K, LSE,
@@ -63,11 +64,10 @@ def _row_lse_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Pass 1: each program owns BLOCK_M query rows and runs the online log-sum-exp over every key block."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, first = program_tile(ROWS, BLOCK_M)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < ROWS
@@ -91,7 +91,6 @@ def _row_lse_kernel(
     tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln, lse, mask=mask_m)
 
 
-@triton.autotune(configs=_configs(), key=["ROWS", "N", "BLOCK_D"])
 @triton.jit
 def _column_mass_kernel(
     Q, K, LSE, OUT,
@@ -103,12 +102,11 @@ def _column_mass_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: each program owns BLOCK_N keys and sums exp(s − lse) over every query block (no atomics)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, first = program_tile(N, BLOCK_N)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < D
@@ -128,3 +126,8 @@ def _column_mass_kernel(
         total += tl.sum(tl.where(mask_m[:, None], p, 0.0), axis=0)
     out_ptrs = OUT + off_b * stride_ob + off_h * stride_oh + offs_n * stride_on
     tl.store(out_ptrs, total * inv_rows, mask=mask_n)
+
+
+KEY = ["ROWS", "N", "BLOCK_D"]
+_row_lse = autotuned(_row_lse_kernel, SPACE, KEY)
+_column_mass = autotuned(_column_mass_kernel, SPACE, KEY)

@@ -7,6 +7,8 @@ in fp32, in log2 units inside the kernels and natural units outside.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -20,26 +22,153 @@ LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constants, usable inside
 LN2_C: tl.constexpr = tl.constexpr(math.log(2.0))
 
 
-def _configs(kind: str) -> list[triton.Config]:
-    """One small config under the interpreter, one fixed config in deterministic mode, else a handful to autotune."""
+# Autotuning spaces, (BLOCK_M, BLOCK_N, num_warps, num_stages) by the element size of q. 16-bit tiles are at least
+# 64 rows wherever they are the M side of a tl.dot, so that every product is a Hopper wgmma (an M of 32 falls back to
+# mma.sync). fp32 tiles hold twice the bytes, so fp32 gets smaller tiles and fewer stages: at head dim 128 the
+# 16-bit configs would need up to 524 KB of shared memory in fp32. What does not fit the device is pruned at launch.
+SPACES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "forward": {
+        2: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4)],
+        4: [(64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 1), (32, 32, 4, 1)],
+    },
+    "backward": {
+        2: [(64, 64, 4, 2), (64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
+        4: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 1)],
+    },
+}
+# Deterministic mode: the first of these that fits, for every kernel, dtype and head dim (the block sizes set the
+# summation order, so they are fixed instead of autotuned).
+DETERMINISTIC_ORDER = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=1)
+
+
+def _config(shape: tuple[int, int, int, int]) -> triton.Config:
+    block_m, block_n, warps, stages = shape
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def _shape(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on `device` (232,448 on an H100/H200, 166,912 on an A100)."""
+    return _device_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _device_shared_memory(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def _fitting(kernel, configs, args: tuple, kwargs: dict) -> list[tuple[triton.Config, int]]:
+    """(config, shared bytes) of the `configs` whose compiled `kernel` fits the device of args[0].
+
+    Compiles each config for these very arguments (Triton's `warmup`: the launch's specialisation, cached, nothing
+    runs), so the figure is the compiler's own, not an estimate. The autotuner compiles these configs anyway.
+    """
+    limit = shared_memory_limit(args[0].device)
+    fit = []
+    for config in configs:
+        compiled = kernel.warmup(*args, **kwargs, **config.all_kwargs())
+        if compiled.metadata.shared <= limit:
+            fit.append((config, compiled.metadata.shared))
+    return fit
+
+
+def _no_config_fits(kernel, args: tuple, kwargs: dict) -> RuntimeError:
+    q = args[0]
+    return RuntimeError(
+        f"no block configuration of {kernel.__name__} fits the "
+        f"{shared_memory_limit(q.device)} bytes of shared memory per program on {q.device} for {q.dtype} at head dim "
+        f"padded to {kwargs.get('BLOCK_D')}; set FASTPROMPT_DISABLE_TRITON=1 to use the PyTorch path"
+    )
+
+
+def autotuned(kernel, space: dict[int, list[tuple[int, int, int, int]]], key: list[str]):
+    """`kernel` autotuned over `space` (configs by element size of the first argument), pruned to what fits.
+
+    Under the interpreter, one small config (it cannot benchmark). On a GPU, the launch keeps the configs listed for
+    q's element size whose compiled shared memory fits the device, and raises a clear error if none does.
+    """
     if interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=1)]
-    if deterministic():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
-    if kind == "forward":
-        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4)]
-    else:
-        shapes = [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        return triton.autotune(configs=[_INTERPRETER_CONFIG], key=key)(kernel)
+    shapes = list(dict.fromkeys(shape for shapes in space.values() for shape in shapes))
+
+    def prune(configs, named_args, **kwargs):
+        args = tuple(named_args.values())
+        wanted = set(space[args[0].element_size()])
+        launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        candidates = [config for config in configs if _shape(config) in wanted]
+        fit = [config for config, _ in _fitting(kernel, candidates, args, {"grid": kwargs["grid"], **launch})]
+        if not fit:
+            raise _no_config_fits(kernel, args, launch)
+        return fit
+
+    return triton.autotune(
+        configs=[_config(s) for s in shapes], key=key, prune_configs_by={"early_config_prune": prune}
+    )(kernel)
 
 
-def _block_d(dim: int) -> int:
+_DETERMINISTIC_CHOICE: dict[tuple, triton.Config] = {}
+
+
+def deterministic_config(kernel, grid, *args, **kwargs) -> triton.Config:
+    """The first config of DETERMINISTIC_ORDER whose compiled `kernel` fits the device, for these arguments.
+
+    Chosen once per (kernel, dtype, padded head dim, device) and kept for the process, so every launch of a case
+    sums in the same order.
+    """
+    q = args[0]
+    case = (kernel, q.dtype, kwargs.get("BLOCK_D"), q.device)
+    if case not in _DETERMINISTIC_CHOICE:
+        for shape in DETERMINISTIC_ORDER:
+            if _fitting(kernel, [_config(shape)], args, {"grid": grid, **kwargs}):
+                _DETERMINISTIC_CHOICE[case] = _config(shape)
+                break
+        else:
+            raise _no_config_fits(kernel, args, kwargs)
+    return _DETERMINISTIC_CHOICE[case]
+
+
+def _device_guard(tensor: torch.Tensor):
+    """Run on `tensor`'s CUDA device (a cuda:1 tensor launches on GPU 1 whatever the current device is)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def launch(tuned, grid, *args, **kwargs) -> None:
+    """Launch autotuned kernel `tuned` on the device of its first argument (a tensor).
+
+    Deterministic mode (read at each launch) bypasses the autotuner: the fixed config of `deterministic_config`.
+    """
+    with _device_guard(args[0]):
+        if deterministic() and not interpreting():
+            config = deterministic_config(tuned.fn, grid, *args, **kwargs)
+            tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
+        else:
+            tuned[grid](*args, **kwargs)
+
+
+def block_d(dim: int) -> int:
+    """The head dimension padded to a power of two (at least 16, the smallest tl.dot operand)."""
     return max(16, triton.next_power_of_2(dim))
 
 
-def _precision(q: torch.Tensor) -> str:
+def precision(q: torch.Tensor) -> str:
     """fp32 inputs: full-precision products (3×TF32 on a GPU, IEEE in the interpreter); ignored for fp16/bf16."""
     return "tf32x3" if q.dtype == torch.float32 and not interpreting() else "ieee"
+
+
+@triton.jit
+def program_tile(N, BLOCK: tl.constexpr):
+    """(batch·head, first row) of this program's BLOCK rows of N.
+
+    One grid axis of B·H·cdiv(N, BLOCK) programs (axis 0 allows 2**31 − 1; axes 1 and 2 stop at 65,535), with the
+    tiles of one batch·head consecutive, so programs that run together read the same K and V (L2 reuse).
+    """
+    tiles = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    return pid // tiles, (pid % tiles) * BLOCK
 
 
 @triton.jit
@@ -54,7 +183,6 @@ def _load_tile(base, idx, dims, stride_n, stride_d, mask):
     return tl.load(_tile_ptrs(base, idx, dims, stride_n, stride_d), mask=mask, other=0.0)
 
 
-@triton.autotune(configs=_configs("forward"), key=["N_Q", "N_K", "BLOCK_D"])
 @triton.jit
 def _forward_kernel(
     Q, K, V, G, Out, LSE, KEEP,
@@ -66,10 +194,10 @@ def _forward_kernel(
     H, N_Q, N_K, D, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(1)
+    pid_bh, first = program_tile(N_Q, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = first + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
@@ -116,10 +244,10 @@ def _delta_kernel(
     H, N_Q, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(1)
+    pid_bh, first = program_tile(N_Q, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = first + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
     mask = row_ok[:, None] & (dims < D)[None, :]
@@ -138,7 +266,6 @@ def _tile_grads(q, k, v, do, lse, delta, valid, qk_scale, PRECISION: tl.constexp
     return p, p * (dp - delta[:, None])
 
 
-@triton.autotune(configs=_configs("backward"), key=["N_Q", "N_K", "BLOCK_D"])
 @triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -150,10 +277,10 @@ def _dkdv_kernel(
     H, N_Q, N_K, D, scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(1)
+    pid_bh, first = program_tile(N_K, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = first + tl.arange(0, BLOCK_N)
     rows0 = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     key_ok = keys < N_K
@@ -182,7 +309,6 @@ def _dkdv_kernel(
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs("backward"), key=["N_Q", "N_K", "BLOCK_D"])
 @triton.jit
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -194,10 +320,10 @@ def _dq_kernel(
     H, N_Q, N_K, D, scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(1)
+    pid_bh, first = program_tile(N_Q, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = first + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
@@ -223,10 +349,21 @@ def _dq_kernel(
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+KEY = ["N_Q", "N_K", "BLOCK_D"]
+_forward = autotuned(_forward_kernel, SPACES["forward"], KEY)
+_dkdv = autotuned(_dkdv_kernel, SPACES["backward"], KEY)
+_dq = autotuned(_dq_kernel, SPACES["backward"], KEY)
+
+
 def _like_heads_last(x: torch.Tensor) -> torch.Tensor:
     """An empty [B, H, N, D] tensor laid out as [B, N, H, D], the layout timm reshapes attention outputs from."""
     batch, heads, tokens, dim = x.shape
     return torch.empty(batch, tokens, heads, dim, dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
+def tile_grid(programs_per_row: int, tokens: int, block: str):
+    """Launch grid of `program_tile`: one axis of programs_per_row · cdiv(tokens, meta[block]) programs."""
+    return lambda meta: (programs_per_row * triton.cdiv(tokens, meta[block]),)
 
 
 def forward(
@@ -237,12 +374,12 @@ def forward(
     out = _like_heads_last(q)
     lse = torch.empty(batch, heads, n_q, dtype=torch.float32, device=q.device)
     keep = torch.empty_like(lse)
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)
-    _forward_kernel[grid](
+    launch(
+        _forward, tile_grid(batch * heads, n_q, "BLOCK_M"),
         q, k, v, g, out, lse, keep,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *out.stride(),
         heads, n_q, k.shape[2], dim, scale * LOG2E,
-        BLOCK_D=_block_d(dim), PRECISION=_precision(q),
+        BLOCK_D=block_d(dim), PRECISION=precision(q),
     )  # fmt: skip
     return out, lse, keep
 
@@ -251,9 +388,10 @@ def row_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     """Δ = rowsum(dO ⊙ O) as fp32 [B, H, N], without an fp32 copy of either tensor."""
     batch, heads, n_q, dim = out.shape
     delta = torch.empty(batch, heads, n_q, dtype=torch.float32, device=out.device)
-    _delta_kernel[(triton.cdiv(n_q, 32), batch * heads)](
-        out, dout, delta, *out.stride(), *dout.stride(), heads, n_q, dim, BLOCK_M=32, BLOCK_D=_block_d(dim)
-    )
+    with _device_guard(out):
+        _delta_kernel[tile_grid(batch * heads, n_q, "BLOCK_M")](
+            out, dout, delta, *out.stride(), *dout.stride(), heads, n_q, dim, BLOCK_M=32, BLOCK_D=block_d(dim)
+        )
     return delta
 
 
@@ -270,14 +408,12 @@ def backward(
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     lse, delta = lse.contiguous(), delta.contiguous()
-    block_d = _block_d(dim)
     dq, dk, dv = _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     sizes = (heads, n_q, n_k, dim, scale, scale * LOG2E)
-    _dkdv_kernel[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads)](
-        q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *sizes, BLOCK_D=block_d, PRECISION=_precision(q)
-    )
-    _dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)](
-        q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes, BLOCK_D=block_d, PRECISION=_precision(q)
-    )
+    options = dict(BLOCK_D=block_d(dim), PRECISION=precision(q))
+    grid = tile_grid(batch * heads, n_k, "BLOCK_N")
+    launch(_dkdv, grid, q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *sizes, **options)
+    grid = tile_grid(batch * heads, n_q, "BLOCK_M")
+    launch(_dq, grid, q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes, **options)
     return dq, dk, dv
