@@ -11,16 +11,22 @@ from PIL import Image
 
 from fastprompt.data import (
     AUGMENTATIONS,
+    ClassMismatchError,
     CorruptImageError,
     CsvDataset,
     EmptyClassWarning,
     ImageFolderDataset,
     SkippedImageWarning,
+    SplitLayoutError,
+    TransparentImageWarning,
+    UnknownClassWarning,
     build_transforms,
     load_image,
     make_few_shot_splits,
+    split_folders,
     train_val_split,
     transforms_for_model,
+    write_unreadable,
 )
 
 # ---------------------------------------------------------------- helpers
@@ -272,11 +278,16 @@ def test_csv_single_label_names_and_indices(tmp_path):
 def test_csv_label_outside_class_list_names_the_row(tmp_path):
     _rgb(tmp_path / "a.png")
     (tmp_path / "l.csv").write_text("path,label\na.png,cat\na.png,bird\n")
-    with pytest.raises(ValueError, match=r"line 3: label 'bird'"):
+    with pytest.raises(
+        ClassMismatchError, match=r"line 3: label 'bird' \(1 image\) is not in the class list.*no images of dog"
+    ):
         CsvDataset(tmp_path / "l.csv", classes=["cat", "dog"])
     (tmp_path / "i.csv").write_text("path,label\na.png,0\na.png,7\n")
-    with pytest.raises(ValueError, match=r"line 3: label '7'"):
+    with pytest.raises(ClassMismatchError, match=r"line 3: label '7' \(1 image\)"):
         CsvDataset(tmp_path / "i.csv", classes=["cat", "dog"])
+    (tmp_path / "n.csv").write_text("path,label\na.png,0\na.png,1\na.png,-1\n")
+    with pytest.raises(ValueError, match=r"line 4: label '-1'"):
+        CsvDataset(tmp_path / "n.csv")
 
 
 def test_csv_multilabel(tmp_path):
@@ -288,7 +299,8 @@ def test_csv_multilabel(tmp_path):
     np.testing.assert_array_equal(data.targets, [[1, 0, 1], [0, 0, 1], [1, 1, 0]])
     _, target = data[2]
     assert target.dtype == torch.float32 and target.tolist() == [1.0, 1.0, 0.0]
-    reordered = CsvDataset(tmp_path / "ml.csv", classes=["mass", "effusion"])
+    with pytest.warns(UnknownClassWarning, match=r"label column 'nodule' \(1 positive image\)"):
+        reordered = CsvDataset(tmp_path / "ml.csv", classes=["mass", "effusion"], unknown_classes="skip")
     np.testing.assert_array_equal(reordered.targets, [[1, 1], [1, 0], [0, 1]])
     (tmp_path / "bad.csv").write_text("path,effusion,nodule\n0.png,1,0.5\n")
     with pytest.raises(ValueError, match="line 2.*'nodule'"):
@@ -430,3 +442,141 @@ def test_transforms_for_model_finds_the_backbone_inside_a_wrapper():
     torch.testing.assert_close(out, torch.ones(3, 16, 16), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="pretrained_cfg"):
         transforms_for_model(torch.nn.Linear(2, 2), 16, train=False)
+
+
+# ---------------------------------------------------------------- data that would silently train the wrong thing
+
+
+@pytest.mark.parametrize(
+    "names", [("train", "val"), ("train", "val", "test"), ("Training", "Validation"), ("train", "test")]
+)
+def test_a_dataset_root_with_split_folders_is_refused_naming_the_fix(tmp_path, names):
+    root = tmp_path / "chest_xray"
+    for split in names:
+        _folder(root / split, {"NORMAL": 2, "PNEUMONIA": 2})
+    assert set(split_folders(root).values()) == {root / name for name in names}
+    with pytest.raises(SplitLayoutError) as info:
+        ImageFolderDataset(root)
+    message = str(info.value)
+    val = names[1]
+    assert "\n" not in message and f"--data {root / names[0]} --val {root / val}" in message
+    assert "NORMAL, PNEUMONIA" in message  # the classes it would have learned are inside the splits
+    assert ImageFolderDataset(root / names[0]).classes == ["NORMAL", "PNEUMONIA"]
+    assert ImageFolderDataset(root, classes=list(names)).classes == list(names)  # asked for explicitly: allowed
+    with pytest.raises(SplitLayoutError, match="--val"):  # a validation set pointed at the root
+        ImageFolderDataset(root, classes=["NORMAL", "PNEUMONIA"])
+
+
+def test_split_folders_is_empty_for_a_class_folder_layout(tmp_path):
+    assert split_folders(_folder(tmp_path / "a", {"cat": 1, "dog": 1})) == {}
+    assert split_folders(_folder(tmp_path / "b", {"train": 1, "cat": 1})) == {}  # a class that happens to be "train"
+    assert split_folders(_folder(tmp_path / "c", {"train": 1})) == {}  # one folder: no second split to confuse
+    assert split_folders(_folder(tmp_path / "d", {"train": 1, "val": 1, "cat": 1})) == {}  # "cat" is a class
+
+
+def test_evaluation_classes_the_model_was_not_trained_on_are_refused_or_skipped_once(tmp_path):
+    root = _folder(tmp_path / "test", {"normal": 2, "pneumonia": 1, "covid": 3, "Tumour": 1})
+    with pytest.raises(ClassMismatchError) as info:
+        ImageFolderDataset(root, classes=["normal", "pneumonia", "tumour"])
+    error = info.value
+    assert error.extra == {"Tumour": 1, "covid": 3} and error.missing == ["tumour"]
+    assert "class folder covid (3 images)" in str(error) and "did you mean 'tumour'" in str(error)
+    assert "empty class folder" not in str(error)
+    other_case = _folder(tmp_path / "case", {"ap": 1, "PA": 1})
+    with pytest.raises(ClassMismatchError, match="did you mean 'pa'"):  # too short for a spelling match
+        ImageFolderDataset(other_case, classes=["ap", "pa"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = ImageFolderDataset(root, classes=["normal", "pneumonia", "tumour"], unknown_classes="skip")
+    messages = [str(w.message) for w in caught]
+    skipped = [str(w.message) for w in caught if w.category is UnknownClassWarning]
+    assert len(skipped) == 1 and "Tumour (1 image)" in skipped[0] and "covid (3 images)" in skipped[0]
+    missing = [str(w.message) for w in caught if w.category is EmptyClassWarning]
+    assert len(missing) == 1 and "tumour" in missing[0] and "no folder" in missing[0]
+    assert "empty class folder" not in " ".join(messages)
+    assert data.classes == ["normal", "pneumonia", "tumour"] and data.targets == [0, 0, 1]
+    assert data.skipped_classes == {"Tumour": 1, "covid": 3}
+
+
+def test_classes_are_mapped_by_name_whatever_the_folder_order(tmp_path):
+    root = _folder(tmp_path / "val", {"b": 1, "c": 2, "a": 3})
+    data = ImageFolderDataset(root, classes=["c", "a", "b"])
+    assert data.targets == [0, 0, 1, 1, 1, 2]
+    assert [Path(p).parent.name for p, _ in data.samples] == ["c", "c", "a", "a", "a", "b"]
+
+
+def test_an_empty_class_folder_is_still_called_empty(tmp_path):
+    root = _folder(tmp_path / "val", {"a": 1, "b": 0, "c": 1})
+    with pytest.warns(EmptyClassWarning, match=r"empty class folder\(s\) in .*\['b'\] \(kept in the class list\)"):
+        ImageFolderDataset(root, classes=["a", "b", "c"])
+
+
+def test_csv_classes_outside_the_list_are_named_and_can_be_skipped(tmp_path):
+    for i in range(4):
+        _rgb(tmp_path / f"{i}.png")
+    (tmp_path / "s.csv").write_text("path,label\n0.png,cat\n1.png,bird\n2.png,dog\n3.png,bird\n")
+    with pytest.raises(ClassMismatchError, match=r"lines 3, 5: label 'bird' \(2 images\)") as info:
+        CsvDataset(tmp_path / "s.csv", classes=["cat", "dog"])
+    assert info.value.extra == {"bird": 2}
+    with pytest.warns(UnknownClassWarning, match="bird"):
+        data = CsvDataset(tmp_path / "s.csv", classes=["cat", "dog"], unknown_classes="skip")
+    assert data.targets == [0, 1] and data.skipped_classes == {"bird": 2}
+
+    (tmp_path / "m.csv").write_text("path,effusion,nodule,mass\n0.png,1,0,1\n1.png,0,1,1\n")
+    with pytest.raises(ClassMismatchError, match="mass") as info:
+        CsvDataset(tmp_path / "m.csv", classes=["nodule", "effusion"])  # a label column the model does not know
+    assert info.value.extra == {"mass": 2}
+    with pytest.warns(UnknownClassWarning, match="mass"):
+        data = CsvDataset(tmp_path / "m.csv", classes=["nodule", "effusion"], unknown_classes="skip")
+    np.testing.assert_array_equal(data.targets, [[0, 1], [1, 0]])
+
+
+def test_a_fully_transparent_image_warns_and_keeps_its_colour(tmp_path):
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2] = 90, 120, 200  # colour stored, alpha 0 everywhere
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    with pytest.warns(TransparentImageWarning, match=r"clear\.png.*fully transparent"):
+        decoded = np.asarray(load_image(tmp_path / "clear.png"))
+    assert (decoded == (90, 120, 200)).all()  # not the all-black image compositing would give
+
+    blank = np.zeros((2, 2, 2), dtype=np.uint8)  # gray + alpha, nothing stored at all
+    Image.fromarray(blank, "LA").save(tmp_path / "blank.png")
+    with pytest.warns(TransparentImageWarning, match=r"blank\.png.*holds no image"):
+        load_image(tmp_path / "blank.png")
+
+    half = np.zeros((1, 3, 4), dtype=np.uint8)
+    half[0, 0] = (200, 100, 50, 255)
+    half[0, 1] = (200, 100, 50, 128)
+    half[0, 2] = (200, 100, 50, 0)
+    Image.fromarray(half, "RGBA").save(tmp_path / "half.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # partial transparency is ordinary: composited over black, no warning
+        decoded = np.asarray(load_image(tmp_path / "half.png"))
+    assert tuple(decoded[0, 0]) == (200, 100, 50) and tuple(decoded[0, 1]) == (100, 50, 25)
+    assert tuple(decoded[0, 2]) == (0, 0, 0)
+
+
+def test_every_unreadable_image_is_listed_and_written(tmp_path):
+    root = _folder(tmp_path / "data", {"a": 3, "b": 3})
+    for name in ("a/img0.png", "a/img2.png", "b/img1.png"):
+        (root / name).write_text("not an image")
+    data = ImageFolderDataset(root)
+    with pytest.warns(SkippedImageWarning, match="3 unreadable"):
+        data.verify(workers=1, progress=False)
+    (tmp_path / "list.csv").write_text("path,label\nmissing.png,x\ndata/a/img1.png,y\ndata/b/img0.png,x\n")
+    with pytest.warns(SkippedImageWarning):
+        listed = CsvDataset(tmp_path / "list.csv", classes=["x", "y"])
+    expected = sorted(str(root / name) for name in ("a/img0.png", "a/img2.png", "b/img1.png"))
+    assert [path for path, _ in data.unreadable] == expected
+
+    out = tmp_path / "run" / "unreadable.csv"
+    assert write_unreadable(out, data, listed) == 4
+    import csv
+
+    with open(out, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["path", "reason"] and len(rows) == 5
+    assert sorted(row[0] for row in rows[1:]) == sorted([*expected, str(tmp_path / "missing.png")])
+    assert all(row[1] for row in rows[1:])
+    clean = ImageFolderDataset(_folder(tmp_path / "clean", {"a": 1, "b": 1}))
+    assert write_unreadable(out, clean) == 0 and not out.exists()  # no stale list from an earlier attempt

@@ -4,15 +4,24 @@ Both scan their source at construction and keep one ``(path, target)`` pair per 
 Unreadable images are handled by ``on_error``: ``"skip"`` records them in ``skipped`` (path -> reason), warns,
 and serves the next readable sample; ``"raise"`` raises :class:`CorruptImageError`. Call :meth:`verify`
 before splitting a dataset to drop unreadable files up-front, so a replacement sample can never come from
-outside a split (and so the count is complete: DataLoader workers each record skips in their own copy).
+outside a split (and so the count is complete: DataLoader workers each record skips in their own copy);
+:func:`write_unreadable` writes the full list (``unreadable.csv`` in a run folder).
+
+Given ``classes`` (the trained class list), both map classes by name. Images of classes not in that list are
+refused with :class:`ClassMismatchError` naming them (and the list's classes without images), or with
+``unknown_classes="skip"`` left out with one :class:`UnknownClassWarning` naming them. A folder whose
+sub-folders are dataset splits (``train/``, ``val/``, ``test/``) is refused with :class:`SplitLayoutError`
+instead of becoming a "train vs val" classifier; :func:`split_folders` finds such splits.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
+import io
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,9 +31,16 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from fastprompt.data.images import IMAGE_EXTENSIONS, CorruptImageError, load_image
+from fastprompt.io import atomic_write_bytes
 
 Target = int | np.ndarray
 _ON_ERROR = ("skip", "raise")
+_UNKNOWN_CLASSES = ("error", "skip")
+SPLIT_NAMES = {  # canonical split -> folder names (compared case-insensitively) of the usual public layouts
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation", "dev"),
+    "test": ("test", "testing"),
+}
 
 
 class SkippedImageWarning(UserWarning):
@@ -32,7 +48,110 @@ class SkippedImageWarning(UserWarning):
 
 
 class EmptyClassWarning(UserWarning):
-    """A class has no images in this dataset."""
+    """A class of the class list has no images in this dataset (no folder, an empty folder, no CSV rows)."""
+
+
+class UnknownClassWarning(UserWarning):
+    """Images of classes outside the given class list were left out (``unknown_classes="skip"``)."""
+
+
+class ClassMismatchError(ValueError):
+    """The data holds classes outside the given class list (e.g. an evaluation set with classes never trained on).
+
+    ``extra`` maps each such class to its image count; ``missing`` lists the class-list entries without images.
+    """
+
+    def __init__(self, message: str, *, extra: dict[str, int], missing: list[str], source: str) -> None:
+        super().__init__(message)
+        self.extra, self.missing, self.source = extra, missing, source
+
+
+class SplitLayoutError(ValueError):
+    """A dataset root holding split folders (train/, val/, test/) was given where one split was expected.
+
+    ``splits`` maps "train" / "val" / "test" to the folders found.
+    """
+
+    def __init__(self, message: str, *, splits: dict[str, Path]) -> None:
+        super().__init__(message)
+        self.splits = splits
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _close_match(name: str, candidates: Sequence[str]) -> str | None:
+    """A class-list entry `name` was probably meant as (same name in another case, or a close spelling)."""
+    for candidate in candidates:
+        if candidate.casefold() == name.casefold():
+            return candidate
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _extra_classes_message(
+    extra: Mapping[str, str], missing: Sequence[str], source: str, classes: Sequence[str]
+) -> str:
+    """`extra`: class -> a phrase naming it (and where, how many). Names every extra class and every class without
+    images, with a guess at the intended class (other case, close spelling)."""
+    parts = []
+    for name, phrase in extra.items():
+        guess = _close_match(name, missing)
+        parts.append(f"{phrase}{f' (did you mean {guess!r}?)' if guess else ''}")
+    verb = "is" if len(parts) == 1 else "are"
+    text = f"{source}: {'; '.join(parts)} {verb} not in the class list {list(classes)}"
+    if missing:
+        text += f"; no images of {', '.join(missing)}"
+    return text
+
+
+def _lines(lines: Sequence[int]) -> str:
+    shown = ", ".join(str(line) for line in lines[:3])
+    return f"line {shown}" if len(lines) == 1 else f"lines {shown}{' …' if len(lines) > 3 else ''}"
+
+
+def _check_unknown_classes(unknown_classes: str) -> None:
+    if unknown_classes not in _UNKNOWN_CLASSES:
+        raise ValueError(f"unknown_classes must be one of {_UNKNOWN_CLASSES}, got {unknown_classes!r}")
+
+
+def split_folders(root: str | os.PathLike) -> dict[str, Path]:
+    """The split folders of a dataset root laid out as ``root/train``, ``root/val`` (and/or ``root/test``).
+
+    Returns ``{"train": path, "val": path, "test": path}`` (the splits present) when every non-hidden sub-folder
+    of `root` is a split folder (train/training, val/valid/validation/dev, test/testing, any case) and there are at
+    least two; otherwise ``{}`` (an ordinary ``root/<class>/`` folder).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    lookup = {alias: split for split, aliases in SPLIT_NAMES.items() for alias in aliases}
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    found: dict[str, Path] = {}
+    for folder in folders:
+        split = lookup.get(folder.name.casefold())
+        if split is None or split in found:
+            return {}
+        found[split] = folder
+    return dict(sorted(found.items(), key=lambda item: list(SPLIT_NAMES).index(item[0]))) if len(found) >= 2 else {}
+
+
+def split_layout_error(root: str | os.PathLike, splits: Mapping[str, Path]) -> SplitLayoutError:
+    """The one-line error for a dataset root with split folders, naming the folders to pass instead."""
+    root = Path(root)
+    train = splits.get("train") or next(iter(splits.values()))
+    val = splits.get("val") or splits.get("test") or next(p for p in splits.values() if p != train)
+    inner = sorted(
+        {p.name for split in splits.values() for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    )
+    inside = f" (the classes {', '.join(inner)} are inside them)" if inner else ""
+    names = ", ".join(f"{p.name}/" for p in splits.values())
+    return SplitLayoutError(
+        f"{root} holds the dataset splits {names}{inside}, not one folder per class: training on it would learn to "
+        f"tell the splits apart. Train on {train} and validate on {val} (command line: --data {train} --val {val})",
+        splits=dict(splits),
+    )
 
 
 class _ImageDataset(Dataset):
@@ -58,6 +177,12 @@ class _ImageDataset(Dataset):
         self.on_error = on_error
         self.source = source
         self.skipped: dict[str, str] = {}
+        self.skipped_classes: dict[str, int] = {}  # classes outside `classes` left out (unknown_classes="skip")
+
+    @property
+    def unreadable(self) -> list[tuple[str, str]]:
+        """Every image found unreadable or missing so far, as sorted ``(path, reason)`` pairs."""
+        return sorted(self.skipped.items())
 
     @property
     def targets(self) -> list[int] | np.ndarray:
@@ -136,6 +261,30 @@ class _ImageDataset(Dataset):
         return dropped
 
 
+def write_unreadable(path: str | os.PathLike, *sources: _ImageDataset | Mapping[str, str]) -> int:
+    """Write every unreadable or missing image of `sources` (datasets or ``{path: reason}``) as a CSV list.
+
+    The file (``path,reason`` rows, sorted by path) is written atomically; with nothing to list, an earlier file
+    at `path` is removed so that no stale list remains. Returns the number of images listed.
+    """
+    entries: dict[str, str] = {}
+    for source in sources:
+        skipped = source.skipped if isinstance(source, _ImageDataset) else source
+        if not isinstance(skipped, Mapping):
+            raise TypeError(f"write_unreadable takes datasets or {{path: reason}} dicts, got {type(source).__name__}")
+        entries.update(skipped)
+    path = Path(path)
+    if not entries:
+        path.unlink(missing_ok=True)
+        return 0
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows(sorted(entries.items()))
+    atomic_write_bytes(path, text.getvalue().encode("utf-8"))
+    return len(entries)
+
+
 def _is_image(path: Path, folder: Path, extensions: Sequence[str]) -> bool:
     hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)  # .DS_Store, .ipynb_checkpoints/
     return not hidden and path.suffix.lower() in extensions and path.is_file()
@@ -145,7 +294,10 @@ class ImageFolderDataset(_ImageDataset):
     """Single-label images in ``root/<class_name>/**/*.png|jpg|jpeg|bmp|tif|tiff|dcm``.
 
     Classes are the sorted sub-folder names, or ``classes`` (fixed order, e.g. the training set's for a
-    validation folder). Empty class folders are warned about; inferred empty classes are dropped.
+    validation folder), mapped to folders by name. Sub-folders with images outside ``classes`` raise
+    ClassMismatchError, or are left out with one warning when ``unknown_classes="skip"``. Classes without images
+    are warned about (no folder / empty folder); inferred empty classes are dropped. A root whose sub-folders are
+    dataset splits (train/val/test) raises SplitLayoutError unless ``classes`` names them.
     """
 
     def __init__(
@@ -156,6 +308,7 @@ class ImageFolderDataset(_ImageDataset):
         *,
         on_error: str = "skip",
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        unknown_classes: str = "error",
     ):
         root = Path(root)
         if not root.is_dir():
@@ -163,21 +316,52 @@ class ImageFolderDataset(_ImageDataset):
                 f"image folder {root} does not exist or is not a directory; pass the folder that "
                 "holds one sub-folder per class"
             )
+        _check_unknown_classes(unknown_classes)
         extensions = tuple(ext.lower() for ext in extensions)
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if classes is None:
             if not folders:
                 raise ValueError(f"{root} has no class sub-folders; arrange the images as {root}/<class_name>/<image>")
+            splits = split_folders(root)
+            if splits:
+                raise split_layout_error(root, splits)
             wanted = folders
         else:
             wanted = [str(name) for name in classes]
             if len(set(wanted)) != len(wanted):
                 raise ValueError(f"classes contain duplicates: {wanted}")
         files = {name: self._scan(root / name, extensions) for name in wanted}
-        empty = [name for name in wanted if not files[name]]
+        without = [name for name in wanted if not files[name]]
+        extra = {}
+        if classes is not None:
+            others = {name: self._scan(root / name, extensions) for name in folders if name not in files}
+            extra = {name: len(found) for name, found in others.items() if found}
+        details = {name: f"class folder {name} ({_count(count, 'image')})" for name, count in extra.items()}
+        if extra and unknown_classes == "error":
+            splits = split_folders(root)
+            if splits:  # e.g. a validation set pointed at the dataset root
+                raise split_layout_error(root, splits)
+            message = _extra_classes_message(details, without, str(root), wanted)
+            fix = "; evaluate on the trained classes only by leaving them out (unknown_classes='skip')"
+            raise ClassMismatchError(message + fix, extra=extra, missing=without, source=str(root))
+        if extra:
+            warnings.warn(
+                f"{root}: left out {_count(sum(extra.values()), 'image')}: {'; '.join(details.values())}, not in "
+                f"the class list {wanted}",
+                UnknownClassWarning,
+                stacklevel=2,
+            )
+        kept = "kept in the class list" if classes is not None else "ignored"
+        empty = [name for name in without if (root / name).is_dir()]
         if empty:
-            kept = "kept in the class list" if classes is not None else "ignored"
             warnings.warn(f"empty class folder(s) in {root}: {empty} ({kept})", EmptyClassWarning, stacklevel=2)
+        absent = [name for name in without if name not in empty]
+        if absent:
+            warnings.warn(
+                f"{root} has no folder for class(es) {absent} of the class list, so no images of them ({kept})",
+                EmptyClassWarning,
+                stacklevel=2,
+            )
         class_list = wanted if classes is not None else [name for name in wanted if files[name]]
         if len(class_list) < 2:
             raise ValueError(
@@ -190,6 +374,7 @@ class ImageFolderDataset(_ImageDataset):
         super().__init__(
             samples, class_list, multilabel=False, transform=transform, on_error=on_error, source=str(root)
         )
+        self.skipped_classes = extra
         self.root = root
 
     @staticmethod
@@ -217,6 +402,8 @@ class CsvDataset(_ImageDataset):
     ``path,label`` (label = class name or class index) gives a single-label dataset; ``path,<c1>,<c2>,...``
     with 0/1 columns gives a multi-label dataset with float multi-hot targets. Paths are relative to ``root``
     (default: the CSV's folder). Missing files are skipped with a warning (``on_error="skip"``) or raise.
+    Given ``classes``, labels (single-label) or label columns (multi-label) outside it raise ClassMismatchError,
+    or with ``unknown_classes="skip"`` are left out (rows / columns) with one UnknownClassWarning.
     """
 
     def __init__(
@@ -227,7 +414,9 @@ class CsvDataset(_ImageDataset):
         classes: Sequence[str] | None = None,
         *,
         on_error: str = "skip",
+        unknown_classes: str = "error",
     ):
+        _check_unknown_classes(unknown_classes)
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise ValueError(f"CSV file {csv_path} does not exist; pass the path of a `path,label` CSV list")
@@ -253,8 +442,37 @@ class CsvDataset(_ImageDataset):
                 (line, row[0], np.array([_parse_binary(row[1 + i], line, header[1 + i], csv_path) for i in order]))
                 for line, row in body
             ]
+            extra = {  # label columns the class list does not have: positives per column
+                name: int(sum(_parse_binary(row[1 + i], line, name, csv_path) for line, row in body))
+                for i, name in enumerate(header[1:])
+                if name not in class_list
+            }
+            details = {name: f"label column {name!r} ({_count(n, 'positive image')})" for name, n in extra.items()}
+            left_out = f"{_count(len(extra), 'label column')}"
         else:
-            class_list, labelled = self._single_label(body, classes, csv_path)
+            class_list, labelled, unknown = self._single_label(body, classes, csv_path)
+            extra = {label: len(lines) for label, lines in unknown.items()}
+            details = {
+                label: f"{_lines(lines)}: label {label!r} ({_count(len(lines), 'image')})"
+                for label, lines in unknown.items()
+            }
+            left_out = _count(sum(extra.values()), "row")
+        if extra:
+            if unknown_classes == "error":
+                present = {index for _, _, index in labelled} if not multilabel else set(range(len(class_list)))
+                without = [name for i, name in enumerate(class_list) if i not in present]
+                message = _extra_classes_message(details, without, str(csv_path), class_list)
+                raise ClassMismatchError(
+                    message + "; evaluate on the trained classes only by leaving them out (unknown_classes='skip')",
+                    extra=extra,
+                    missing=without,
+                    source=str(csv_path),
+                )
+            warnings.warn(
+                f"{csv_path}: left out {left_out}: {'; '.join(details.values())}, not in the class list {class_list}",
+                UnknownClassWarning,
+                stacklevel=2,
+            )
         samples: list[tuple[str, Target]] = []
         missing: dict[str, str] = {}
         for line, rel, target in labelled:
@@ -269,6 +487,7 @@ class CsvDataset(_ImageDataset):
             samples, class_list, multilabel=multilabel, transform=transform, on_error=on_error, source=str(csv_path)
         )
         self.root = root
+        self.skipped_classes = extra
         if missing:
             self.skipped.update(missing)
             warnings.warn(
@@ -300,7 +519,8 @@ class CsvDataset(_ImageDataset):
     @staticmethod
     def _single_label(
         body: list[tuple[int, list[str]]], classes: Sequence[str] | None, csv_path: Path
-    ) -> tuple[list[str], list[tuple[int, str, int]]]:
+    ) -> tuple[list[str], list[tuple[int, str, int]], dict[str, list[int]]]:
+        """(class list, (line, path, index) per known row, {unknown label: its lines}) — unknown only with `classes`."""
         labels = [row[1] for _, row in body]
         as_index = all(label.lstrip("-").isdigit() for label in labels)
         if classes is None:
@@ -317,16 +537,20 @@ class CsvDataset(_ImageDataset):
             )
         lookup = {name: i for i, name in enumerate(class_list)}
         labelled = []
+        unknown: dict[str, list[int]] = {}
         for line, row in body:
             label = row[1]
             if label in lookup:
                 index = lookup[label]
             elif as_index and 0 <= int(label) < len(class_list):
                 index = int(label)
+            elif classes is not None:
+                unknown.setdefault(label, []).append(line)
+                continue
             else:
                 raise ValueError(
-                    f"{csv_path} line {line}: label {label!r} of {row[0]!r} is not in the class list {class_list} "
-                    f"(or an index below {len(class_list)}); fix the row or pass classes="
+                    f"{csv_path} line {line}: label {label!r} of {row[0]!r} is not a class index "
+                    f"below {len(class_list)}; fix the row"
                 )
             labelled.append((line, row[0], index))
-        return class_list, labelled
+        return class_list, labelled, unknown

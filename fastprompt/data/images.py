@@ -4,12 +4,15 @@
 higher bit depths (16-bit, 32-bit integer or float images, DICOM), so no precision is lost to an 8-bit round
 trip. Files are decoded by content, not by extension. Anything that cannot be decoded raises
 :class:`CorruptImageError`. Limitation: Pillow decodes 16-bit *colour* PNGs to 8 bits (16-bit grayscale,
-the usual medical case, keeps its precision).
+the usual medical case, keeps its precision). Transparency is composited over black; an image that is
+transparent everywhere keeps its stored colour instead (compositing would make it all black) and warns with
+:class:`TransparentImageWarning`.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 _DICOM_MAGIC_OFFSET = 128
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+class TransparentImageWarning(UserWarning):
+    """An image is transparent everywhere (alpha 0): its stored colour is used, since compositing gives black."""
 
 
 class CorruptImageError(ValueError):
@@ -61,10 +68,23 @@ def _decode_pil(path: str) -> Image.Image | torch.Tensor:
         if image.mode == "RGB":
             return image
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")  # alpha composited over black: transparent pixels carry no colour
-            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            return Image.alpha_composite(black, rgba).convert("RGB")
+            return _flatten_alpha(image.convert("RGBA"), path)
         return image.convert("RGB")
+
+
+def _flatten_alpha(rgba: Image.Image, path: str) -> Image.Image:
+    """RGB from RGBA: composited over black, except an image transparent everywhere, which keeps its colour."""
+    if rgba.getchannel("A").getextrema()[1] > 0:
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    rgb = rgba.convert("RGB")  # the colour stored under alpha 0 (some exporters write it so)
+    low, high = zip(*rgb.getextrema())
+    if max(high) == 0:
+        what = "and its colour channels are all zero: it holds no image (it decodes as all black)"
+    else:
+        what = "(alpha 0); its stored colour is used, ignoring the alpha channel"
+    warnings.warn(f"{path} is fully transparent {what}", TransparentImageWarning, stacklevel=4)
+    return rgb
 
 
 def _first_value(value) -> float:
