@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import os
 import signal
@@ -30,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fastprompt.engine.activation import PlanChoice, check_budget_option, format_bytes, plan_engine_step
 from fastprompt.engine.backends import (
     DeepSpeedBackend,
     TorchBackend,
@@ -64,6 +66,8 @@ from fastprompt.engine.data import (
 )
 from fastprompt.engine.report import write_curves, write_metrics_jsonl
 from fastprompt.methods.registry import check_choice, check_float, check_int
+
+_LOG = logging.getLogger("fastprompt.engine")
 
 __all__ = ["CheckpointError", "Engine", "NonFiniteLossError", "TrainingInterrupted"]
 
@@ -129,6 +133,10 @@ class Engine:
     dropped), `clip_grad` (max global L2 norm), `deepspeed_config` (dict or JSON path) deep-merged over the generated
     DeepSpeed config. grad_checkpointing: calls ``model.set_grad_checkpointing(True)``; timm ViTs then recompute
     every block in backward, the frozen ones included, trading compute for activation memory.
+    activation_memory: None, "auto" (the device's free memory) or a size ("4GB", or bytes): before training, pick the
+    least-recompute activation plan (`fastprompt.checkpoint_activations`: none, selective on k blocks, ..., full on
+    all) whose step fits the budget at the loader's batch size, from a measured step; the plan is printed and
+    written to metrics.jsonl (torch backend; see fastprompt.engine.activation).
     loss: "auto" (cross-entropy for class indices, BCE-with-logits for multi-hot float targets) or a callable.
     output_dir: checkpoints/{last,prev,best}.pt, metrics.jsonl and curves.png; `checkpoint_every` optimizer steps
     (and every epoch end) `last` is rewritten; `best` follows `monitor` ("auto": val AUC, else val/train loss).
@@ -156,6 +164,7 @@ class Engine:
         grad_accum: int = 1,
         clip_grad: float | None = None,
         grad_checkpointing: bool = False,
+        activation_memory: str | int | None = None,
         backend: str = "auto",
         deepspeed_config: dict | str | None = None,
         loss: str | LossFn = "auto",
@@ -208,6 +217,8 @@ class Engine:
         self.config["deepspeed_config"] = self.user_deepspeed_config
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.class_names = [str(name) for name in class_names] if class_names is not None else None
+        self.activation_memory = check_budget_option(activation_memory, grad_checkpointing)
+        self.activation_choice: PlanChoice | None = None
         if deterministic:
             enable_determinism()
         if grad_checkpointing:
@@ -349,6 +360,8 @@ class Engine:
         self._setup(train_loader.batch_size or 1)
         cfg = self.config
         loader, sampler = rebuild_loader(train_loader, seed=cfg["seed"], rank=self.rank, world_size=self.world_size)
+        if self.activation_memory is not None and self.activation_choice is None:
+            self._plan_activation_memory(loader)
         per_epoch = batches_per_epoch(loader, sampler)
         steps_per_epoch = per_epoch // cfg["grad_accum"]
         if steps_per_epoch == 0:
@@ -382,6 +395,8 @@ class Engine:
         while self.state["epoch"] < cfg["epochs"]:
             self._stop_if_requested(steps_per_epoch)
             record = self._train_epoch(loader, sampler, steps_per_epoch)
+            if self.activation_choice is not None:
+                record.update(self.activation_choice.record())
             if val_loader is not None:
                 val = self.evaluate(val_loader)
                 record.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))})
@@ -480,6 +495,19 @@ class Engine:
             "images_per_s": images / max(elapsed, 1e-9),
             "time_s": elapsed,
         }
+
+    def _plan_activation_memory(self, loader: DataLoader) -> None:
+        """Choose and apply the activation plan for `activation_memory` from measured steps; report it."""
+        choice = plan_engine_step(self, loader, self.activation_memory)
+        self.activation_choice = choice
+        line = (
+            f"activation memory: plan {choice.description} (step {format_bytes(choice.fixed + choice.measured_peak)} "
+            f"of budget {format_bytes(choice.budget)}; without recomputation "
+            f"{format_bytes(choice.fixed + choice.unrecomputed_peak)})"
+        )
+        _LOG.info(line)
+        if self.rank == 0 and self.config["progress"]:
+            tqdm.write(line, file=sys.stderr)
 
     def _set_lr(self, step: int) -> None:
         cfg = self.config
