@@ -83,3 +83,18 @@ def test_ctrl_c_saves_mid_epoch_and_prints_the_resume_command(folders, tmp_path)
     for name, value in uninterrupted.items():  # ... to the same parameters as a run never interrupted
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
     assert CLASSES == tuple(json.loads((out / "config.json").read_text())["classes"])
+
+
+def test_warnings_name_the_class_and_are_printed_once(folders, tmp_path, capsys):
+    train, _ = folders
+    val = write_folder(tmp_path / "val", 2, seed=3)
+    for path in (val / CLASSES[1]).iterdir():  # validation without a single 'malignant' image
+        path.unlink()
+    (val / CLASSES[1]).rmdir()
+    argv = ["train", f"--data={train}", f"--val={val}", *TINY, "--method=linear", *FAST, "--epochs=3"]
+    capsys.readouterr()
+    assert main([*argv, f"--output-dir={tmp_path / 'run'}"]) == 0
+    err = capsys.readouterr().err
+    skipped = [line for line in err.splitlines() if "single target value" in line]
+    assert len(skipped) == 1, err  # three validations, one warning
+    assert f"['{CLASSES[1]}']" in skipped[0]
