@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastprompt.io import atomic_write_bytes
+from fastprompt.io import atomic_write_bytes, tensor_digest
 from fastprompt.methods import registry
 from fastprompt.patch import CONFIG_ATTR, METHOD_ATTR
 
@@ -64,16 +64,6 @@ class BackboneWeightsWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------------------------- digests
-
-
-def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (independent of the file format)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def _frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -543,7 +533,7 @@ def load(
     `backbone`: a model object (plain, or with the method already applied), a local weight file of the recorded
     architecture, a timm model name (timm's pretrained weights), a Hugging Face folder/name, or None for the
     recorded name. The method is applied with the saved options and number of classes, then `load_trainable`'s
-    checks run. Loading from a name downloads nothing that timm or Hugging Face have not cached.
+    checks run. A name loads through timm's / Hugging Face's usual cache and download.
     """
     tensors, record = read_trainable(path)
     source = _weights_path(path)

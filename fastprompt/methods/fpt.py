@@ -14,7 +14,6 @@ FPT (L = 12, side 224, T = 197): 1,435,589 + 166,752 = 1,602,341 — both as pub
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from fastprompt import kernels
+from fastprompt.io import tensor_digest
 from fastprompt.methods.fpt_side import FusionModule, build_side_vit, side_forward
 from fastprompt.methods.registry import check_choice, check_float, check_int, check_layers, register_method
 
@@ -260,11 +260,7 @@ class FPT(nn.Module):
         state = sorted(self.backbone.state_dict().items())
         fingerprint = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state)
         if self._weights_digest is None or self._weights_digest[0] != fingerprint:
-            digest = hashlib.sha256()
-            for name, tensor in state:
-                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._weights_digest = (fingerprint, digest.hexdigest())
+            self._weights_digest = (fingerprint, tensor_digest(dict(state)))
         return self._weights_digest[1]
 
     def feature_signature(self) -> dict[str, Any]:
