@@ -42,7 +42,7 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [32, 64])
 @pytest.mark.parametrize("tokens", [1, 17, 65, 197])
 @pytest.mark.parametrize("mode", MODES)
