@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shlex
@@ -98,3 +99,52 @@ def test_warnings_name_the_class_and_are_printed_once(folders, tmp_path, capsys)
     skipped = [line for line in err.splitlines() if "single target value" in line]
     assert len(skipped) == 1, err  # three validations, one warning
     assert f"['{CLASSES[1]}']" in skipped[0]
+
+
+def test_a_dataset_root_with_split_folders_is_refused_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    import fastprompt.cli.runs as runs
+
+    monkeypatch.setattr(runs, "make_backbone", lambda *a, **k: pytest.fail("a model was built"))
+    root = tmp_path / "chest_xray"
+    write_folder(root / "train", 3)
+    write_folder(root / "val", 2, seed=1)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", f"--data={root}", *TINY, "--method=linear", *FAST, f"--output-dir={out}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"--data {root / 'train'} --val {root / 'val'}" in errors[0]
+    assert not out.exists()
+
+
+def test_unreadable_images_are_all_listed_in_the_run(folders, tmp_path, capsys):
+    train, val = folders
+    data = tmp_path / "data"
+    write_folder(data, 4)
+    broken = [data / CLASSES[0] / "broken.png", data / CLASSES[1] / "empty.png"]
+    broken[0].write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    broken[1].write_bytes(b"")
+    out = tmp_path / "run"
+    assert main(["train", f"--data={data}", f"--val={val}", *TINY, "--method=linear", *FAST, "--epochs=1",
+                 f"--output-dir={out}"]) == 0  # fmt: skip
+    with open(out / "unreadable.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["path"] for row in rows) == sorted(map(str, broken))
+    assert f"listed in {out / 'unreadable.csv'}" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_other_classes_unless_asked_to_skip(folders, tmp_path, capsys):
+    train, val = folders
+    out = tmp_path / "run"
+    assert main(train_argv(folders, out, "--epochs=1")) == 0
+    other = write_folder(tmp_path / "other", 2, seed=5)
+    (other / "pneumonia").mkdir()
+    for index in range(2):
+        (other / CLASSES[0] / f"{index}.png").rename(other / "pneumonia" / f"{index}.png")
+    argv = ["evaluate", f"--checkpoint={out}", f"--data={other}", "--workers=0", "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pneumonia" in err and "benign" in err  # the extra class and the trained class without images
+    assert main([*argv, "--skip-unknown-classes"]) == 0
+    record = json.loads((out / "evaluate_other.json").read_text())
+    assert record["images"] == 2 and record["skipped_unknown_classes"] == {"pneumonia": 2}

@@ -48,6 +48,11 @@ def add_parser(commands: Any) -> None:
         help="metrics JSON (default: RUN/evaluate_<data name>.json, numbered when it exists)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    parser.add_argument(
+        "--skip-unknown-classes",
+        action="store_true",
+        help="leave out images of classes the run was not trained on (default: refuse them, naming the classes)",
+    )
     add_common(parser)
     parser.set_defaults(handler=run)
 
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config, classes = run.config, run.classes
     print(f"checkpoint: {describe_checkpoint(run)}", file=sys.stderr)
     backbone = backbone_of(run.model)
-    data = open_dataset(args.data, classes=classes)
+    data = open_dataset(args.data, classes=classes, skip_unknown=args.skip_unknown_classes)
     drop_small_images(data, patch_size_of(backbone))
     eval_tf = transforms_for_model(backbone, config["img_size"], train=False)
     loader = make_loader(
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "step_in_epoch": run.step_in_epoch,
         "data": str(Path(args.data).resolve()),
         "images": len(data),
+        "skipped_unknown_classes": dict(getattr(data, "skipped_classes", {}) or {}),
         "classes": classes,
         **metrics,
     }

@@ -40,24 +40,29 @@ class TransformedSubset(Dataset):
         return self.transform(image), target
 
 
-def open_dataset(path: str | Path, classes: Sequence[str] | None = None) -> Any:
-    """An image folder (`root/<class>/<image>`) or a CSV list, decoded but not transformed; unreadable files dropped."""
+def open_dataset(path: str | Path, classes: Sequence[str] | None = None, *, skip_unknown: bool = False) -> Any:
+    """An image folder (`root/<class>/<image>`) or a CSV list, decoded but not transformed; unreadable files dropped.
+
+    With `classes` (the trained class list) classes map by name; images of other classes are refused, naming them,
+    unless `skip_unknown`. A root of train/val/test split folders is refused, naming the folders to pass instead.
+    """
     from fastprompt.data import CsvDataset, ImageFolderDataset, SkippedImageWarning
 
     path = Path(path)
     if not path.exists():
         raise UsageError(f"data path {path} does not exist; pass a folder of <class>/<image> files or a CSV list")
+    mapping = {} if classes is None else {"classes": classes, "unknown_classes": "skip" if skip_unknown else "error"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedImageWarning)
         if path.is_file() and path.suffix.lower() == ".csv":
-            dataset = CsvDataset(path, classes=classes)
+            dataset = CsvDataset(path, **mapping)
         else:
-            dataset = ImageFolderDataset(path, classes=classes)
-        dropped = dict(dataset.skipped)
-        dropped.update(dataset.verify(progress=len(dataset) > 200))
-    if dropped:
-        first, reason = next(iter(dropped.items()))
-        print(f"skipped {len(dropped)} unreadable image(s) in {path}, e.g. {first}: {reason}", file=sys.stderr)
+            dataset = ImageFolderDataset(path, **mapping)
+        dataset.verify(progress=len(dataset) > 200)  # adds every unreadable image to dataset.skipped
+    if dataset.skipped:
+        first, reason = next(iter(sorted(dataset.skipped.items())))
+        count = len(dataset.skipped)
+        print(f"skipped {count} unreadable image(s) in {path}, e.g. {first}: {reason}", file=sys.stderr)
     return dataset
 
 

@@ -49,6 +49,11 @@ def add_parser(commands: Any) -> None:
         "--val", metavar="PATH", help="validation folder/CSV (default: hold out --val-fraction of --data)"
     )
     parser.add_argument(
+        "--skip-unknown-classes",
+        action="store_true",
+        help="leave out --val images of classes --data does not have (default: refuse them, naming the classes)",
+    )
+    parser.add_argument(
         "--val-fraction", type=fraction, default=0.2, help="held-out share without --val, stratified per class"
     )
     parser.add_argument(
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         patch_size_of,
         save_backbone,
     )
-    from fastprompt.data import make_few_shot_splits, train_val_split, transforms_for_model
+    from fastprompt.data import make_few_shot_splits, train_val_split, transforms_for_model, write_unreadable
     from fastprompt.engine import Engine, TrainingInterrupted
 
     method = check_method(args.method)
@@ -134,6 +139,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.copy_weights and args.checkpoint is None:
         raise UsageError("--copy-weights copies the --checkpoint FILE into the run; pass --checkpoint FILE with it")
     digest = check_weights_file(args, out)
+    data = open_dataset(args.data)  # data mistakes (a train/val/test root, one class) before any model is built
+    val_data = None
+    if args.val is not None:
+        val_data = open_dataset(args.val, classes=data.classes, skip_unknown=args.skip_unknown_classes)
     torch.manual_seed(args.seed)
     saved_backbone = out / BACKBONE_FILE
     random_init = not args.pretrained and args.checkpoint is None
@@ -141,11 +150,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backbone = make_backbone(
         args.model, args.img_size, pretrained=args.pretrained, checkpoint=weights_file, model_kwargs=model_kwargs
     )
-    data = open_dataset(args.data)
     patch = patch_size_of(backbone)
     drop_small_images(data, patch)
-    if args.val is not None:
-        val_data = open_dataset(args.val, classes=data.classes)
+    if val_data is not None:
         drop_small_images(val_data, patch)
         train_idx, val_idx, val_source = list(range(len(data))), list(range(len(val_data))), val_data
     else:
@@ -160,6 +167,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = fastprompt.apply(backbone, method, num_classes=len(data.classes), **options)
     trainable, total = fastprompt.count_parameters(model)
     out.mkdir(parents=True, exist_ok=True)
+    unreadable = write_unreadable(out / UNREADABLE_FILE, data, *([val_data] if val_data is not None else []))
+    if unreadable:
+        print(f"the {unreadable} unreadable image(s) are listed in {out / UNREADABLE_FILE}", file=sys.stderr)
     if random_init:
         save_backbone(frozen_state, saved_backbone)
         weights = {"source": "random", "file": BACKBONE_FILE}
@@ -249,6 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 WEIGHTS_DIR = "weights"
+UNREADABLE_FILE = "unreadable.csv"
 
 
 def check_weights_file(args: argparse.Namespace, out: Path) -> str | None:
