@@ -43,3 +43,13 @@ def test_standalone_suites_default_to_the_current_directory(tmp_path, monkeypatc
     path = module.main([])
     assert path.resolve().is_relative_to((tmp_path / "benchmark-results" / "cpu").resolve())
     assert committed_files() == before
+
+
+def test_cli_startup_suite_measures_every_help_screen(tmp_path):
+    from benchmarks import cli_startup
+
+    path = cli_startup.main(["--repeats=1", f"--output={tmp_path / 'startup.json'}"])
+    rows = results.load_record(path)["rows"]
+    assert [row["command"] for row in rows][:2] == ["fastprompt --help", "fastprompt train --help"]
+    assert len(rows) == len(cli_startup.COMMANDS)
+    assert all(row["exit_code"] == 0 and row["heavy_modules_imported"] == [] for row in rows)
