@@ -458,8 +458,12 @@ def test_a_dataset_root_with_split_folders_is_refused_naming_the_fix(tmp_path, n
     with pytest.raises(SplitLayoutError) as info:
         ImageFolderDataset(root)
     message = str(info.value)
-    val = names[1]
-    assert "\n" not in message and f"--data {root / names[0]} --val {root / val}" in message
+    if "test" in names[1]:  # no validation split: hold a share out, test at the end
+        assert f"--data {root / names[0]} --val-fraction 0.2, then evaluate --data {root / names[1]}" in message
+    else:
+        assert f"--data {root / names[0]} --val {root / names[1]}" in message
+    assert ("evaluate on" in message) == (len(names) == 3 or "test" in names[1])
+    assert "\n" not in message
     assert "NORMAL, PNEUMONIA" in message  # the classes it would have learned are inside the splits
     assert ImageFolderDataset(root / names[0]).classes == ["NORMAL", "PNEUMONIA"]
     assert ImageFolderDataset(root, classes=list(names)).classes == list(names)  # asked for explicitly: allowed

@@ -140,8 +140,18 @@ def split_folders(root: str | os.PathLike) -> dict[str, Path]:
 def split_layout_error(root: str | os.PathLike, splits: Mapping[str, Path]) -> SplitLayoutError:
     """The one-line error for a dataset root with split folders, naming the folders to pass instead."""
     root = Path(root)
-    train = splits.get("train") or next(iter(splits.values()))
-    val = splits.get("val") or splits.get("test") or next(p for p in splits.values() if p != train)
+    train, val, test = splits.get("train"), splits.get("val"), splits.get("test")
+    if train is not None and val is not None:
+        advice = f"Train on {train} and validate on {val} (command line: --data {train} --val {val})"
+        if test is not None:
+            advice += f"; evaluate on {test} at the end"
+    elif train is not None:
+        advice = (
+            f"Train on {train}, holding out a share for validation, and evaluate on {test} at the end (command line: "
+            f"--data {train} --val-fraction 0.2, then evaluate --data {test})"
+        )
+    else:
+        advice = f"It has no training split: pass the training images as --data and {val} as --val"
     inner = sorted(
         {p.name for split in splits.values() for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")}
     )
@@ -149,7 +159,7 @@ def split_layout_error(root: str | os.PathLike, splits: Mapping[str, Path]) -> S
     names = ", ".join(f"{p.name}/" for p in splits.values())
     return SplitLayoutError(
         f"{root} holds the dataset splits {names}{inside}, not one folder per class: training on it would learn to "
-        f"tell the splits apart. Train on {train} and validate on {val} (command line: --data {train} --val {val})",
+        f"tell the splits apart. {advice}",
         splits=dict(splits),
     )
 
