@@ -214,12 +214,23 @@ def _sidecar_path(weights: Path) -> Path:
     return weights.with_suffix(".json") if weights.suffix != ".json" else weights.with_name(weights.name + ".json")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers (their names lack prefixes)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _trainable_tensors(model: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """(module, CPU copies of its trainable parameters); an Engine gives its gathered state (ZeRO-3 too)."""
     if not isinstance(model, nn.Module) and hasattr(model, "trainable_state_dict") and hasattr(model, "model"):
-        module, tensors = model.model, model.trainable_state_dict()
+        module, tensors = unwrap(model.model), model.trainable_state_dict()
     elif isinstance(model, nn.Module):
-        module = model
+        module = model = unwrap(model)
         tensors = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     else:
         raise TypeError(f"save_trainable takes a torch.nn.Module or a fastprompt.Engine, got {type(model).__name__}")
@@ -438,7 +449,7 @@ def load_trainable(
     shapes, and (``check_backbone``) that the frozen weights are those the file was saved with.
     """
     tensors, record = read_trainable(path)
-    _load_checked(model, tensors, record, _weights_path(path), strict=strict, check_backbone=check_backbone)
+    _load_checked(unwrap(model), tensors, record, _weights_path(path), strict=strict, check_backbone=check_backbone)
     return model
 
 
@@ -537,6 +548,8 @@ def load(
     """
     tensors, record = read_trainable(path)
     source = _weights_path(path)
+    if isinstance(backbone, nn.Module):
+        backbone = unwrap(backbone)
     if isinstance(backbone, nn.Module) and getattr(backbone, METHOD_ATTR, None) is not None:
         model = backbone
     else:

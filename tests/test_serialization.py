@@ -106,6 +106,17 @@ def test_load_trainable_into_a_patched_model_and_engine_save(tmp_path):
     assert torch.equal(target.eval()(images()), model(images()))
 
 
+def test_wrapped_models_save_and_load_under_their_own_names(tmp_path):
+    model = trained("lora")
+    for wrapper in (torch.nn.DataParallel, torch.compile):
+        path = save_trainable(wrapper(model), tmp_path / f"{wrapper.__name__}.safetensors")
+        assert set(load_file(path)) == trainable_names(model)  # no "module." / "_orig_mod." prefixes
+        target = fastprompt.apply(backbone(), "lora", num_classes=3, **METHODS["lora"])
+        wrapped = wrapper(target)
+        assert load_trainable(wrapped, path) is wrapped
+        assert torch.equal(target.eval()(images()), model(images()))
+
+
 def test_load_rebuilds_the_backbone_from_a_local_weight_file(tmp_path):
     model = trained("lora")
     path = save_trainable(model, tmp_path / "lora.safetensors")

@@ -262,7 +262,7 @@ class _ImageDataset(Dataset):
             self.skipped.update(dropped)
             warnings.warn(
                 f"{len(dropped)} unreadable image(s) in {self.source} dropped, e.g. {next(iter(dropped))}: "
-                f"{next(iter(dropped.values()))}",
+                f"{next(iter(dropped.values()))} (every one: dataset.unreadable, or write_unreadable)",
                 SkippedImageWarning,
                 stacklevel=2,
             )
