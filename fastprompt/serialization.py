@@ -35,8 +35,10 @@ from fastprompt.methods import registry
 from fastprompt.patch import CONFIG_ATTR, METHOD_ATTR
 
 __all__ = [
+    "BackboneWeightsWarning",
     "LoadedRun",
     "WeightsError",
+    "build_run_model",
     "load",
     "load_run",
     "load_trainable",
@@ -44,6 +46,8 @@ __all__ = [
     "read_trainable",
     "save_trainable",
     "tensor_digest",
+    "trainable_names",
+    "unwrap",
 ]
 
 FORMAT = "fastprompt-trainable"
@@ -51,7 +55,6 @@ FORMAT_VERSION = 1
 METADATA_KEY = "fastprompt"
 DEFAULT_FILE = "trainable.safetensors"  # used when `path` is a folder
 RUN_CONFIG = "config.json"  # written by `fastprompt train` into the run folder
-RUN_BACKBONE = "backbone.safetensors"  # a randomly initialised run backbone's frozen weights
 _SHOWN = 5  # names listed in an error before "... and N more"
 
 
