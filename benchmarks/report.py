@@ -278,6 +278,27 @@ def efficiency_section(rows: list[dict], base: Path) -> str | None:
     return f"{markdown_table(header, body)}\n\n{formula}\n\n{sources_line(scored, base)}"
 
 
+def gpu_check_section(records: list[tuple[Path, dict]], base: Path) -> str | None:
+    """The newest `python -m benchmarks.gpu` run on a GPU: every goal with its measured figure, every part's status."""
+    runs = [
+        (path, record) for path, record in records if record["suite"] == "gpu_check" and record["device_type"] == "cuda"
+    ]
+    if not runs:
+        return None
+    path, record = max(runs, key=lambda item: item[1]["date"])
+    verdicts = {True: "met", False: "missed", None: "not measured"}
+    goals = [
+        [row["what"], fmt(row["measured"], 3), ("≤ " if row["better"] == "lower" else "≥ ") + f"{row['target']:g}",
+         verdicts[row["passes"]]]
+        for row in record["rows"] if "goal" in row
+    ]  # fmt: skip
+    parts = [[row["part"], row["status"], fmt(row["seconds"])] for row in record["rows"] if "part" in row]
+    return (
+        f"{record['device']}, {record['date']}\n\n{markdown_table(['goal', 'measured', 'target', 'verdict'], goals)}"
+        f"\n\n{markdown_table(['part', 'status', 'seconds'], parts)}\n\n_Source: `{os.path.relpath(path, base)}`_"
+    )
+
+
 MEMORY_KEY = ("model", "method", "resolution", "batch_size", "precision", "grad_checkpointing")
 THROUGHPUT_KEY = MEMORY_KEY
 KERNEL_KEY = ("op", "impl", "n", "d", "batch", "heads", "dtype", "pass")
@@ -303,6 +324,9 @@ def render_markdown(records: list[tuple[Path, dict]], base: Path, plots: list[Pa
         "### Kernels (GPU)\n\n" + kernel_section(kernels, base, gpu=True),
         "### Kernels (CPU)\n\n" + kernel_section(kernels, base, gpu=False),
     ]
+    gpu_check = gpu_check_section(records, base)
+    if gpu_check:
+        blocks.append("### GPU check (`python -m benchmarks.gpu`) against the goals\n\n" + gpu_check)
     efficiency = efficiency_section(memory, base)
     if efficiency:
         blocks.append("### Efficiency (PPE / PME)\n\n" + efficiency)

@@ -1,0 +1,232 @@
+"""`python -m benchmarks.gpu` on a CPU: the dry run, every part at tiny size, time boxes, goals and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from benchmarks import gpu, report, results
+from fastprompt import FPT
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_FILES = {
+    "kernels.json": "kernels",
+    "memory_ept.json": "memory",
+    "throughput_ept.json": "throughput",
+    "memory_fpt.json": "memory",
+    "frozen_forward.json": "frozen_forward",
+    "determinism.json": "determinism",
+    "gpu_tests.json": "gpu_tests",
+    "gpu_check.json": "gpu_check",
+}
+
+
+def run_check(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.gpu --out out --profile tiny ...` from the repository root, as a user would run it."""
+    command = [sys.executable, "-m", "benchmarks.gpu", "--out", str(out), "--profile", "tiny", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_lists_every_part_and_goal_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert gpu.main(["--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for part in gpu.PARTS:
+        assert f"{part.name:<15} ≤ {part.box_seconds:4.0f} s" in text
+    for goal, target in gpu.GOALS.items():
+        assert f"{goal}: {target:g}" in text
+    # the issue's sizes: kernels at B 32, H 12 (768 / 64), N 1025, D 64 in bf16; EPT at 512, batch 32; FPT+ batch 16
+    assert '"batch": 32, "width": 768, "n": 1025, "d": 64, "dtype": "bf16"' in text
+    assert '"model": "vit_base_patch16_224", "resolution": 512, "batch": 32' in text
+    assert '"model": "vit_base_patch16_384", "resolution": 512, "batch": 16}' in text
+    assert sum(part.box_seconds for part in gpu.PARTS[:-1]) < gpu.TOTAL_SECONDS <= 8 * 60 - 30
+    assert not out.exists()
+
+
+def test_an_uninstalled_checkout_imports_the_kernels_through_the_module(tmp_path):
+    """On the GPU machine nothing is installed: with PYTHONPATH=. alone, importing benchmarks.gpu maps kernels/ to
+    fastprompt.kernels (without it the import fails, so the check is real)."""
+    script = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"  # undo a dev install
+        "sys.path_importer_cache.clear()\n"
+        "if sys.argv[1] == 'hook':\n"
+        "    import benchmarks.gpu\n"
+        "import fastprompt.kernels\n"
+        "print(fastprompt.kernels.__file__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": "."}
+    for mode, ok in (("plain", False), ("hook", True)):
+        done = subprocess.run(
+            [sys.executable, "-c", script, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert (done.returncode == 0) == ok, (mode, done.stderr[-2000:])
+    assert done.stdout.strip().endswith(str(Path("kernels") / "__init__.py"))
+
+
+def kernel_row(impl: str, kind: str, seconds: float) -> dict:
+    return {"op": "attention", "impl": impl, "pass": kind, "time_seconds": {"median": seconds}}
+
+
+def test_goal_rows_compare_the_parts_files_with_the_targets(tmp_path):
+    """Known figures in, the issue's ratios out: each goal's arithmetic and direction."""
+
+    def write(name: str, suite: str, rows: list[dict]) -> None:
+        results.write_record(results.run_record(suite, "cpu", {}, rows), tmp_path / name)
+
+    write(
+        "kernels.json",
+        "kernels",
+        [
+            kernel_row("sink_attention", "fwd", 9.0),  # the fwd rows must not be taken for the fwd+bwd ones
+            kernel_row("sink_attention", "fwd+bwd", 0.012),
+            kernel_row("sdpa_flash", "fwd+bwd", 0.010),
+            kernel_row("ept_reference", "fwd+bwd", 0.060),
+        ],
+    )
+    ept = {"apply_method": "ept"}
+    write(
+        "memory_ept.json",
+        "memory",
+        [
+            {**ept, "method": "ept", "peak_allocated_bytes": 30},
+            {**ept, "method": "ept-official", "peak_allocated_bytes": 100},
+        ],
+    )
+    write(
+        "throughput_ept.json",
+        "throughput",
+        [
+            {**ept, "method": "ept", "images_per_second": 240.0},
+            {**ept, "method": "ept-official", "images_per_second": 100.0},
+        ],
+    )
+    fpt = {"method": "fpt+-cached", "apply_method": "fpt+", "peak_allocated_bytes": 700 * gpu.MIB}
+    write("memory_fpt.json", "memory", [{**fpt, "optimizer_bytes": 40 * gpu.MIB}])
+    write("frozen_forward.json", "frozen_forward", [{"impl": "summary", "speedup": 2.5}])
+    write(
+        "determinism.json",
+        "determinism",
+        [{"check": "kernels", "bit_identical": True}, {"check": "ept_training", "bit_identical": False}],
+    )
+    goals = {row["goal"]: row for row in gpu.goal_rows(tmp_path)}
+    expected = {
+        "sink_vs_sdpa_flash": (1.2, False),  # 12 ms against 10 ms: above 1.1
+        "reference_vs_sink": (5.0, True),
+        "ept_memory_ratio": (0.3, True),  # exactly at the target counts as met
+        "ept_throughput_ratio": (2.4, False),
+        "fpt_plus_peak_mib": (740.0, False),  # the step's peak plus the AdamW state a later step holds
+        "frozen_speedup": (2.5, True),
+        "deterministic": (0.0, False),
+    }
+    assert goals.keys() == expected.keys() == gpu.GOALS.keys()
+    for name, (measured, passes) in expected.items():
+        assert goals[name]["measured"] == pytest.approx(measured), name
+        assert goals[name]["passes"] is passes, name
+    (tmp_path / "throughput_ept.json").unlink()  # a part that wrote nothing: its goals are owed, not failed
+    goals = {row["goal"]: row for row in gpu.goal_rows(tmp_path)}
+    assert goals["ept_throughput_ratio"]["measured"] is None and goals["ept_throughput_ratio"]["passes"] is None
+
+
+def test_parse_pytest_lines_keeps_each_tests_last_outcome():
+    text = (
+        "tests/test_a.py::test_one PASSED [ 10%]\n"
+        "tests/test_a.py::test_two[bf16-1025] FAILED [ 20%]\n"
+        "tests/test_a.py::test_one ERROR [ 30%]\n"  # teardown error after the pass
+        "FAILED tests/test_a.py::test_two[bf16-1025] - AssertionError\n"
+        "collected 3 items\n"
+    )
+    assert gpu.parse_pytest_lines(text) == [
+        {"test": "tests/test_a.py::test_one", "outcome": "ERROR"},
+        {"test": "tests/test_a.py::test_two[bf16-1025]", "outcome": "FAILED"},
+    ]
+
+
+def test_materialised_frozen_branch_selects_what_fpt_selects():
+    """The frozen forward's reference computes the same features as FPT.extract_features (fp32, tiny backbone)."""
+    torch.manual_seed(0)
+    backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=0)
+    for mode in ("global", "cls"):
+        model = FPT(backbone, 3, variant="fpt+", layers=[0, 2], token_importance=mode, side_input_size=16).eval()
+        images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        want = model.extract_features(images, return_indices=True)
+        with torch.no_grad():
+            got = gpu.materialised_features(model, images)
+        assert torch.equal(got["indices"], want["indices"]), mode
+        torch.testing.assert_close(got["keys"], want["keys"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["values"], want["values"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_every_part_runs_at_tiny_size_and_the_report_renders_them_as_a_gpu_run(tmp_path):
+    out = tmp_path / "out"
+    done = run_check(out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {path.name for path in out.glob("*.json")} == set(TINY_FILES)
+    records = {name: results.load_record(out / name) for name in TINY_FILES}
+    assert {name: record["suite"] for name, record in records.items()} == TINY_FILES
+    check = records["gpu_check.json"]["rows"]
+    assert [row["status"] for row in check if "part" in row] == ["ok"] * len(gpu.PARTS)
+    goals = {row["goal"]: row for row in check if "goal" in row}
+    for name in ("sink_vs_sdpa_flash", "reference_vs_sink", "ept_throughput_ratio", "frozen_speedup"):
+        assert goals[name]["measured"] > 0, name  # measured from the parts' files (timings on this CPU)
+    for name in ("ept_memory_ratio", "fpt_plus_peak_mib"):  # GPU peak memory: no figure on a CPU
+        assert goals[name]["measured"] is None and goals[name]["passes"] is None
+    assert goals["deterministic"]["measured"] == 1.0
+    kernels = records["kernels.json"]["rows"]
+    assert {row["impl"] for row in kernels if "time_seconds" in row} >= {
+        "sink_attention",
+        "sdpa_flash",
+        "ept_reference",
+    }
+    assert {(row["op"], row["pass"]) for row in kernels} >= {("attention", "fwd"), ("attention", "fwd+bwd")}
+    assert {row["method"] for row in records["memory_ept.json"]["rows"]} == {"ept", "ept-official"}
+    assert records["gpu_tests.json"]["summary"]["SKIPPED"] >= 1  # the GPU tests ran and skipped without CUDA
+    assert "goals (issue 3" in done.stdout and "a plumbing check" in done.stdout
+
+    # benchmarks.report reads the files once copied under benchmarks/results/cuda/ (here relabelled as a GPU run)
+    root = tmp_path / "results"
+    (root / "cuda").mkdir(parents=True)
+    for name in TINY_FILES:
+        record = json.loads((out / name).read_text())
+        record.update(device="NVIDIA H200", device_type="cuda")
+        (root / "cuda" / name).write_text(json.dumps(record))
+    readme = tmp_path / "README.md"
+    report.render(root, readme, tmp_path / "plots", committed_only=False)
+    text = readme.read_text()
+    for section in ("### Memory (GPU)", "### Throughput (GPU)", "### Kernels (GPU)"):
+        body = text.split(section)[1].split("###")[0]
+        assert report.NOT_ON_GPU not in body and "NVIDIA H200" in body, section
+    assert "| sink_attention |" in text.split("### Kernels (GPU)")[1].split("###")[0]
+    check_section = text.split("### GPU check")[1].split("###")[0]
+    assert "EPT step peak memory / official-style" in check_section and "| not measured |" in check_section
+    assert "| determinism | ok |" in check_section
+
+
+@pytest.mark.slow
+def test_a_part_past_its_time_box_is_stopped_and_the_others_still_write(tmp_path):
+    out = tmp_path / "out"
+    done = run_check(out, "--parts", "frozen_forward", "kernels", "--box-override", "frozen_forward=1")
+    assert done.returncode == 1  # not every part finished
+    statuses = {
+        row["part"]: row["status"] for row in results.load_record(out / "gpu_check.json")["rows"] if "part" in row
+    }
+    assert statuses == {"frozen_forward": "timed out", "kernels": "ok"}
+    assert (out / "kernels.json").exists() and not (out / "frozen_forward.json").exists()
+    assert "stopped at its 1 s box" in done.stdout
+
+
+def test_bad_box_override_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu.main(["--out", "x", "--dry-run", "--box-override", "kernel=5"])
+    assert "expected PART=SECONDS" in capsys.readouterr().err
+    shutil.rmtree("x", ignore_errors=True)
