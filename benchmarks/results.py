@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,12 @@ def library_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> dict[str, Any]:
-    """The repository's HEAD commit and whether the work tree had uncommitted changes."""
+    """The repository's HEAD commit and whether the work tree had uncommitted changes.
+
+    Also dirty when a loaded fastprompt/benchmarks module comes from outside this tree (e.g. a run from a git
+    worktree whose `fastprompt.kernels` the editable install of another checkout supplies): the commit would not
+    describe the code that ran.
+    """
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -71,9 +77,34 @@ def git_commit() -> dict[str, Any]:
         ).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+    foreign = modules_outside(REPO_ROOT)
+    if foreign:
+        warnings.warn(
+            f"code from outside {REPO_ROOT} ran: {', '.join(foreign[:3])}; the record is marked dirty. Run from the "
+            "checkout whose code is imported (in a git worktree of an editable install, link fastprompt/kernels to "
+            "../kernels)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return {"commit": commit, "dirty": dirty or bool(foreign)}
+
+
+def modules_outside(root: Path) -> list[str]:
+    """Loaded fastprompt/benchmarks modules whose file is not under `root`, as 'name (file)'."""
+    root = root.resolve()
+    found = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if (
+            name.split(".")[0] in ("fastprompt", "benchmarks")
+            and path
+            and not Path(path).resolve().is_relative_to(root)
+        ):
+            found.append(f"{name} ({path})")
+    return sorted(found)
 
 
 def run_record(
