@@ -21,9 +21,13 @@ HEAVY = ("torch", "timm", "torchvision")
 # Runs the CLI's --help exactly as the console script does, then reports which heavy modules it imported.
 PROBE = (
     "import sys\n"
-    "from fastprompt.cli import main\n"
-    "code = main(sys.argv[1:])\n"
-    f"print('IMPORTED', ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    "try:\n"
+    "    from fastprompt.cli import main\n"
+    "    code = main(sys.argv[1:])\n"
+    "except SystemExit as exit_:  # older versions let argparse exit\n"
+    "    code = exit_.code\n"
+    "finally:\n"
+    f"    print('IMPORTED', ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
     "sys.exit(code)\n"
 )
 
