@@ -107,23 +107,15 @@ def _jsonable(value: Any, where: str) -> Any:
     )
 
 
-def _method_function(model: nn.Module, method: str):
-    """The function `fastprompt.apply` ran for `method` on `model` (the Hugging Face version on HF models)."""
-    spec = registry.get_method(method)
-    from fastprompt.methods.hf import is_hf_model
+def _full_options(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's options with its defaults filled in, as JSON values.
 
-    if not spec.wrapper and is_hf_model(model):
-        from fastprompt.methods.hf import method_fn
-
-        return method_fn(spec)
-    return spec.fn
-
-
-def _full_options(model: nn.Module, method: str, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The method's options with its defaults filled in, as JSON values."""
+    The registered function's signature defines them (`fastprompt.apply` checks options against it, also for the
+    Hugging Face versions of the methods, which take the same options).
+    """
     defaults = {
         p.name: p.default
-        for p in inspect.signature(_method_function(model, method)).parameters.values()
+        for p in inspect.signature(registry.get_method(method).fn).parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
     }
     return {name: _jsonable(value, repr(name)) for name, value in sorted({**defaults, **given}.items())}
@@ -193,7 +185,7 @@ def _make_record(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[
         "fastprompt_version": __version__,
         "method": method,
         "num_classes": _num_classes(model, config.get("num_classes")),
-        "options": _full_options(model, method, config.get("options") or {}),
+        "options": _full_options(method, config.get("options") or {}),
         "backbone": backbone,
         "weights": {
             "sha256": tensor_digest(tensors),
@@ -353,7 +345,7 @@ def _check_method(model: nn.Module, record: Mapping[str, Any], source: Path) -> 
         raise WeightsError(f"{source} holds {method!r} weights but the model has {applied!r} applied; apply {method!r}")
     config = getattr(model, CONFIG_ATTR, None)
     if isinstance(config, Mapping):
-        mine = _full_options(model, method, config.get("options") or {})
+        mine = _full_options(method, config.get("options") or {})
         saved = record.get("options") or {}
         differ = [f"{k}: saved {saved.get(k)!r}, model {mine.get(k)!r}" for k in sorted({*mine, *saved})
                   if mine.get(k) != saved.get(k)]  # fmt: skip

@@ -358,7 +358,12 @@ def test_load_run_errors_name_what_is_missing(tmp_path):
 # ---------------------------------------------------------------------------------------------- Hugging Face
 
 
-@pytest.mark.parametrize("method", ["lora", "ept", "fpt+"])
+HF_OPTIONS = {"linear": {}, "bitfit": {}, "full": {}, "lora": {"rank": 2}, "adapter": {"reduction": 4},
+              "vpt": {"num_tokens": 2}, "ept": {"prompt_length": 4}, "fpt": {"side_input_size": 16},
+              "fpt+": {"side_input_size": 16}}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", sorted(HF_OPTIONS))
 def test_hugging_face_models_save_and_load_from_a_local_folder(tmp_path, monkeypatch, method):
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -372,7 +377,7 @@ def test_hugging_face_models_save_and_load_from_a_local_folder(tmp_path, monkeyp
     def fresh():
         return transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf", local_files_only=True)
 
-    options = {"lora": {"rank": 2}, "ept": {"prompt_length": 4}, "fpt+": {"side_input_size": 16}}[method]
+    options = HF_OPTIONS[method]
     model = fastprompt.apply(fresh(), method, num_classes=3, **options)
     with torch.no_grad():
         for param in model.parameters():
