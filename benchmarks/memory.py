@@ -4,6 +4,10 @@ python -m benchmarks.memory                       # ViT-B/16 at 224 and 512, bat
 python -m benchmarks.memory --device cuda --precision bf16 --resolutions 512 1024 --budget 24GB
 python -m benchmarks.memory --model vit_base_patch16_384 --resolutions 512 --methods ept lora fpt+ \
     --hf-model vit-base-patch16-384         # timm rows and Hugging Face ViT-B/16 rows side by side
+python -m benchmarks.memory --resolutions 512 --methods ept-official ept --checkpointing none selective full
+
+CPU rows run in fresh processes under glibc with MALLOC_MMAP_THRESHOLD_ fixed (131072 unless set), so that freed
+activations leave the resident set and the peak RSS shows what recomputation saves.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import gc
 import importlib
 import multiprocessing
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -23,11 +28,14 @@ from tqdm import tqdm
 
 from benchmarks import budget, harness, models, results
 from fastprompt import count_parameters
+from fastprompt.checkpointing import POLICIES
+from fastprompt.engine.activation import LiveBytes
 from fastprompt.profiling import saved_tensor_bytes
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 MB = 1e6
+MMAP_THRESHOLD = "131072"  # glibc's default initial value, fixed: no dynamic raise that keeps freed blocks resident
 
 
 def reset_peak_rss() -> bool:
@@ -53,12 +61,14 @@ def measure_step_cpu(step: models.TrainingStep) -> dict[str, int | None]:
     """Run one training step and return the process's RSS before it and its peak RSS during it."""
     gc.collect()
     if not reset_peak_rss():
-        step()
-        return {"rss_before_bytes": None, "peak_rss_bytes": None}
+        with LiveBytes() as live:
+            step()
+        return {"rss_before_bytes": None, "peak_rss_bytes": None, "step_peak_bytes": live.peak}
     before, _ = read_rss()
-    step()
+    with LiveBytes() as live:
+        step()
     _, peak = read_rss()
-    return {"rss_before_bytes": before, "peak_rss_bytes": peak}
+    return {"rss_before_bytes": before, "peak_rss_bytes": peak, "step_peak_bytes": live.peak}
 
 
 def measure_step_cuda(step: models.TrainingStep) -> dict[str, int]:
@@ -113,9 +123,11 @@ def gpu_fits(
     return fits
 
 
-def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device) -> dict:
-    """All memory figures of one (method, resolution) row."""
-    model = models.model_for(variant, resolution, args, device)
+def measure(
+    variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device, policy: str = "none"
+) -> dict:
+    """All memory figures of one (method, resolution, checkpointing policy) row."""
+    model = models.model_for(variant, resolution, args, device, policy)
     trainable, total = count_parameters(model)
     cached = variant.cached_features
     saved = saved_bytes_at(model, args, resolution, args.batch_size, device, cached)
@@ -131,6 +143,7 @@ def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, 
         "batch_size": args.batch_size,
         "precision": args.precision,
         "grad_checkpointing": args.grad_checkpointing,
+        "checkpointing": policy,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_pct": 100.0 * trainable / total,
@@ -140,23 +153,29 @@ def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, 
         "optimizer_bytes": models.optimizer_state_bytes(step.optimizer),
         **figures,
     }
+    if device.type == "cpu":
+        row["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    del step
     if args.budget is not None:
         row.update(search_budget(model, row, args, device))
-    del step, model
+    del model
     gc.collect()
     return row
 
 
-def run_row(variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device) -> dict:
+def run_row(
+    variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device, policy: str = "none"
+) -> dict:
     """Measure one row; on CPU with `args.isolate`, in a process forked from a clean fork server, so that heap
     kept by earlier rows (the allocator does not hand all freed memory back) cannot inflate its peak RSS."""
     if device.type != "cpu" or not args.isolate:
-        return measure(variant, resolution, args, device)
+        return measure(variant, resolution, args, device, policy)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)  # read by glibc when the fork server starts
     context = multiprocessing.get_context("forkserver")  # a server that never ran torch: forking it is safe
     context.set_forkserver_preload(["benchmarks.models", "timm"])
     target = importlib.import_module("benchmarks.memory").measure  # picklable by name even when run as __main__
     with context.Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(target, (variant, resolution, args, device))
+        return pool.apply(target, (variant, resolution, args, device, policy))
 
 
 def search_budget(model: torch.nn.Module, row: dict, args: argparse.Namespace, device: torch.device) -> dict:
@@ -165,6 +184,9 @@ def search_budget(model: torch.nn.Module, row: dict, args: argparse.Namespace, d
     if device.type == "cuda":
         fits = gpu_fits(model, args, row["resolution"], device, limit, row["cached_features"])
         how = "measured: torch.cuda.max_memory_allocated over one full training step"
+    elif not row["cached_features"] and not row["model"].startswith(models.HF_PREFIX):
+        fits = budget.meta_fits(model.to("meta"), row["resolution"], args.num_classes, limit)  # the model's last use
+        how = budget.METHOD
     else:
         fixed = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
         saved1 = saved_bytes_at(model, args, row["resolution"], 1, device, row["cached_features"])
@@ -181,6 +203,7 @@ def format_row(row: dict) -> str:
     peak = row.get("peak_allocated_bytes", row.get("peak_rss_bytes"))
     parts = [
         f"{row['method'] + (' (hf)' if row['model'].startswith(models.HF_PREFIX) else ''):<14}",
+        f"{row.get('checkpointing', 'none'):<9}",
         f"{row['resolution']:>5}",
         f"{row['trainable_pct']:>9.3f}",
         f"{row['saved_bytes'] / MB:>11.1f}",
@@ -194,7 +217,7 @@ def format_row(row: dict) -> str:
 def header(device: torch.device, with_budget: bool) -> str:
     """The printed table's header line."""
     peak = "GPU peak MB" if device.type == "cuda" else "peak RSS MB"
-    columns = [f"{'method':<14}", f"{'res':>5}", f"{'train %':>9}", f"{'saved MB':>11}", f"{peak:>10}"]
+    columns = [f"{'method':<14}", f"{'ckpt':<9}", f"{'res':>5}", f"{'train %':>9}", f"{'saved MB':>11}", f"{peak:>10}"]
     if with_budget:
         columns.append(f"{'max batch':>9}")
     return " ".join(columns)
@@ -205,6 +228,8 @@ def output_stem(args: argparse.Namespace) -> str:
     parts = ["memory", args.model, "r" + "-".join(map(str, args.resolutions)), args.precision, f"b{args.batch_size}"]
     if args.grad_checkpointing:
         parts.append("gc")
+    if args.checkpointing != ["none"]:
+        parts.append("ck-" + "-".join(args.checkpointing))
     if args.methods:
         parts.append("m-" + "-".join(args.methods))
     if args.budget:
@@ -224,7 +249,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--precision", choices=sorted(models.PRECISIONS), default="fp32")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the blocks")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="timm's whole-model block checkpointing")
+    parser.add_argument(
+        "--checkpointing",
+        nargs="+",
+        choices=POLICIES,
+        default=["none"],
+        help="fastprompt.checkpoint_activations policies: a row per method, resolution and policy",
+    )
     parser.add_argument("--budget", help="memory budget, e.g. 24GB: report the largest batch that fits")
     parser.add_argument("--budget-limit", type=int, default=4096, help="largest batch the budget search tries")
     parser.add_argument(
@@ -269,8 +301,9 @@ def main(argv: list[str] | None = None) -> Path:
         hf_args = argparse.Namespace(**{**vars(args), "model": models.HF_PREFIX + args.hf_model})
         hf_variants = models.select_variants(args.hf_methods)
         cells += [(resolution, variant, hf_args) for resolution in args.resolutions for variant in hf_variants]
-    for resolution, variant, cell_args in tqdm(cells, desc="memory", file=sys.stderr):
-        rows.append(run_row(variant, resolution, cell_args, device))
+    cells = [(*cell, policy) for cell in cells for policy in args.checkpointing]
+    for resolution, variant, cell_args, policy in tqdm(cells, desc="memory", file=sys.stderr):
+        rows.append(run_row(variant, resolution, cell_args, device, policy))
         tqdm.write(format_row(rows[-1]))
     notes = [
         "saved_bytes: tensors autograd keeps for backward (forward + loss), de-duplicated by storage, "
@@ -280,7 +313,12 @@ def main(argv: list[str] | None = None) -> Path:
         notes.append(
             "each CPU row runs in a fresh process (unless --no-isolate); peak_rss_bytes: that process's peak RSS "
             "(VmHWM, reset before the step) over one full training step (forward, backward, AdamW); includes the "
-            "model, the interpreter and the libraries"
+            "model, the interpreter and the libraries; rss_before_bytes: the RSS just before that step. glibc "
+            f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')} in the measuring processes"
+        )
+        notes.append(
+            "step_peak_bytes: peak of live tensor bytes above the level before the step, over the same step "
+            "(fastprompt.engine.activation.LiveBytes)"
         )
     return results.save_suite_run("memory", device, args, rows, notes, output_stem(args))
 

@@ -132,9 +132,11 @@ def build_model(
     return model.to(device).train()
 
 
-def model_for(variant: Variant, resolution: int, args: Any, device: torch.device) -> nn.Module:
-    """`build_model` with a suite's command-line settings (`args.model`, `num_classes`, `grad_checkpointing`)."""
-    return build_model(
+def model_for(variant: Variant, resolution: int, args: Any, device: torch.device, policy: str = "none") -> nn.Module:
+    """`build_model` with a suite's command-line settings (`args.model`, `num_classes`, `grad_checkpointing`), its
+    blocks under the activation checkpointing `policy` ("none", "selective" or "full"; see
+    `fastprompt.checkpoint_activations`)."""
+    model = build_model(
         variant,
         args.model,
         resolution,
@@ -142,6 +144,11 @@ def model_for(variant: Variant, resolution: int, args: Any, device: torch.device
         grad_checkpointing=args.grad_checkpointing,
         device=device,
     )
+    if policy != "none":
+        from fastprompt.checkpointing import checkpoint_activations
+
+        checkpoint_activations(model, policy)
+    return model
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -2,6 +2,7 @@
 
 python -m benchmarks.throughput                                  # CPU, ViT-B/16 at 224, batch 1, small counts
 python -m benchmarks.throughput --device cuda --precision bf16 --batch-size 16 --resolutions 512 1024
+python -m benchmarks.throughput --resolutions 512 --methods ept --checkpointing none selective full --interleave
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from benchmarks import harness, models, results
 from fastprompt import count_parameters
+from fastprompt.checkpointing import POLICIES
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, matched in order against the CUDA device name.
 BF16_PEAK_TFLOPS = (
@@ -45,12 +47,13 @@ def step_flops(step: models.TrainingStep) -> int:
     return counter.get_total_flops()
 
 
-def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device) -> dict:
-    """Step-time statistics, images/s, FLOPs and (GPU) MFU of one (method, resolution) row."""
-    model = models.model_for(variant, resolution, args, device)
+def prepare(
+    variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device, policy: str = "none"
+) -> tuple[models.TrainingStep, dict]:
+    """The training step of one (method, resolution, checkpointing policy) row and the row's fixed fields."""
+    model = models.model_for(variant, resolution, args, device, policy)
     trainable, total = count_parameters(model)
     step = models.synthetic_step(model, args.batch_size, resolution, args, device, variant.cached_features)
-    stats = harness.time_fn(step, device, warmup=args.warmup, repeats=args.repeats)
     row = {
         "model": args.model,
         "method": variant.label,
@@ -61,10 +64,17 @@ def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, 
         "batch_size": args.batch_size,
         "precision": args.precision,
         "grad_checkpointing": args.grad_checkpointing,
+        "checkpointing": policy,
         "trainable_pct": 100.0 * trainable / total,
-        "step_seconds": stats.as_dict(),
-        "images_per_second": args.batch_size / stats.median,
     }
+    return step, row
+
+
+def finish(step: models.TrainingStep, row: dict, stats: harness.Stats, args: argparse.Namespace) -> dict:
+    """Add the timing, images/s and (with `args.flops`) FLOPs and MFU of `step` to `row`."""
+    device = step.images.device
+    row["step_seconds"] = stats.as_dict()
+    row["images_per_second"] = args.batch_size / stats.median
     if args.flops:
         flops = step_flops(step)
         row["flops_per_step"] = flops
@@ -72,11 +82,43 @@ def measure(variant: models.Variant, resolution: int, args: argparse.Namespace, 
         peak = bf16_peak(results.device_name(device)) if device.type == "cuda" else None
         row["mfu"] = flops / stats.median / peak[0] if peak else None
         row["peak_tflops_source"] = peak[1] if peak else None
-    del step, model
+    return row
+
+
+def release(device: torch.device) -> None:
+    """Free what the last rows left behind."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def measure(
+    variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device, policy: str = "none"
+) -> dict:
+    """Step-time statistics, images/s, FLOPs and (GPU) MFU of one (method, resolution, policy) row."""
+    step, row = prepare(variant, resolution, args, device, policy)
+    row = finish(step, row, harness.time_fn(step, device, warmup=args.warmup, repeats=args.repeats), args)
+    del step
+    release(device)
     return row
+
+
+def measure_interleaved(
+    variant: models.Variant, resolution: int, args: argparse.Namespace, device: torch.device
+) -> list[dict]:
+    """One row per checkpointing policy of (method, resolution), their steps timed round-robin (a warm-up round,
+    then `args.repeats` rounds) so that a load change on the machine affects every policy alike."""
+    prepared = [prepare(variant, resolution, args, device, policy) for policy in args.checkpointing]
+    samples: list[list[float]] = [[] for _ in prepared]
+    for round_index in range(args.warmup + args.repeats):
+        for (step, _), times in zip(prepared, samples):
+            stats = harness.time_fn(step, device, warmup=0, repeats=1)
+            if round_index >= args.warmup:
+                times.append(stats.median)
+    rows = [finish(step, row, harness.summarize(times), args) for (step, row), times in zip(prepared, samples)]
+    del prepared
+    release(device)
+    return rows
 
 
 def output_stem(args: argparse.Namespace) -> str:
@@ -85,6 +127,8 @@ def output_stem(args: argparse.Namespace) -> str:
     parts.append(f"b{args.batch_size}")
     if args.grad_checkpointing:
         parts.append("gc")
+    if args.checkpointing != ["none"]:
+        parts.append("ck-" + "-".join(args.checkpointing))
     if args.methods:
         parts.append("m-" + "-".join(args.methods))
     return "_".join(re.sub(r"[^A-Za-z0-9._+-]+", "", part) for part in parts)
@@ -100,7 +144,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--precision", choices=sorted(models.PRECISIONS), default="fp32")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the blocks")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="timm's whole-model block checkpointing")
+    parser.add_argument(
+        "--checkpointing",
+        nargs="+",
+        choices=POLICIES,
+        default=["none"],
+        help="fastprompt.checkpoint_activations policies: a row per method, resolution and policy",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the policies of each method round-robin (fair ratios on a busy machine; holds one model per policy)",
+    )
     parser.add_argument("--warmup", type=int, help="untimed steps (default: 1 on CPU, 5 on GPU)")
     parser.add_argument("--repeats", type=int, help="timed steps (default: 3 on CPU, 20 on GPU)")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip counting FLOPs (and MFU)")
@@ -130,21 +186,27 @@ def main(argv: list[str] | None = None) -> Path:
     variants = models.select_variants(args.methods)
     torch.manual_seed(args.seed)
     rows = []
-    print(f"{'method':<14} {'res':>5} {'step ms':>10} {'IQR ms':>8} {'img/s':>8} {'MFU %':>6}", flush=True)
+    print(f"{'method':<14} {'ckpt':<9} {'res':>5} {'step ms':>10} {'IQR ms':>8} {'img/s':>8} {'MFU %':>6}", flush=True)
     cells = [(resolution, variant) for resolution in args.resolutions for variant in variants]
     for resolution, variant in tqdm(cells, desc="throughput", file=sys.stderr):
-        row = measure(variant, resolution, args, device)
-        rows.append(row)
-        mfu = f"{100 * row['mfu']:6.1f}" if row.get("mfu") is not None else f"{'n/a':>6}"
-        step = row["step_seconds"]
-        tqdm.write(
-            f"{row['method']:<14} {resolution:>5} {1e3 * step['median']:>10.1f} {1e3 * step['iqr']:>8.1f} "
-            f"{row['images_per_second']:>8.2f} {mfu}"
-        )
+        if args.interleave:
+            new_rows = measure_interleaved(variant, resolution, args, device)
+        else:
+            new_rows = [measure(variant, resolution, args, device, policy) for policy in args.checkpointing]
+        for row in new_rows:
+            rows.append(row)
+            mfu = f"{100 * row['mfu']:6.1f}" if row.get("mfu") is not None else f"{'n/a':>6}"
+            step = row["step_seconds"]
+            tqdm.write(
+                f"{row['method']:<14} {row['checkpointing']:<9} {resolution:>5} {1e3 * step['median']:>10.1f} "
+                f"{1e3 * step['iqr']:>8.1f} {row['images_per_second']:>8.2f} {mfu}"
+            )
     notes = [
         f"timing: {args.warmup} warm-up steps, {args.repeats} timed steps; median and IQR of one full training "
         "step (forward, backward, AdamW) — " + ("CUDA events" if device.type == "cuda" else "time.perf_counter")
     ]
+    if args.interleave:
+        notes.append("--interleave: the policies of each method were timed round-robin, one step each per round")
     if args.flops:
         notes.append(
             "flops_per_step: torch.utils.flop_counter.FlopCounterMode over one step; custom (Triton) kernels "

@@ -221,3 +221,21 @@ def test_auto_budget_is_free_memory_plus_resident(monkeypatch, tmp_path) -> None
     assert activation.resolve_budget("auto", "cpu", 100) == 2048 * 1024 + 100
     assert activation.resolve_budget("4GB", "cpu", 100) == 4 * 10**9
     assert parse_bytes("1.5GiB") == 3 * 2**29
+
+
+@pytest.mark.parametrize("method", ["ept", "lora", "vpt"])
+def test_meta_memory_model_matches_a_cpu_step(method: str) -> None:
+    """benchmarks.budget's memory model traces the step on the meta device: it must allocate what a CPU step does."""
+    from benchmarks.budget import meta_step_bytes
+
+    for policy in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = checkpoint_activations(fastprompt.apply(tiny_vit(depth=3, img_size=48, embed_dim=32), method), policy)
+        images, labels = torch.randn(2, 3, 48, 48), torch.tensor([0, 1])
+
+        def step(model=model, images=images, labels=labels) -> None:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images), labels).backward()
+
+        cpu = step_peak(step)
+        assert meta_step_bytes(model.to("meta"), 2, 48, 4) == cpu, policy

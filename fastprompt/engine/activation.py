@@ -135,7 +135,8 @@ class LiveBytes(TorchDispatchMode):
     """Bytes of tensor storages that ops allocate while this mode is active: alive now (`current`) and at most (`peak`).
 
     Each op output whose storage is new is counted until the last tensor that the mode saw on it dies; views and
-    in-place results of memory allocated before the mode are not counted. Optionally attributes the bytes of
+    in-place results of memory allocated before the mode are not counted. Works on the meta device too, where a
+    step costs no arithmetic: the same op sequence allocates the same bytes. Optionally attributes the bytes of
     attention-op outputs to the block running them (`attention_bytes`).
     """
 
@@ -158,11 +159,11 @@ class LiveBytes(TorchDispatchMode):
             self.current -= entry[0]
 
     def _track(self, tensor: torch.Tensor, inputs: set[int]) -> None:
-        if tensor.device.type == "meta" or tensor.is_sparse:
+        if tensor.is_sparse:
             return
         storage = tensor.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        if key == 0 or size == 0:
+        key, size = storage._cdata, storage.nbytes()  # the storage's identity, on every device (meta included)
+        if size == 0:
             return
         entry = self._storages.get(key)
         if entry is None:
@@ -177,15 +178,15 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {
-            t.untyped_storage().data_ptr()
+            t.untyped_storage()._cdata
             for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and not t.is_sparse
+            if isinstance(t, torch.Tensor) and not t.is_sparse
         }
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         for tensor in outputs:
             self._track(tensor, inputs)
         if self.block is not None and is_attention_op(func):
-            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in outputs}
+            storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in outputs}
             self.attention_bytes[self.block] = self.attention_bytes.get(self.block, 0) + sum(storages.values())
         return out
 
@@ -247,7 +248,7 @@ class StepProfile:
 
 def _output_bytes(output: Any) -> int:
     storages = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        t.untyped_storage()._cdata: t.untyped_storage().nbytes()
         for t in tree_leaves(output)
         if isinstance(t, torch.Tensor)
     }
