@@ -318,6 +318,10 @@ def test_load_run_rebuilds_last_and_best_with_their_epochs(tmp_path):
     state = dict(best.model.named_parameters())
     assert all(torch.equal(state[name], value) for name, value in payload["trainable"].items())
     assert read_checkpoint(tmp_path)["state"] == payload["state"]  # a run folder means its best checkpoint
+    documented = {"version", "trainable", "config", "optimizer", "scheduler", "state", "history", "rng", "running"}
+    assert set(payload) == documented | {"world_size", "backend"}, "update the README's checkpoint format table"
+    assert set(payload["state"]) == {"epoch", "step_in_epoch", "global_step", "best"}
+    assert set(payload["state"]["best"]) == {"metric", "value", "epoch"}
 
 
 def test_load_run_refuses_a_changed_weight_file_and_a_corrupt_checkpoint(tmp_path):
