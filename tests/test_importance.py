@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-from helpers import compile_for_sm90
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprompt  # noqa: F401  (import before timm/triton users: torchvision shim)
 from fastprompt.kernels import attention_importance, attention_with_importance, select_tokens
 from fastprompt.kernels import importance as importance_module
-from fastprompt.kernels.dispatch import triton_importable
 from fastprompt.kernels.importance import attention_importance_triton
 from fastprompt.kernels.reference import attention_importance_reference, select_tokens_reference
 
@@ -168,19 +166,6 @@ def test_select_tokens_ratio_edge_cases():
         select_tokens(k, k, scores, True)
     with pytest.raises(ValueError, match="scores must be"):
         select_tokens(k, k, scores[..., :6], 0.5)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not triton_importable(), reason="needs triton")
-def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
-    kernels = [
-        ("_row_lse_kernel", "bf16", "ieee"),
-        ("_column_mass_kernel", "bf16", "ieee"),
-        ("_column_mass_kernel", "fp32", "tf32x3"),
-    ]
-    done = compile_for_sm90("fastprompt.kernels.importance_triton", kernels, ["Q", "K"], ["LSE", "OUT"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled for sm_90" in done.stdout
 
 
 @pytest.mark.gpu

@@ -6,7 +6,6 @@ import importlib
 
 import pytest
 import torch
-from helpers import compile_for_sm90
 
 from fastprompt.kernels import attention_forward, sink_attention
 from fastprompt.kernels.dispatch import triton_importable
@@ -328,21 +327,6 @@ def test_triton_rejects_unsupported_inputs():
 
 
 # GPU only: the shapes EPT meets at 224-1024 px, bf16, and the dispatch.
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not triton_importable(), reason="needs triton")
-def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
-    names = ("_forward_kernel", "_dkdv_kernel", "_dq_kernel")
-    kernels = [
-        (name, dtype, precision) for dtype, precision in [("bf16", "ieee"), ("fp32", "tf32x3")] for name in names
-    ]
-    kernels.append(("_delta_kernel", "bf16", "ieee"))
-    pointers = ["Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"]
-    fp32_pointers = ["G", "LSE", "KEEP", "DELTA"]
-    done = compile_for_sm90("fastprompt.kernels.sink_attention_triton", kernels, pointers, fp32_pointers, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled for sm_90" in done.stdout
 
 
 @pytest.mark.gpu

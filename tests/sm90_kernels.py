@@ -1,0 +1,247 @@
+"""Compile every Triton kernel for sm_90 (H100/H200) exactly as its launches would, without a GPU; report resources.
+
+Run as a script with the interpreter off (tests/test_sm90_resources.py does this in a subprocess):
+
+    TRITON_INTERPRET=0 python tests/sm90_kernels.py OUT.json [--cache DIR]
+
+It calls the real launch functions (`sink_attention_triton.forward`, `row_delta`, `backward` and
+`importance_triton.attention_importance`) on CPU tensors laid out as on a GPU (q, k, v as views of timm's packed
+qkv, outputs as the launch functions allocate them), with Triton patched only where it would touch a driver:
+
+- `JITFunction.run(warmup=True)` (a compile: what the autotuner's pruning and the deterministic choice call)
+  specialises the arguments with the JIT's own binder and the NVIDIA backend (`native_specialize_impl`: unit strides
+  become constexprs, 16-divisible pointers and integers get divisibility hints), compiles for
+  `GPUTarget("cuda", 90, 32)` and returns what the pruning reads (`.metadata.shared`);
+- `JITFunction.run(warmup=False)` (a launch) compiles the same way and records it instead of running it;
+- `Autotuner.run` records the launch; the script then asks the autotuner for its pruned configs itself (there is
+  no GPU to benchmark on);
+- `shared_memory_limit` is sm_90's 232,448 bytes per program.
+
+Every compile is recorded with its shared memory (`metadata.shared`), registers, stack and local memory
+(`cuobjdump --dump-resource-usage`, shipped in Triton's NVIDIA backend) and whether its PTX uses `wgmma`.
+
+Cost: each compile's record is cached in `DIR/compiles.json` under a key made of what the code depends on: the
+source of every jit function and constexpr in the kernel's module (not their line numbers, so editing the Python
+around the kernels recompiles nothing), the specialisation, the compile options (config included), the Triton and
+ptxas versions. A warm run compiles only what a change touched; Triton's own cache (`DIR/triton`) backs it up. The
+default DIR is $FASTPROMPT_SM90_CACHE or ~/.cache/fastprompt-sm90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+SM90_SHARED_MEMORY = 232_448  # bytes of shared memory one program may use on sm_90 (227 KiB)
+DTYPES = ("float16", "bfloat16", "float32")
+HEAD_DIMS = (64, 80, 128)
+BATCH, HEADS, TOKENS = 2, 12, 1025  # ViT-B/16 at 512 px
+DIVISIBLE = ["tt.divisibility", 16]  # the hint the NVIDIA backend attaches to 16-divisible pointers and integers
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("FASTPROMPT_SM90_CACHE") or Path.home() / ".cache" / "fastprompt-sm90")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path, help="JSON file to write the records to")
+    parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: ~/.cache/fastprompt-sm90)")
+    parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))
+    parser.add_argument("--head-dims", nargs="*", type=int, default=list(HEAD_DIMS))
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("run with TRITON_INTERPRET=0: the interpreter replaces the compiler")
+    cache = args.cache or default_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")  # read by triton's cache manager at compile time
+    started = time.perf_counter()
+    records = Harness(cache / "compiles.json").run(args.dtypes, args.head_dims)
+    payload = {"seconds": time.perf_counter() - started, "limit": SM90_SHARED_MEMORY, "records": records}
+    args.out.write_text(json.dumps(payload, indent=1))
+
+
+class Harness:
+    """Patches Triton at its driver boundary, drives the launch functions and collects compile records."""
+
+    def __init__(self, resource_cache: Path) -> None:
+        import torch  # noqa: F401  (import order: torch before fastprompt and triton users)
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        import fastprompt  # noqa: F401  (torchvision shim)
+
+        self.triton, self.ASTSource = triton, ASTSource
+        self.target = GPUTarget("cuda", 90, 32)
+        self.backend = make_backend(self.target)
+        self.backend_hash = self.backend.hash()  # includes the ptxas version
+        self.binders = {}
+        self.create_binder = create_function_from_signature
+        self.cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        self.resource_cache = resource_cache
+        self.resources = json.loads(resource_cache.read_text()) if resource_cache.exists() else {}
+        self.compiles: list[dict] = []  # every compile since the last reset
+        self.launches: list[tuple] = []  # (kernel, grid, args, kwargs) of every launch since the last reset
+        harness = self
+
+        def jit_run(kernel, *args, grid, warmup, **kwargs):
+            compiled = harness.compile(kernel, args, kwargs)
+            if not warmup:
+                harness.launches.append((kernel, grid, args, kwargs))
+            return compiled
+
+        def autotuner_run(tuned, *args, grid, warmup, **kwargs):
+            harness.launches.append((tuned, grid, args, kwargs))
+
+        JITFunction.run = jit_run
+        Autotuner.run = autotuner_run
+        from fastprompt.kernels import importance_triton, sink_attention_triton
+
+        sink_attention_triton.shared_memory_limit = lambda device: SM90_SHARED_MEMORY
+        self.sink, self.importance = sink_attention_triton, importance_triton
+
+    def compile(self, kernel, args: tuple, kwargs: dict):
+        """Compile `kernel` for sm_90 as JITFunction.run would for these arguments, and record its resources.
+
+        Returns what the pruning reads (`.metadata.shared`): the compiled kernel, or on a cache hit its record.
+        """
+        if kernel not in self.binders:
+            self.binders[kernel] = self.create_binder(kernel.signature, kernel.params, self.backend)
+        bound, specialization, options = self.binders[kernel](*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(self.backend, kwargs, bound, specialization, options)
+        key = self.cache_key(kernel, signature, constexprs, attrs, options)
+        if key not in self.resources:
+            source = self.ASTSource(kernel, signature, constexprs, attrs)
+            compiled = self.triton.compile(source, target=self.target, options=options.__dict__)
+            self.resources[key] = {
+                "shared": compiled.metadata.shared,
+                **self.resource_usage(compiled),
+                "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
+                "mma_sync": "mma.sync" in compiled.asm["ptx"],
+            }
+            self.resource_cache.write_text(json.dumps(self.resources))
+        record = self.resources[key]
+        self.compiles.append(
+            {
+                "kernel": kernel.__name__,
+                "config": [kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N"), options.num_warps, options.num_stages],
+                **record,
+                "signature": {k: v for k, v in signature.items() if v != "constexpr"},
+                "constexprs": {kernel.arg_names[k[0]]: str(v) for k, v in constexprs.items()},
+                "divisible_by_16": sorted(kernel.arg_names[k[0]] for k, v in attrs.items() if DIVISIBLE in v),
+            }
+        )
+        return SimpleNamespace(metadata=SimpleNamespace(shared=record["shared"]))
+
+    def cache_key(self, kernel, signature, constexprs, attrs, options) -> str:
+        """What the compiled code depends on: the source of every jit function and constexpr the kernel's module
+        sees (not their line numbers, which Triton's own key includes), the specialisation, the options, and the
+        Triton and backend (ptxas) versions."""
+        import triton.language as tl
+        from triton.runtime.jit import JITFunction
+
+        scope = kernel.__globals__
+        sources = sorted((name, value.src) for name, value in scope.items() if isinstance(value, JITFunction))
+        constants = sorted(
+            (name, repr(value.value)) for name, value in scope.items() if isinstance(value, tl.constexpr)
+        )
+        specialisation = [
+            signature,
+            sorted((str(k), str(v)) for k, v in constexprs.items()),
+            sorted(map(str, attrs.items())),
+        ]
+        versions = [self.triton.__version__, self.backend_hash]
+        material = [kernel.__name__, sources, constants, specialisation, options.__dict__, versions]
+        return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+
+    def resource_usage(self, compiled) -> dict:
+        """Registers, stack and local bytes per thread of the cubin, from cuobjdump --dump-resource-usage."""
+        with tempfile.TemporaryDirectory() as folder:
+            cubin = Path(folder) / "kernel.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            text = subprocess.run(
+                [str(self.cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+            ).stdout
+        found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
+        if set(found) != {"REG", "STACK", "LOCAL"}:
+            raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{text}")
+        return {"registers": int(found["REG"]), "stack": int(found["STACK"]), "local": int(found["LOCAL"])}
+
+    def inputs(self, dtype, dim: int):
+        """q, k, v as timm's Attention makes them (views of one packed qkv projection) and the EPT sink [N]."""
+        import torch
+
+        qkv = torch.randn(BATCH, TOKENS, 3, HEADS, dim).to(dtype).permute(2, 0, 3, 1, 4)
+        sink = torch.zeros(TOKENS).expand(BATCH, HEADS, TOKENS)  # broadcast, as sink_attention passes it
+        return qkv[0], qkv[1], qkv[2], sink
+
+    def drive(self, dtype, dim: int) -> None:
+        """Run every launch function once for this dtype and head dim (nothing executes; launches are recorded)."""
+        import torch
+
+        q, k, v, sink = self.inputs(dtype, dim)
+        scale = dim**-0.5
+        out, lse, _ = self.sink.forward(q, k, v, sink, scale)
+        dout = torch.randn(BATCH, TOKENS, HEADS, dim).to(dtype).transpose(1, 2)  # as autograd hands it back
+        delta = self.sink.row_delta(out, dout)
+        self.sink.backward(dout, q, k, v, lse, delta, scale)
+        self.importance.attention_importance(q, k, None, TOKENS, scale)  # 'global': both passes
+        self.importance.attention_importance(q, k, lse, 1, scale)  # 'cls': one query row, the forward's lse
+
+    def run(self, dtypes: list[str], head_dims: list[int]) -> list[dict]:
+        import torch
+
+        records = []
+        for name in dtypes:
+            for dim in head_dims:
+                for deterministic in (False, True):
+                    os.environ["FASTPROMPT_DETERMINISTIC"] = "1" if deterministic else "0"
+                    self.compiles, self.launches = [], []
+                    self.drive(getattr(torch, name), dim)
+                    records += self.collect(name, dim, deterministic)
+        return records
+
+    def collect(self, dtype: str, dim: int, deterministic: bool) -> list[dict]:
+        """One record per launch: the configs compiled for it, those the pruning kept, the chosen or fixed one."""
+        records = []
+        for kernel, grid, args, kwargs in self.launches:
+            record = {"dtype": dtype, "head_dim": dim, "deterministic": deterministic}
+            if hasattr(kernel, "prune_configs"):  # autotuned: the configs the pruning compiled and kept
+                self.compiles = []
+                kernel.nargs = dict(zip(kernel.arg_names, args))
+                kept = kernel.prune_configs({"grid": grid, "warmup": False, **kwargs})
+                kernel.nargs = None
+                record.update(
+                    kernel=kernel.fn.__name__,
+                    space=[list(self.sink._shape(c)) for c in kernel.configs],
+                    compiled=self.compiles,
+                    kept=[list(self.sink._shape(c)) for c in kept],
+                    grids={json.dumps(self.sink._shape(c)): list(grid(dict(kwargs, **c.kwargs))) for c in kept},
+                )
+            else:  # a plain launch: the deterministic config, or the fixed-block delta kernel
+                self.compiles = []
+                self.compile(kernel, args, kwargs)
+                record.update(
+                    kernel=kernel.__name__,
+                    compiled=self.compiles,
+                    kept=[self.compiles[0]["config"]],
+                    grids={json.dumps(self.compiles[0]["config"]): list(grid(kwargs) if callable(grid) else grid)},
+                )
+            records.append(record)
+        return records
+
+
+if __name__ == "__main__":
+    sys.exit(main())
