@@ -53,6 +53,7 @@ def default_cache() -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fastprompt, as pytest imports it
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="JSON file to write the records to")
     parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: ~/.cache/fastprompt-sm90)")
