@@ -192,6 +192,15 @@ def test_methods_train_exactly_their_parameters(method):
         assert (param.grad is not None) == param.requires_grad, name
 
 
+def test_dinov2_head_sees_cls_and_mean_patch_token():
+    model = fastprompt.apply(tiny_dinov2(), "vpt", num_classes=4, num_tokens=2)
+    assert model.classifier.in_features == 2 * HIDDEN and model.config.num_labels == 4
+    out = model(images(28), labels=torch.tensor([0, 3]))
+    assert out.logits.shape == (2, 4) and torch.isfinite(out.loss)
+    expected = 2 * DEPTH * HIDDEN + 2 * HIDDEN * 4 + 4  # deep prompts + [CLS, mean] head
+    assert fastprompt.count_parameters(model)[0] == expected
+
+
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_lora_and_adapter_start_as_the_pretrained_model(method):
     base = tiny_vit()

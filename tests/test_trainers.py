@@ -46,7 +46,11 @@ def run_worker(mode: str, out: Path, *, single_rank: bool = False, timeout: int 
 
 
 def trainable() -> list[str]:
-    return [name for name, p in trainer_worker.build_model().named_parameters() if p.requires_grad]
+    """What EPT trains on the worker's 2-layer ViT: one prompt per layer and the new head (checked, not assumed)."""
+    names = [name for name, p in trainer_worker.build_model().named_parameters() if p.requires_grad]
+    prompts = [f"vit.layers.{i}.attention.prompt" for i in range(2)]
+    assert sorted(names) == sorted([*prompts, "classifier.weight", "classifier.bias"])
+    return names
 
 
 def check_training(result: dict) -> None:
