@@ -163,21 +163,25 @@ def test_head_dims_80_96_128_through_dispatch(dim, dtype, triton_on_cpu, launche
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_extreme_logits_through_triton_stay_finite(dtype, triton_on_cpu, launches):
-    """Logits of ~1e4 and sinks of −inf and +80 in 16-bit through the Triton paths: no NaN or inf anywhere."""
+    """Logits of ~1e4 and sinks of ±inf, 0 and 80 in 16-bit through the Triton paths: no NaN, no inf but lse' = +inf
+    under an infinite sink."""
     q, k, v = make_qkv(1, 2, 17, 64, device=DEVICE)
     q = (q.detach() * 60).to(dtype).requires_grad_()
     k, v = (t.detach().to(dtype).requires_grad_() for t in (k, v))
-    for sink_value in (float("-inf"), 80.0, 0.0):
+    for sink_value in (float("-inf"), 0.0, 80.0, float("inf")):
         sink = torch.full((17,), sink_value, device=DEVICE, requires_grad=True)
         out = sink_attention(q, k, v, sink)
         out.float().sum().backward()
         for t in (out, q.grad, k.grad, v.grad, sink.grad):
             assert torch.isfinite(t).all(), sink_value
+        out, lse = attention_forward(q.detach(), k.detach(), v.detach(), sink.detach())
+        assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+        if sink_value == float("inf"):  # all mass on the sink: a zero output, an infinite normaliser
+            assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+            continue
         want = sink_attention_reference(*(t.detach().double() for t in (q, k, v)), sink.detach().double())
         torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-2)
-        out, lse = attention_forward(q.detach(), k.detach(), v.detach(), sink.detach())
-        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     scores = attention_importance(q.detach(), k.detach())
     assert torch.isfinite(scores).all()
     torch.testing.assert_close(scores, attention_importance_reference(q.detach(), k.detach()), rtol=1e-3, atol=1e-5)
-    assert launches["backward"] == 3 and launches["attention_importance"] == 1
+    assert launches["backward"] == 4 and launches["attention_importance"] == 1
