@@ -103,7 +103,7 @@ def build_hf_model(variant: Variant, name: str, *, num_classes: int, grad_checkp
     wrapper = registry.get_method(variant.method).wrapper  # FPT builds its own head around the bare ViTModel
     backbone = ViTModel(config, add_pooling_layer=False) if wrapper else ViTForImageClassification(config)
     if grad_checkpointing:
-        backbone.gradient_checkpointing_enable()
+        backbone.activation_checkpointing_enable()
     model = fastprompt.apply(backbone, variant.method, num_classes=num_classes, **variant.options)
     return model if wrapper else HFLogits(model)
 

@@ -376,3 +376,20 @@ def test_memory_benchmark_builds_hugging_face_rows():
     assert model(images(32, count=1)).shape == (1, 5)  # 32×32 through interpolate_pos_encoding
     with pytest.raises(ValueError, match="unknown Hugging Face architecture 'vit-huge'"):
         models.build_model(variant, "hf:vit-huge", 32, num_classes=5, grad_checkpointing=False, device="cpu")
+
+
+@pytest.mark.parametrize("method", ["ept", "vpt"])
+def test_hugging_face_gradient_checkpointing_gives_the_same_gradients(method):
+    models = []
+    for checkpointing in (False, True):
+        torch.manual_seed(4)
+        model = fastprompt.apply(tiny_vit(initializer_range=0.2), method, num_classes=3).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(images(), labels=torch.tensor([0, 2])).loss.backward()
+        models.append(model)
+    plain, checkpointed = ({n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in models)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 2
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+    assert models[1].vit.layers[0].gradient_checkpointing and models[1].is_activation_checkpointing
