@@ -64,7 +64,8 @@ def library_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> dict[str, Any]:
-    """The repository's HEAD commit and whether the work tree had uncommitted changes.
+    """The repository's HEAD commit and whether the work tree had uncommitted changes (outside benchmarks/results/,
+    which holds outputs: writing one result must not mark the next run of the same checkout dirty).
 
     Also dirty when a loaded fastprompt/benchmarks module comes from outside this tree (e.g. a run from a git
     worktree whose `fastprompt.kernels` the editable install of another checkout supplies): the commit would not
@@ -77,7 +78,9 @@ def git_commit() -> dict[str, Any]:
         ).stdout.strip()
 
     try:
-        commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+        outputs = f":(exclude){RESULTS_DIR.relative_to(REPO_ROOT).as_posix()}"
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", outputs)
+        commit, dirty = git("rev-parse", "HEAD"), bool(changed)
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     foreign = modules_outside(REPO_ROOT)
