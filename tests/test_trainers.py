@@ -96,6 +96,17 @@ def test_hf_trainer_saves_and_reloads_only_the_trainable_weights(mode, tmp_path)
     torch.testing.assert_close(reloaded_logits(saved), torch.tensor(result["logits"]), atol=0, rtol=0)
 
 
+def test_hf_trainer_resumes_from_a_trainable_only_checkpoint(tmp_path):
+    """Stopped half-way and resumed from its checkpoint (trainable weights, optimizer, scheduler, RNG), the run ends
+    exactly where an uninterrupted one does; the stopped model itself does not."""
+    result = run_worker("hf-resume", tmp_path)
+    straight, stopped, resumed = (torch.tensor(result[key]) for key in ("straight", "stopped", "resumed"))
+    torch.testing.assert_close(resumed, straight, atol=0, rtol=0)
+    assert (stopped - straight).abs().max() > 1e-3
+    half = tmp_path / "run-resume" / f"checkpoint-{trainer_worker.STEPS // 2}"
+    assert sorted(saved_keys(half / "trainable.safetensors")) == sorted(trainable())
+
+
 def lightning_state(path: Path, deepspeed: bool) -> dict[str, torch.Tensor]:
     if deepspeed:  # a DeepSpeed checkpoint is a folder; the module weights are in DeepSpeed's model-states file
         return torch.load(path / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=False)["module"]

@@ -71,6 +71,47 @@ def changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> list[str
     return [name for name, value in model.state_dict().items() if not torch.equal(before[name], value)]
 
 
+def run_hf_resume(out: Path) -> dict:
+    """Two runs of STEPS steps: straight through, and stopped at a checkpoint half-way then resumed from it."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from fastprompt.integrations.trainer import FastpromptTrainer
+
+    class StopAt(TrainerCallback):
+        """Ends training after `step` optimizer steps (the checkpoint at `step` is written), as a killed job would."""
+
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= self.step
+            return control
+
+    half = STEPS // 2
+    results = {}
+    for name in ("straight", "stopped", "resumed"):
+        model = build_model()  # resuming starts from untrained prompts and head: the checkpoint must supply them
+        args = TrainingArguments(
+            output_dir=str(out / ("run-straight" if name == "straight" else "run-resume")),
+            per_device_train_batch_size=BATCH,
+            max_steps=STEPS,
+            learning_rate=LR,
+            lr_scheduler_type="linear",
+            save_strategy="steps",
+            save_steps=half,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+        )
+        trainer = FastpromptTrainer(model=model, args=args, train_dataset=dataset())
+        if name == "stopped":
+            trainer.add_callback(StopAt(half))
+        resume = out / "run-resume" / f"checkpoint-{half}" if name == "resumed" else None
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        results[name] = logits(model).tolist()
+    return results
+
+
 def run_hf(out: Path, deepspeed: bool) -> dict:
     if deepspeed:
         from fastprompt.integrations.trainer import import_deepspeed
@@ -203,6 +244,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if mode in ("hf", "hf-deepspeed"):
         result = run_hf(out, deepspeed=mode == "hf-deepspeed")
+    elif mode == "hf-resume":
+        result = run_hf_resume(out)
     elif mode in ("lightning-ddp", "lightning-deepspeed"):
         result = run_lightning(out, deepspeed=mode == "lightning-deepspeed")
     else:
