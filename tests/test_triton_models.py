@@ -41,12 +41,20 @@ def triton_on_cpu(monkeypatch):
         monkeypatch.setattr(dispatch, "TRITON_DEVICE_TYPES", ("cuda", "cpu"))
 
 
+class Calls(dict):
+    """Calls per launch function name, and `results`: (name, return value) of each call in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.results: list[tuple[str, object]] = []
+
+
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts of calls to each Triton launch function (the real ones still run)."""
+    """Counts of calls to each Triton launch function (the real ones still run), with their results."""
     from fastprompt.kernels import importance_triton, sink_attention_triton
 
-    counts = {}
+    counts = Calls()
     for module, name in [
         (sink_attention_triton, "forward"),
         (sink_attention_triton, "backward"),
@@ -56,7 +64,9 @@ def launches(monkeypatch):
 
         def spy(*args, _real=real, _name=name, **kwargs):
             counts[_name] = counts.get(_name, 0) + 1
-            return _real(*args, **kwargs)
+            result = _real(*args, **kwargs)
+            counts.results.append((_name, result))
+            return result
 
         monkeypatch.setattr(module, name, spy)
     return counts
@@ -101,6 +111,17 @@ def test_fpt_extraction_through_triton_matches_the_materialised_reference(mode, 
     assert launches == {"forward": 1, "attention_importance": 2}  # layer 0: forward + scores; layer 2: scores only
     keys, values, indices = reference_features(model.backbone, x, [0, 2], 0.3, mode)
     assert torch.equal(features["indices"], indices)
+    backbone = model.backbone
+    hidden = backbone.norm_pre(backbone._pos_embed(backbone.patch_embed(x)))
+    scores = [result for name, result in launches.results if name == "attention_importance"]
+    for layer, block in enumerate(backbone.blocks[:3]):  # the scores themselves, against full softmax
+        if layer in (0, 2):
+            attn = block.attn
+            qkv = attn.qkv(block.norm1(hidden)).reshape(*hidden.shape[:2], 3, attn.num_heads, attn.head_dim)
+            q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            want = attention_importance_reference(q, k, mode=mode, scale=attn.scale)
+            torch.testing.assert_close(scores.pop(0), want, rtol=1e-4, atol=1e-6)
+        hidden = block(hidden)
     torch.testing.assert_close(features["keys"], keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(features["values"], values, rtol=1e-5, atol=1e-5)
 
