@@ -72,3 +72,26 @@ def kernel_plot(plt: ModuleType, rows: list[dict], key: tuple, plots_dir: Path) 
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     axis.grid(True, which="both", alpha=0.3)
     return save(plt, figure, plots_dir / f"{slug('kernels', device, dtype, f'd{head_dim}', kind)}.png")
+
+
+def tradeoff_plot(plt: ModuleType, rows: list[dict], key: tuple, plots_dir: Path) -> Path:
+    """Step peak of live tensor bytes against step time, one line per method through its checkpointing policies."""
+    device, model, resolution, precision, batch = key
+    figure, axis = plt.subplots(figsize=(6, 4))
+    order = {"none": 0, "selective": 1, "full": 2}
+    for i, method in enumerate(dict.fromkeys(row["method"] for row in rows)):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: order.get(r["checkpointing"], 3))
+        xs = [r["step_seconds"] for r in mine]
+        ys = [r["step_peak_bytes"] / MB for r in mine]
+        axis.plot(xs, ys, label=method, **line_style(plt, i))
+        for x, y, r in zip(xs, ys, mine):
+            axis.annotate(r["checkpointing"], (x, y), fontsize=6, textcoords="offset points", xytext=(4, 3))
+    axis.set_xlabel("training step time, median (s)")
+    axis.set_ylabel("step peak of live tensors (MB)")
+    axis.set_yscale("log")
+    axis.set_title(f"{model} at {resolution}, {precision}, batch {batch}: recomputation trade-off\n{device}")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axis.grid(True, which="both", alpha=0.3)
+    return save(
+        plt, figure, plots_dir / f"{slug('tradeoff', device, model, f'r{resolution}', precision, f'b{batch}')}.png"
+    )

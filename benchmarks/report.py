@@ -61,6 +61,7 @@ def latest_rows(records: list[tuple[Path, dict]], suite: str, key_fields: tuple[
         if record["suite"] != suite:
             continue
         for row in record["rows"]:
+            row = {**KEY_DEFAULTS, **row}  # rows written before a key field existed take its default
             if not all(field in row for field in key_fields):
                 continue
             tagged = {**row, "device": record["device"], "device_type": record["device_type"], "source": path}
@@ -149,10 +150,10 @@ def memory_section(rows: list[dict], base: Path, gpu: bool) -> str:
             tables.append(("saved for backward, MB", method_grid(group, lambda row: megabytes(row["saved_bytes"]))))
             tables.append(("peak RSS, MB", method_grid(group, lambda row: megabytes(row.get("peak_rss_bytes")))))
         budgeted = [row for row in group if "max_batch" in row]
-        if budgeted:
-            gb = budgeted[0]["budget_bytes"] / 1e9
-            caption = f"largest batch within {gb:g} GB ({budgeted[0]['budget_method']})"
-            tables.append((caption, method_grid(budgeted, max_batch_cell)))
+        for how, same_model in group_by(budgeted, ("budget_method",)).items():  # one table per memory model
+            gb = same_model[0]["budget_bytes"] / 1e9
+            caption = f"largest batch within {gb:g} GB ({how[0]})"
+            tables.append((caption, method_grid(same_model, max_batch_cell)))
         body = "\n\n".join(f"{caption}:\n\n{table}" for caption, table in tables)
         parts.append(f"{title}\n\n{body}\n\n{sources_line(group, base)}")
     return "\n\n".join(parts)
@@ -299,17 +300,74 @@ def gpu_check_section(records: list[tuple[Path, dict]], base: Path) -> str | Non
     )
 
 
-MEMORY_KEY = ("model", "method", "resolution", "batch_size", "precision", "grad_checkpointing")
+MEMORY_KEY = ("model", "method", "resolution", "batch_size", "precision", "grad_checkpointing", "checkpointing")
 THROUGHPUT_KEY = MEMORY_KEY
+BUDGET_KEY = ("model", "method", "resolution", "checkpointing", "budget_bytes")
+KEY_DEFAULTS = {"checkpointing": "none"}  # fastprompt.checkpoint_activations policy; older rows had none
+
+
+def policy_labels(rows: list[dict]) -> list[dict]:
+    """Rows whose method label names their activation checkpointing policy, e.g. 'ept (selective)'."""
+    return [
+        {**row, "method": f"{row['method']} ({row['checkpointing']})"}
+        if row.get("checkpointing", "none") != "none"
+        else row
+        for row in rows
+    ]
+
+
+def tradeoff_points(memory: list[dict], throughput: list[dict]) -> list[dict]:
+    """CPU memory rows joined with the throughput row of the same configuration and policy: one point per
+    (method, policy) for the memory-versus-step-time plots (rows measured with more than one policy only)."""
+    fields = ("device", "model", "method", "resolution", "batch_size", "precision", "grad_checkpointing")
+    times = {tuple(row[f] for f in fields) + (row["checkpointing"],): row for row in throughput}
+    configs = {tuple(row[f] for f in fields) for row in memory if row["checkpointing"] != "none"}
+    points = []
+    for row in memory:
+        key = tuple(row[f] for f in fields)
+        timed = times.get(key + (row["checkpointing"],))
+        if key in configs and timed is not None and row.get("step_peak_bytes") is not None:
+            points.append({**row, "step_seconds": timed["step_seconds"]["median"], "time_source": timed["source"]})
+    return points
+
+
+def budget_section(rows: list[dict], base: Path) -> str | None:
+    """The memory model's largest batch per method and checkpointing policy (benchmarks.budget)."""
+    if not rows:
+        return None
+    parts = []
+    for (device, model, resolution, limit), group in group_by(
+        rows, ("device", "model", "resolution", "budget_bytes")
+    ).items():
+        checked = [row for row in group if "check_batch" in row]
+        header = ["method", "policy", "largest batch"]
+        if checked:
+            header += [f"batch {checked[0]['check_batch']}: GB", "fits"]
+        body = []
+        for row in group:
+            line = [row["method"], row["checkpointing"], max_batch_cell(row)]
+            if checked:
+                line += (
+                    [fmt(row["check_bytes"] / 1e9, 2), "yes" if row["check_fits"] else "no"]
+                    if "check_batch" in row
+                    else ["—", "—"]
+                )
+            body.append(line)
+        title = f"**{model}** at {resolution}, {device}, within {limit / 1e9:g} GB ({group[0]['budget_method']})"
+        parts.append(f"{title}\n\n{markdown_table(header, body)}\n\n{sources_line(group, base)}")
+    return "\n\n".join(parts)
+
+
 KERNEL_KEY = ("op", "impl", "n", "d", "batch", "heads", "dtype", "pass")
 
 
 def render_markdown(records: list[tuple[Path, dict]], base: Path, plots: list[Path]) -> str:
     """The README block between the markers."""
-    memory = latest_rows(records, "memory", MEMORY_KEY)
-    throughput = latest_rows(records, "throughput", THROUGHPUT_KEY)
+    memory = policy_labels(latest_rows(records, "memory", MEMORY_KEY))
+    throughput = policy_labels(latest_rows(records, "throughput", THROUGHPUT_KEY))
     kernels = latest_rows(records, "kernels", KERNEL_KEY)
-    used = {row["source"] for row in memory + throughput + kernels}
+    budgets = latest_rows(records, "budget", BUDGET_KEY)
+    used = {row["source"] for row in memory + throughput + kernels + budgets}
     commands = sorted({record["command"] for path, record in records if path in used})
     blocks = [
         "_Generated by `python -m benchmarks.report` from the committed JSON files under `benchmarks/results/`; "
@@ -327,6 +385,9 @@ def render_markdown(records: list[tuple[Path, dict]], base: Path, plots: list[Pa
     gpu_check = gpu_check_section(records, base)
     if gpu_check:
         blocks.append("### GPU check (`python -m benchmarks.gpu`) against the goals\n\n" + gpu_check)
+    budget = budget_section(budgets, base)
+    if budget:
+        blocks.append("### Batch budget by activation checkpointing policy (memory model)\n\n" + budget)
     efficiency = efficiency_section(memory, base)
     if efficiency:
         blocks.append("### Efficiency (PPE / PME)\n\n" + efficiency)
@@ -361,8 +422,13 @@ def render_plots(records: list[tuple[Path, dict]], plots_dir: Path) -> list[Path
 
     written = []
     memory = latest_rows(records, "memory", MEMORY_KEY)
-    for key, group in group_by(memory, ("device", "model", "precision", "batch_size", "grad_checkpointing")).items():
+    plain = [row for row in memory if row["checkpointing"] == "none"]  # the policies have their own plot
+    for key, group in group_by(plain, ("device", "model", "precision", "batch_size", "grad_checkpointing")).items():
         written.append(plots.memory_plot(plt, group, key, plots_dir))
+    throughput = latest_rows(records, "throughput", THROUGHPUT_KEY)
+    points = tradeoff_points([row for row in memory if row["device_type"] == "cpu"], throughput)
+    for key, group in group_by(points, ("device", "model", "resolution", "precision", "batch_size")).items():
+        written.append(plots.tradeoff_plot(plt, group, key, plots_dir))
     kernels = [row for row in latest_rows(records, "kernels", KERNEL_KEY) if "time_seconds" in row]
     for key, group in group_by(kernels, ("device", "dtype", "d", "pass")).items():
         written.append(plots.kernel_plot(plt, group, key, plots_dir))

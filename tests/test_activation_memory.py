@@ -239,3 +239,39 @@ def test_meta_memory_model_matches_a_cpu_step(method: str) -> None:
 
         cpu = step_peak(step)
         assert meta_step_bytes(model.to("meta"), 2, 48, 4) == cpu, policy
+
+
+def test_report_keeps_policies_apart_and_joins_the_tradeoff(tmp_path) -> None:
+    from benchmarks import report
+
+    base = {"model": "m", "resolution": 512, "batch_size": 1, "precision": "fp32", "grad_checkpointing": False}
+    old = {**base, "method": "vpt", "saved_bytes": 9}  # a row from before the policies existed
+    memory_rows = [old] + [
+        {**base, "method": "ept", "checkpointing": p, "saved_bytes": 1, "step_peak_bytes": b}
+        for p, b in (("none", 400), ("selective", 150), ("full", 60))
+    ]
+    throughput_rows = [
+        {**base, "method": "ept", "checkpointing": p, "step_seconds": {"median": t}}
+        for p, t in (("none", 1.0), ("selective", 1.2), ("full", 1.4))
+    ]
+    records = [
+        (tmp_path / "a.json", {"suite": "memory", "date": "1", "device": "cpu0", "device_type": "cpu", "config": {},
+                               "rows": memory_rows}),
+        (tmp_path / "b.json", {"suite": "throughput", "date": "2", "device": "cpu0", "device_type": "cpu",
+                               "config": {}, "rows": throughput_rows}),
+    ]  # fmt: skip
+    memory = report.latest_rows(records, "memory", report.MEMORY_KEY)
+    assert sorted((row["method"], row["checkpointing"]) for row in memory) == [
+        ("ept", "full"),
+        ("ept", "none"),
+        ("ept", "selective"),
+        ("vpt", "none"),  # the old row is kept, as policy "none"
+    ]
+    labels = sorted(row["method"] for row in report.policy_labels(memory))
+    assert labels == ["ept", "ept (full)", "ept (selective)", "vpt"]
+    points = report.tradeoff_points(memory, report.latest_rows(records, "throughput", report.THROUGHPUT_KEY))
+    assert {(p["checkpointing"], p["step_seconds"], p["step_peak_bytes"]) for p in points} == {
+        ("none", 1.0, 400),
+        ("selective", 1.2, 150),
+        ("full", 1.4, 60),
+    }
