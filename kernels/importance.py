@@ -72,7 +72,11 @@ def _importance_torch(
     return total / rows
 
 
-@torch.library.custom_op("fastprompt::attention_importance", mutates_args=())
+@torch.library.custom_op(
+    "fastprompt::attention_importance",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor? lse, int rows, float scale, str backend) -> Tensor",  # not inferred: stable
+)
 def _importance_op(q: Tensor, k: Tensor, lse: Tensor | None, rows: int, scale: float, backend: str) -> Tensor:
     """Scores [B, H, N] fp32 over the first `rows` query rows, on `backend` ("triton" or "torch"); inputs validated."""
     if backend == "triton":

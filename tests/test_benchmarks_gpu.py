@@ -48,8 +48,17 @@ def test_dry_run_lists_every_part_and_goal_and_writes_nothing(tmp_path, capsys):
     assert '"batch": 32, "width": 768, "n": 1025, "d": 64, "dtype": "bf16"' in text
     assert '"model": "vit_base_patch16_224", "resolution": 512, "batch": 32' in text
     assert '"model": "vit_base_patch16_384", "resolution": 512, "batch": 16}' in text
+    assert "pytest -m gpu tests/test_sink_attention.py tests/test_importance.py" in text
     assert sum(part.box_seconds for part in gpu.PARTS[:-1]) < gpu.TOTAL_SECONDS <= 8 * 60 - 30
     assert not out.exists()
+
+
+def test_gpu_tests_run_the_kernels_first():
+    files = gpu.gpu_test_files(["tests"])
+    assert files[:3] == ["tests/test_sink_attention.py", "tests/test_importance.py", "tests/test_fpt.py"]
+    assert "tests/test_compile.py" in files and len(files) == len(set(files))
+    assert all("pytest.mark.gpu" in (ROOT / file).read_text() for file in files)
+    assert "tests/test_metrics.py" not in files  # no GPU test there: not collected at all
 
 
 def test_an_uninstalled_checkout_imports_the_kernels_through_the_module(tmp_path):
