@@ -47,39 +47,50 @@ def test_train_prints_each_epoch_and_names_the_best_checkpoint(folders, tmp_path
     assert payload["state"]["epoch"] == best["epoch"]
 
 
-INTERRUPT_AT = 3  # optimizer step (of 3 per epoch at batch 4 with 12 images) during which Ctrl-C arrives
-
-
-def test_ctrl_c_saves_mid_epoch_and_prints_the_resume_command(folders, tmp_path):
+@pytest.mark.parametrize(
+    "workers, batch, accum, at, steps",  # Ctrl-C during the first micro-batch of optimizer step `at`
+    [(0, 2, 2, 2, 3), (2, 1, 6, 1, 2)],  # with workers: more micro-batches to load after Ctrl-C than are prefetched
+)
+def test_ctrl_c_saves_mid_epoch_and_prints_the_resume_command(folders, tmp_path, workers, batch, accum, at, steps):
     out = tmp_path / "run"
-    argv = train_argv(folders, out, "--epochs=2", "--batch-size=2")  # 6 steps per epoch
+    flags = ["--epochs=2", f"--batch-size={batch}", f"--grad-accum={accum}", f"--workers={workers}"]
+    argv = train_argv(folders, out, *flags)
     code = f"""
     import os, signal, sys
     from fastprompt.engine import core
-    set_lr = core.Engine._set_lr
-    def set_lr_then_interrupt(self, step):  # a real SIGINT to this process while step {INTERRUPT_AT} runs
-        if step == {INTERRUPT_AT - 1}:
-            os.kill(os.getpid(), signal.SIGINT)
-        set_lr(self, step)
-    core.Engine._set_lr = set_lr_then_interrupt
+    split_batch, seen = core.split_batch, []
+    def split_then_interrupt(batch, **kwargs):  # Ctrl-C in a terminal: SIGINT to the whole process group
+        seen.append(1)
+        if len(seen) == {(at - 1) * accum + 1}:
+            os.killpg(os.getpgid(0), signal.SIGINT)
+        return split_batch(batch, **kwargs)
+    core.split_batch = split_then_interrupt
     from fastprompt.cli import main
     sys.exit(main({argv!r}))
     """
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        start_new_session=True,  # its own process group (with its data-loading workers), not pytest's
     )
     assert result.returncode == 130, result.stderr
-    assert "interrupted in epoch 1, after step 3 of 6" in result.stderr
+    assert f"interrupted in epoch 1, after step {at} of {steps}" in result.stderr
     command = next(line for line in result.stderr.splitlines() if line.startswith("resume with: "))
     resume = shlex.split(command.removeprefix("resume with: "))
     assert resume == ["fastprompt", *argv, "--resume"]
     payload = read_checkpoint(out / "checkpoints" / "last.pt")
-    assert (payload["state"]["epoch"], payload["state"]["step_in_epoch"]) == (0, INTERRUPT_AT)
+    assert (payload["state"]["epoch"], payload["state"]["step_in_epoch"]) == (0, at)
 
     assert main(resume[1:]) == 0  # the printed command continues the run to the end ...
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    if workers:  # augmentation in worker processes draws other random numbers than in-process loading
+        return
     reference = tmp_path / "reference"
-    assert main(train_argv(folders, reference, "--epochs=2", "--batch-size=2")) == 0
+    assert main(train_argv(folders, reference, *flags)) == 0
     resumed, uninterrupted = (read_checkpoint(p / "checkpoints" / "last.pt")["trainable"] for p in (out, reference))
     for name, value in uninterrupted.items():  # ... to the same parameters as a run never interrupted
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
