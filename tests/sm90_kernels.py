@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: ~/.cache/fastprompt-sm90)")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))
     parser.add_argument("--head-dims", nargs="*", type=int, default=list(HEAD_DIMS))
+    parser.add_argument("--record", type=Path, default=None, help="also write the run's time as a benchmarks record")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("run with TRITON_INTERPRET=0: the interpreter replaces the compiler")
@@ -66,9 +68,24 @@ def main(argv: list[str] | None = None) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")  # read by triton's cache manager at compile time
     started = time.perf_counter()
-    records = Harness(cache / "compiles.json").run(args.dtypes, args.head_dims)
-    payload = {"seconds": time.perf_counter() - started, "limit": SM90_SHARED_MEMORY, "records": records}
+    harness = Harness(cache / "compiles.json")
+    records = harness.run(args.dtypes, args.head_dims)
+    seconds = time.perf_counter() - started
+    payload = {"seconds": seconds, "limit": SM90_SHARED_MEMORY, "records": records}
     args.out.write_text(json.dumps(payload, indent=1))
+    print(f"{len(records)} launches, {harness.misses} compiled, {harness.hits} from the cache, {seconds:.1f} s")
+    if args.record:
+        from benchmarks.results import run_record, write_record
+
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # ptxas and cuobjdump
+        cpu = time.process_time() + children.ru_utime + children.ru_stime
+        row = {"seconds": seconds, "cpu_seconds": cpu, "compiled": harness.misses, "cached": harness.hits}
+        row["launches"] = len(records)
+        config = {"dtypes": args.dtypes, "head_dims": args.head_dims, "cache": "warm" if harness.hits else "cold"}
+        notes = [f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine)"]
+        record = run_record("sm90_compile_check", "cpu", config, [row], notes)
+        record["command"] = "TRITON_INTERPRET=0 python " + " ".join(sys.argv)
+        write_record(record, args.record)
 
 
 class Harness:
@@ -93,6 +110,7 @@ class Harness:
         self.cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
         self.resource_cache = resource_cache
         self.resources = json.loads(resource_cache.read_text()) if resource_cache.exists() else {}
+        self.hits = self.misses = 0  # compiles answered by the cache, and compiled
         self.compiles: list[dict] = []  # every compile since the last reset
         self.launches: list[tuple] = []  # (kernel, grid, args, kwargs) of every launch since the last reset
         harness = self
@@ -123,6 +141,8 @@ class Harness:
         bound, specialization, options = self.binders[kernel](*args, **kwargs)
         options, signature, constexprs, attrs = kernel._pack_args(self.backend, kwargs, bound, specialization, options)
         key = self.cache_key(kernel, signature, constexprs, attrs, options)
+        self.hits += key in self.resources
+        self.misses += key not in self.resources
         if key not in self.resources:
             source = self.ASTSource(kernel, signature, constexprs, attrs)
             compiled = self.triton.compile(source, target=self.target, options=options.__dict__)
