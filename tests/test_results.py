@@ -1,0 +1,194 @@
+"""Committed results stay in sync: every committed result file loads in the suite schema, names the script in this
+repository that wrote it and comes from a clean tree; the README's results section is what `python -m
+benchmarks.report` renders from them; the recorded commit and dirty flag are right from a git worktree too."""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import importlib.util
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report, results
+
+# Measured before results were required to come from a clean tree; re-measure one (from a clean worktree, with the
+# command it records) and remove it here. Never add to this list.
+MEASURED_FROM_A_DIRTY_TREE = {
+    "cpu/memory_vit_base_patch16_224_r224-512_fp32_b1.json",
+    "cpu/memory_vit_base_patch16_224_r384-768_fp32_b1_m-full-partial-linear-bitfit-lora-adapter-vpt-ept-fpt-fpt-cached-"
+    "fpt+-fpt+-cached.json",
+    "cpu/memory_vit_base_patch16_224_r512_fp32_b1_budget24GB.json",
+    "cpu/memory_vit_large_patch16_224_r224_fp32_b1.json",
+    "cpu/memory_vit_large_patch16_224_r512_fp32_b1.json",
+}
+
+
+def git(*args: str, cwd: Path = results.REPO_ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def in_git_checkout() -> bool:
+    try:
+        return git("rev-parse", "--is-inside-work-tree").strip() == "true"
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_git = pytest.mark.skipif(not in_git_checkout(), reason="needs the git checkout (committed files, worktrees)")
+
+
+def committed_result_files() -> list[Path]:
+    listed = git("ls-files", "-z", "--", "*.json", cwd=results.RESULTS_DIR).split("\0")
+    return sorted(results.RESULTS_DIR / name for name in listed if name)
+
+
+@needs_git
+def test_every_committed_result_file_loads_in_the_suite_schema():
+    files = committed_result_files()
+    assert files, "no committed result files found"
+    problems = []
+    for path in files:
+        name = path.relative_to(results.RESULTS_DIR).as_posix()
+        try:
+            record = results.load_record(path)
+        except (ValueError, OSError) as error:
+            problems.append(f"{name}: {error}")
+            continue
+        if not re.fullmatch(r"[0-9a-f]{40}", str(record["git_commit"])):
+            problems.append(f"{name}: git_commit {record['git_commit']!r} is not a commit")
+        try:
+            datetime.datetime.fromisoformat(record["date"])
+        except (TypeError, ValueError):
+            problems.append(f"{name}: date {record['date']!r} is not ISO 8601")
+        if not isinstance(record["versions"], dict) or "torch" not in record["versions"]:
+            problems.append(f"{name}: versions must name at least torch")
+        if not isinstance(record["git_dirty"], bool):
+            problems.append(f"{name}: git_dirty must be true or false, got {record.get('git_dirty')!r}")
+        if "script" in record:
+            problems.append(f"{name}: embeds a script; record the command of a script in benchmarks/ instead")
+        if record["git_dirty"] and name not in MEASURED_FROM_A_DIRTY_TREE:
+            problems.append(f"{name}: measured from a dirty tree; measure in a clean worktree (git worktree add)")
+        problems += command_problems(name, record["command"])
+    assert not problems, "\n".join(problems)
+
+
+def command_problems(name: str, command: str) -> list[str]:
+    """The recorded command must be `python -m <module> ...` with <module> part of this repository."""
+    words = shlex.split(command)
+    if len(words) < 3 or words[1] != "-m":
+        return [f"{name}: command {command!r} is not `python -m <module> ...`"]
+    spec = importlib.util.find_spec(words[2])
+    origin = Path(spec.origin).resolve() if spec and spec.origin else None
+    if origin is None or not origin.is_relative_to(results.REPO_ROOT.resolve()):
+        return [f"{name}: command runs {words[2]!r}, which is not a module of this repository"]
+    return []
+
+
+@needs_git
+def test_the_dirty_list_names_only_committed_dirty_files():
+    """Once a file is re-measured from a clean tree, it must leave MEASURED_FROM_A_DIRTY_TREE."""
+    dirty = set()
+    for path in committed_result_files():
+        try:
+            if results.load_record(path)["git_dirty"]:
+                dirty.add(path.relative_to(results.RESULTS_DIR).as_posix())
+        except ValueError:
+            continue
+    assert sorted(MEASURED_FROM_A_DIRTY_TREE - dirty) == []
+
+
+@needs_git
+def test_readme_results_section_is_what_the_report_renders():
+    """`python -m benchmarks.report` over the committed files gives exactly the README's section between the
+    markers (plots named as the report names them, rendered here into a scratch folder)."""
+    records, _ = report.load_results(results.RESULTS_DIR, committed_only=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        written = report.render_plots(records, Path(scratch))
+    plots = [results.RESULTS_DIR / "plots" / path.name for path in written]
+    readme = results.REPO_ROOT / "README.md"
+    expected = report.render_markdown(records, readme.parent, plots)
+    text = readme.read_text(encoding="utf-8")
+    assert text.count(report.START) == 1 and text.count(report.END) == 1, "README needs one pair of result markers"
+    current = text.split(report.START, 1)[1].split(report.END, 1)[0].strip("\n")
+    if current != expected:
+        diff = "".join(
+            difflib.unified_diff(current.splitlines(True), expected.splitlines(True), "README.md", "benchmarks.report")
+        )
+        pytest.fail(f"README's results section is out of date; run python -m benchmarks.report\n{diff[:6000]}")
+    missing = [path.name for path in plots if not path.is_file()]
+    assert not missing, f"plots the README shows are not committed: {missing}; run python -m benchmarks.report"
+    committed = {Path(name).name for name in git("ls-files", "--", "plots", cwd=results.RESULTS_DIR).split()}
+    stale = sorted(committed - {path.name for path in plots})
+    assert not stale, f"committed plots the report no longer draws: {stale}; git rm them"
+
+
+def test_code_from_another_checkout_marks_the_record_dirty(monkeypatch):
+    fake = types.ModuleType("fastprompt._elsewhere")
+    fake.__file__ = "/somewhere/else/fastprompt/_elsewhere.py"
+    monkeypatch.setitem(sys.modules, "fastprompt._elsewhere", fake)
+    assert results.modules_outside(results.REPO_ROOT) == [
+        "fastprompt._elsewhere (/somewhere/else/fastprompt/_elsewhere.py)"
+    ]
+    if in_git_checkout():
+        with pytest.warns(RuntimeWarning, match="code from outside .* marked dirty"):
+            assert results.git_commit()["dirty"] is True
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_commit_and_dirty_flag_recorded_from_a_git_worktree(tmp_path):
+    """This checkout's code, committed to a scratch repository and run from a worktree of it: the record names the
+    commit with dirty = false, also after a result file was rewritten there (an output, not code); a change to any
+    other tracked file makes it dirty, and so does running the kernels of another checkout (what an editable install
+    serves a worktree unless fastprompt/kernels links to ../kernels)."""
+    repo, tree = tmp_path / "repo", tmp_path / "wt"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "plots")
+    for folder in ("fastprompt", "kernels", "benchmarks"):
+        shutil.copytree(results.REPO_ROOT / folder, repo / folder, ignore=ignore)
+    (repo / "README.md").write_text("scratch\n")
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
+    git("init", "-q", cwd=repo)
+    git("add", ".", cwd=repo)
+    git(*identity, "commit", "-q", "-m", "scratch", cwd=repo)
+    git("worktree", "add", "-q", "--detach", str(tree), "HEAD", cwd=repo)
+    head = git("rev-parse", "HEAD", cwd=repo).strip()
+    probe = (  # each argument: an action, or 'record' (print what a result record would say now)
+        "import json, pathlib, sys, warnings; warnings.simplefilter('ignore')\n"
+        "for action in sys.argv[1:]:\n"
+        "    if action == 'kernels': import fastprompt.kernels\n"
+        "    if action == 'result':\n"
+        "        path = next(pathlib.Path('benchmarks/results').rglob('*.json'))\n"
+        "        path.write_text(path.read_text() + ' ')\n"
+        "    if action == 'readme': pathlib.Path('README.md').write_text('changed')\n"
+        "    if action == 'record':\n"
+        "        from benchmarks import results\n"
+        "        print(json.dumps({**results.git_commit(), 'file': results.__file__}))\n"
+    )
+
+    def recorded(*actions: str) -> list[dict]:
+        env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *actions], cwd=tree, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+    clean, with_kernels = recorded("record", "kernels", "record")
+    assert Path(clean["file"]).resolve().is_relative_to(tree.resolve())
+    assert clean["commit"] == head and clean["dirty"] is False
+    kernels_from = importlib.util.find_spec("fastprompt.kernels").origin
+    if not Path(kernels_from).resolve().is_relative_to(tree.resolve()):  # an installed fastprompt serves them
+        assert with_kernels["dirty"] is True
+    (tree / "fastprompt" / "kernels").symlink_to(Path("..") / "kernels")  # untracked: not a change
+    linked, result_rewritten, readme_changed = recorded("kernels", "record", "result", "record", "readme", "record")
+    assert linked["dirty"] is False and result_rewritten["dirty"] is False
+    assert readme_changed["dirty"] is True and readme_changed["commit"] == head
