@@ -339,11 +339,11 @@ PARTS = [
     Part(
         "kernels",
         "kernels vs SDPA flash/efficient, xformers, materialised reference; fwd and fwd+bwd",
-        120,
+        110,
         kernels_part,
     ),
-    Part("ept_step", "EPT training step, fused vs official-style: peak memory and images/s", 120, ept_step_part),
-    Part("fpt_memory", "FPT+ training from cached features: step peak memory", 60, fpt_memory_part),
+    Part("ept_step", "EPT training step, fused vs official-style: peak memory and images/s", 150, ept_step_part),
+    Part("fpt_memory", "FPT+ training from cached features: step peak memory", 50, fpt_memory_part),
     Part(
         "frozen_forward",
         "FPT+ frozen forward with token selection vs the materialised reference",
