@@ -22,6 +22,7 @@ _EXPORTS = {
     "FPT": "fastprompt.methods.fpt",
     "apply": "fastprompt.patch",
     "available_methods": "fastprompt.patch",
+    "checkpoint_activations": "fastprompt.checkpointing",
     "count_parameters": "fastprompt.patch",
     "ept_scales": "fastprompt.methods.ept",
     "merge": "fastprompt.patch",
@@ -39,6 +40,7 @@ __all__ = [  # the same names as _EXPORTS (tests/test_compat.py checks)
     "__version__",
     "apply",
     "available_methods",
+    "checkpoint_activations",
     "count_parameters",
     "ept_scales",
     "load",
@@ -51,6 +53,7 @@ __all__ = [  # the same names as _EXPORTS (tests/test_compat.py checks)
 ]
 
 if TYPE_CHECKING:  # what static tools see; at run time `__getattr__` imports these on first use
+    from fastprompt.checkpointing import checkpoint_activations
     from fastprompt.engine import Engine
     from fastprompt.methods.ept import ept_scales
     from fastprompt.methods.fpt import FPT
