@@ -1,6 +1,7 @@
 """The whole GPU check as one command: GPU tests, kernels, EPT step, FPT+ memory, frozen forward, determinism.
 
 python -m benchmarks.gpu --out DIR             # on an H100/H200 with its preinstalled torch, triton, timm: ≤ 8 min
+python -m benchmarks.gpu --out DIR --commit SHA  # a copied tree without .git: record the clean commit it is
 python -m benchmarks.gpu --out DIR --dry-run   # what it would run (touches no GPU)
 
 Run from the repository root with `PYTHONPATH=.`: no install is needed (this module maps the checkout's `kernels/`
@@ -520,6 +521,28 @@ def plan(args: argparse.Namespace) -> list[tuple[Part, float]]:
     return [(part, boxes[part.name]) for part in chosen]
 
 
+def stamp_commit(out: Path, commit: str) -> list[Path]:
+    """Record `commit` (and a clean tree) in every result file in `out` that could not read it from git, e.g. on a
+    machine that got a copy of a clean checkout without .git; files that know their commit are left alone."""
+    stamped = []
+    for path in sorted(out.glob("*.json")):
+        try:
+            record = results.load_record(path)
+        except (ValueError, OSError):
+            continue
+        if record.get("git_commit") is None:
+            record.update(git_commit=commit, git_dirty=False)
+            results.write_record(record, path)
+            stamped.append(path)
+    return stamped
+
+
+def _commit(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{40}", text):
+        raise argparse.ArgumentTypeError(f"--commit takes the full 40-digit hex SHA (git rev-parse HEAD), got {text!r}")
+    return text
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the result JSON files")
@@ -533,6 +556,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="PART=SECONDS",
         help="a different time box for a part",
+    )
+    parser.add_argument(
+        "--commit",
+        type=_commit,
+        help="where the checkout has no .git (a copied tree): the clean commit it is, recorded in every result file",
     )
     parser.add_argument("--part", choices=PART_NAMES, help=argparse.SUPPRESS)  # a child process: run this part only
     parser.add_argument("--box", type=float, default=180.0, help=argparse.SUPPRESS)
@@ -589,10 +617,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n=== {part.name}: {part.what} (box {min(box, left):.0f} s)", flush=True)
         statuses.append(run_part(part.name, args.profile, args.out, min(box, left)))
+    if args.commit:
+        stamp_commit(args.out, args.commit)
     goals = goal_rows(args.out)
     device = profile["device"] if profile["device"] != "cuda" or torch.cuda.is_available() else "cpu"
     record = results.run_record("gpu_check", device, {"profile": args.profile, "parts": args.parts}, statuses + goals)
     record["goals"] = GOALS
+    if args.commit and record["git_commit"] is None:
+        record.update(git_commit=args.commit, git_dirty=False)
     results.write_record(record, args.out / "gpu_check.json")
     print_goals(goals, statuses, args.profile)
     print(

@@ -234,8 +234,25 @@ def test_a_part_past_its_time_box_is_stopped_and_the_others_still_write(tmp_path
     assert "stopped at its 1 s box" in done.stdout
 
 
+def test_commit_is_stamped_only_where_git_was_missing(tmp_path):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    missing = results.run_record("kernels", "cpu", {}, [])
+    missing.update(git_commit=None, git_dirty=None)
+    known = results.run_record("kernels", "cpu", {}, [])
+    known.update(git_commit="f" * 40, git_dirty=True)
+    results.write_record(missing, tmp_path / "a.json")
+    results.write_record(known, tmp_path / "b.json")
+    assert gpu.stamp_commit(tmp_path, sha) == [tmp_path / "a.json"]
+    a, b = results.load_record(tmp_path / "a.json"), results.load_record(tmp_path / "b.json")
+    assert (a["git_commit"], a["git_dirty"]) == (sha, False)
+    assert (b["git_commit"], b["git_dirty"]) == ("f" * 40, True)
+
+
 def test_bad_box_override_is_refused(capsys):
     with pytest.raises(SystemExit):
         gpu.main(["--out", "x", "--dry-run", "--box-override", "kernel=5"])
     assert "expected PART=SECONDS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu.main(["--out", "x", "--dry-run", "--commit", "HEAD"])
+    assert "40-digit hex SHA" in capsys.readouterr().err
     shutil.rmtree("x", ignore_errors=True)
