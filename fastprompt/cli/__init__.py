@@ -4,11 +4,13 @@ A training run directory (``--output-dir``) holds ``config.json`` (everything ne
 ``metrics.json`` (final validation metrics), the Engine's ``metrics.jsonl``, ``curves.png`` and
 ``checkpoints/{best,last}.pt``, ``unreadable.csv`` (every image that could not be read, if any), and, for a
 randomly initialised backbone, ``backbone.safetensors`` (its frozen weights, which checkpoints do not hold); with
-``--copy-weights``, ``weights/<file>`` (the --checkpoint file; otherwise its path and SHA-256 are recorded). ``metrics.json`` is measured with the model as it ends training (the
-``last`` checkpoint); ``evaluate`` takes either checkpoint. FPT methods can train from the feature cache
-(``--cache DIR``, filled by ``preload`` or on the fly): the frozen branch then runs once per image. Without
-``--val`` a stratified ``--val-fraction`` of ``--data`` (20 % by default, per class, fixed by ``--seed``) is held
-out for validation. Mistakes a user can fix end with one message and exit code 2; ``--debug`` shows the traceback.
+``--copy-weights``, ``weights/<file>`` (the --checkpoint file; otherwise its path and SHA-256 are recorded).
+``metrics.json`` is measured with the model as it ends training (the ``last`` checkpoint); ``evaluate`` takes
+either checkpoint. FPT methods can train from the feature cache (``--cache DIR``, filled by ``preload`` or on the
+fly): the frozen branch then runs once per image. Without ``--val`` a stratified ``--val-fraction`` of ``--data``
+(20 % by default, per class, fixed by ``--seed``) is held out for validation. Mistakes a user can fix end with one
+message and exit code 2; ``--debug`` shows the traceback. Each command lives in its own module (parser and work
+together); `common` holds what --help needs (no torch), `runs` the helpers the commands share once they run.
 """
 
 from __future__ import annotations
