@@ -291,6 +291,34 @@ def test_pretrained_with_an_unreachable_hub_fails_at_once(data, tmp_path, capsys
     print(f"--pretrained without a network: failed in {elapsed:.2f} s")
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict", "explain"])
+def test_a_pretrained_run_read_without_a_network_fails_at_once(ept_run, data, tmp_path, capsys, monkeypatch, command):
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes((ept_run / "checkpoints" / "best.pt").read_bytes())
+    config = json.loads((ept_run / "config.json").read_text())
+    config["weights"] = {"source": "pretrained", "file": None}  # as trained with --pretrained
+    (run / "config.json").write_text(json.dumps(config))
+    sleeps = []
+    monkeypatch.setattr(_http.time, "sleep", sleeps.append)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    image = str(data.val / CLASSES[0] / "0.png")
+    argv = {
+        "evaluate": ["evaluate", f"--checkpoint={run}", f"--data={data.val}", "--workers=0"],
+        "predict": ["predict", f"--checkpoint={run}", "--data", image, f"--output={tmp_path / 'p.csv'}"],
+        "explain": ["explain", f"--checkpoint={run}", image, f"--output-dir={tmp_path / 'png'}"],
+    }[command]
+    err = run_error(capsys, argv)
+    assert "could not download the pretrained weights" in err
+    assert sleeps == [], f"the hub retried {len(sleeps)} times"
+
+
 @pytest.mark.parametrize(
     "error, message",
     [

@@ -6,6 +6,7 @@ Imported by a command's `run` (never at parser time): it imports torch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from fastprompt.cli.common import UsageError
+from fastprompt.cli.common import CONFIG_NAME, UsageError
 from fastprompt.io import atomic_write_bytes
 from fastprompt.predict import backbone_of  # noqa: F401  (re-exported for the commands)
 
@@ -213,6 +214,21 @@ def save_backbone(state: dict[str, torch.Tensor], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- run folders
 
 
+def prepare_hub_for(checkpoint: str | Path) -> None:
+    """Before rebuilding a run trained with --pretrained: without a network, use the hub offline (cache only)."""
+    path = Path(checkpoint)
+    folders = (path,) if path.is_dir() else (path.parent, path.parent.parent)
+    config = next((folder / CONFIG_NAME for folder in folders if (folder / CONFIG_NAME).is_file()), None)
+    if config is None:
+        return  # load_run explains what is missing
+    try:
+        source = json.loads(config.read_text()).get("weights", {}).get("source")
+    except (OSError, ValueError, AttributeError):
+        return
+    if source == "pretrained" and not hub_reachable():
+        use_offline_hub()
+
+
 def load_trained(checkpoint: str | Path) -> tuple[Any, Any]:
     """(`fastprompt.serialization.LoadedRun`, an Engine to evaluate it) for a run folder or one of its checkpoints.
 
@@ -222,6 +238,7 @@ def load_trained(checkpoint: str | Path) -> tuple[Any, Any]:
     from fastprompt.engine import Engine
     from fastprompt.serialization import load_run
 
+    prepare_hub_for(checkpoint)
     run = load_run(checkpoint)
     engine = Engine(run.model, output_dir=None, backend="torch", progress=False, class_names=run.classes)
     return run, engine
