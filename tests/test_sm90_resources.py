@@ -49,11 +49,6 @@ def by_kernel(records, deterministic: bool) -> dict[tuple[str, str, int], list[d
     return cases
 
 
-def compiled_config(record: dict, config: list) -> dict:
-    (found,) = [c for c in record["compiled"] if c["config"] == config]
-    return found
-
-
 def test_every_kernel_dtype_and_head_dim_is_covered(records):
     for deterministic in (False, True):
         cases = by_kernel(records, deterministic)
@@ -76,7 +71,6 @@ def test_autotuning_keeps_exactly_the_configs_that_fit(records):
                 assert fits == kept, (
                     f"{kernel} {dtype} D={dim} {compiled['config']}: {compiled['shared']} B, kept={kept}"
                 )
-            assert len(record["compiled"]) >= len(record["kept"])
 
 
 def test_deterministic_config_fits_every_case(records):
