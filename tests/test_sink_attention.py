@@ -463,3 +463,26 @@ def test_gpu_second_device_without_set_device():
     q, k, v = make_qkv(1, 2, 65, 64, device="cuda:1")
     assert_matches(sink_attention, q, k, v, sink_of_shape((65,), device="cuda:1"), torch.bfloat16)
     assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_65535_batch_heads():
+    """B·H = 65,544 (over the 65,535 limit of grid axes 1 and 2): every kernel launches and the last head is right."""
+    from fastprompt.kernels import attention_importance
+    from fastprompt.kernels.reference import attention_importance_reference
+
+    torch.manual_seed(0)
+    qkv = torch.randn(5462, 17, 3, 12, 64, device="cuda", dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
+    q, k, v = (t.requires_grad_() for t in qkv.detach().unbind(0))
+    sink = torch.randn(17, device="cuda", requires_grad=True)
+    out = sink_attention(q, k, v, sink)
+    out.float().square().sum().backward()
+    last = [t.detach()[-1:].double().requires_grad_() for t in (q, k, v)]
+    want = sink_attention_reference(*last, sink.detach().double())
+    torch.testing.assert_close(out[-1:].double(), want, rtol=2e-2, atol=2e-2)
+    (want_dq,) = torch.autograd.grad(want.square().sum(), last[0])
+    torch.testing.assert_close(q.grad[-1:].double(), want_dq, rtol=5e-2, atol=5e-2)
+    scores = attention_importance(q.detach(), k.detach())
+    torch.testing.assert_close(
+        scores[-1:], attention_importance_reference(q[-1:].detach(), k[-1:].detach()), rtol=2e-3, atol=1e-6
+    )
