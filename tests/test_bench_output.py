@@ -53,3 +53,18 @@ def test_cli_startup_suite_measures_every_help_screen(tmp_path):
     assert [row["command"] for row in rows][:2] == ["fastprompt --help", "fastprompt train --help"]
     assert len(rows) == len(cli_startup.COMMANDS)
     assert all(row["exit_code"] == 0 and row["heavy_modules_imported"] == [] for row in rows)
+
+
+@pytest.mark.parametrize("output", [None, "committed"])
+def test_default_set_forwards_its_output_folder(tmp_path, monkeypatch, capsys, output):
+    import benchmarks.__main__ as default_set
+
+    seen = []
+    for suite in ("memory", "throughput", "kernels"):
+        monkeypatch.setattr(getattr(default_set, suite), "main", lambda argv, name=suite: seen.append(argv) or name)
+    default_set.main([] if output is None else ["--output", output])
+    assert len(seen) == 3
+    for argv in seen:
+        assert ("--output" in argv) == (output is not None)
+        if output is not None:
+            assert argv[argv.index("--output") + 1] == output
