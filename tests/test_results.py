@@ -132,16 +132,26 @@ def test_readme_results_section_is_what_the_report_renders():
     assert not stale, f"committed plots the report no longer draws: {stale}; git rm them"
 
 
-def test_code_from_another_checkout_marks_the_record_dirty(monkeypatch):
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_code_from_another_checkout_marks_the_record_dirty(monkeypatch, tmp_path):
+    """A clean checkout whose record would be written while this process runs fastprompt from elsewhere: dirty."""
     fake = types.ModuleType("fastprompt._elsewhere")
     fake.__file__ = "/somewhere/else/fastprompt/_elsewhere.py"
     monkeypatch.setitem(sys.modules, "fastprompt._elsewhere", fake)
-    assert results.modules_outside(results.REPO_ROOT) == [
-        "fastprompt._elsewhere (/somewhere/else/fastprompt/_elsewhere.py)"
-    ]
-    if in_git_checkout():
-        with pytest.warns(RuntimeWarning, match="code from outside .* marked dirty"):
-            assert results.git_commit()["dirty"] is True
+    assert "fastprompt._elsewhere (/somewhere/else/fastprompt/_elsewhere.py)" in results.modules_outside(
+        results.REPO_ROOT
+    )
+    checkout = tmp_path / "checkout"  # clean, and none of the loaded fastprompt modules come from it
+    (checkout / "benchmarks" / "results").mkdir(parents=True)
+    (checkout / "README.md").write_text("x\n")
+    git("init", "-q", cwd=checkout)
+    git("add", ".", cwd=checkout)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-qm", "x", cwd=checkout)
+    monkeypatch.setattr(results, "REPO_ROOT", checkout)
+    monkeypatch.setattr(results, "RESULTS_DIR", checkout / "benchmarks" / "results")
+    with pytest.warns(RuntimeWarning, match="code from outside .* marked dirty"):
+        recorded = results.git_commit()
+    assert recorded["commit"] == git("rev-parse", "HEAD", cwd=checkout).strip() and recorded["dirty"] is True
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
