@@ -21,10 +21,11 @@ Every compile is recorded with its shared memory (`metadata.shared`), registers,
 (`cuobjdump --dump-resource-usage`, shipped in Triton's NVIDIA backend) and whether its PTX uses `wgmma`.
 
 Cost: each compile's record is cached in `DIR/compiles.json` under a key made of what the code depends on: the
-source of every jit function and constexpr in the kernel's module (not their line numbers, so editing the Python
-around the kernels recompiles nothing), the specialisation, the compile options (config included), the Triton and
-ptxas versions. A warm run compiles only what a change touched; Triton's own cache (`DIR/triton`) backs it up. The
-default DIR is $FASTPROMPT_SM90_CACHE or ~/.cache/fastprompt-sm90.
+source of the kernel and of every jit function and constexpr it names, transitively (not their line numbers, so
+editing the Python around the kernels recompiles nothing, and editing one kernel recompiles only that kernel), the
+specialisation, the compile options (config included), the Triton and ptxas versions. A warm run compiles only what
+a change touched; Triton's own cache (`DIR/triton`) backs it up. The default DIR is $FASTPROMPT_SM90_CACHE or
+~/.cache/fastprompt-sm90.
 """
 
 from __future__ import annotations
@@ -167,24 +168,30 @@ class Harness:
         return SimpleNamespace(metadata=SimpleNamespace(shared=record["shared"]))
 
     def cache_key(self, kernel, signature, constexprs, attrs, options) -> str:
-        """What the compiled code depends on: the source of every jit function and constexpr the kernel's module
-        sees (not their line numbers, which Triton's own key includes), the specialisation, the options, and the
-        Triton and backend (ptxas) versions."""
+        """What the compiled code depends on: the source of the kernel and of every jit function and constexpr it
+        names, transitively (not their line numbers, which Triton's own key includes), the specialisation, the
+        options, and the Triton and backend (ptxas) versions."""
         import triton.language as tl
         from triton.runtime.jit import JITFunction
 
-        scope = kernel.__globals__
-        sources = sorted((name, value.src) for name, value in scope.items() if isinstance(value, JITFunction))
-        constants = sorted(
-            (name, repr(value.value)) for name, value in scope.items() if isinstance(value, tl.constexpr)
-        )
+        sources, constants, pending = {}, {}, [kernel]
+        while pending:
+            function = pending.pop()
+            sources[function.__name__] = function.src
+            for name in set(re.findall(r"\b\w+\b", function.src)):
+                value = function.__globals__.get(name)
+                if isinstance(value, JITFunction) and value.__name__ not in sources:
+                    pending.append(value)
+                elif isinstance(value, tl.constexpr):
+                    constants[name] = repr(value.value)
         specialisation = [
             signature,
             sorted((str(k), str(v)) for k, v in constexprs.items()),
             sorted(map(str, attrs.items())),
         ]
         versions = [self.triton.__version__, self.backend_hash]
-        material = [kernel.__name__, sources, constants, specialisation, options.__dict__, versions]
+        material = [kernel.__name__, sorted(sources.items()), sorted(constants.items()), specialisation]
+        material += [options.__dict__, versions]
         return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
 
     def resource_usage(self, compiled) -> dict:
