@@ -59,7 +59,8 @@ class FusionModule(nn.Module):
         queries = queries.view(1, layers, num_prompts, heads, head_dim).transpose(2, 3)
         queries = queries.expand(batch, -1, -1, -1, -1).reshape(batch * layers, heads, num_prompts, head_dim)
         device = keys.device.type  # under autocast, cast the cached features once, to the autocast dtype
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else queries.dtype
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
+        dtype = torch.get_autocast_dtype(device) if autocast else queries.dtype
         context = F.scaled_dot_product_attention(
             queries.to(dtype),
             keys.to(dtype).reshape(batch * layers, heads, count, head_dim),
