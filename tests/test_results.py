@@ -24,7 +24,6 @@ from benchmarks import report, results
 # Measured before results were required to come from a clean tree; re-measure one (from a clean worktree, with the
 # command it records) and remove it here. Never add to this list.
 MEASURED_FROM_A_DIRTY_TREE = {
-    "cpu/memory_vit_base_patch16_224_r224-512_fp32_b1.json",
     "cpu/memory_vit_base_patch16_224_r384-768_fp32_b1_m-full-partial-linear-bitfit-lora-adapter-vpt-ept-fpt-fpt-cached-"
     "fpt+-fpt+-cached.json",
     "cpu/memory_vit_base_patch16_224_r512_fp32_b1_budget24GB.json",
