@@ -82,15 +82,23 @@ def test_every_committed_result_file_loads_in_the_suite_schema():
 
 
 def command_problems(name: str, command: str) -> list[str]:
-    """The recorded command must be `python -m <module> ...` with <module> part of this repository."""
+    """The recorded command runs a script of this repository: `[VAR=value ...] python -m <module> ...` with <module>
+    in the repository, or `[VAR=value ...] python <path> ...` with <path> a file of the repository."""
     words = shlex.split(command)
-    if len(words) < 3 or words[1] != "-m":
-        return [f"{name}: command {command!r} is not `python -m <module> ...`"]
-    spec = importlib.util.find_spec(words[2])
-    origin = Path(spec.origin).resolve() if spec and spec.origin else None
-    if origin is None or not origin.is_relative_to(results.REPO_ROOT.resolve()):
-        return [f"{name}: command runs {words[2]!r}, which is not a module of this repository"]
-    return []
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        words = words[1:]  # environment assignments
+    root = results.REPO_ROOT.resolve()
+    if len(words) >= 3 and words[1] == "-m":
+        spec = importlib.util.find_spec(words[2])
+        origin = Path(spec.origin).resolve() if spec and spec.origin else None
+        if origin is None or not origin.is_relative_to(root):
+            return [f"{name}: command runs {words[2]!r}, which is not a module of this repository"]
+        return []
+    if len(words) >= 2 and words[1].endswith(".py"):
+        if not (root / words[1]).is_file():
+            return [f"{name}: command runs {words[1]!r}, which is not a file of this repository"]
+        return []
+    return [f"{name}: command {command!r} is neither `python -m <module> ...` nor `python <script>.py ...`"]
 
 
 @needs_git
