@@ -275,3 +275,20 @@ def test_report_keeps_policies_apart_and_joins_the_tradeoff(tmp_path) -> None:
         ("selective", 1.2, 150),
         ("full", 1.4, 60),
     }
+
+
+def test_cli_train_activation_memory(tmp_path, capsys) -> None:
+    from test_cli import FAST, TINY, write_folder
+
+    from fastprompt.cli import main
+
+    data = write_folder(tmp_path / "data", 4)
+    out = tmp_path / "run"
+    argv = ["train", f"--data={data}", *TINY, "--method=ept", "--prompt-length=4", *FAST, "--epochs=1"]
+    assert main([*argv, f"--output-dir={out}", "--activation-memory=64GB"]) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["activation_plan"] == "none"  # everything fits: nothing is recomputed
+    assert record["activation_budget_bytes"] == 64 * 10**9
+    capsys.readouterr()
+    assert main([*argv, f"--output-dir={tmp_path / 'run2'}", "--activation-memory=lots"]) == 2
+    assert "cannot read memory size 'lots'" in capsys.readouterr().err

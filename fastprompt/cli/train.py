@@ -85,6 +85,12 @@ def add_parser(commands: Any) -> None:
         choices=("auto", "deepspeed", "torch"),
         help="auto: DeepSpeed when installed and useful (GPU, several ranks or ZeRO), else plain PyTorch",
     )
+    parser.add_argument(
+        "--activation-memory",
+        metavar="SIZE",
+        help="fit each training step into SIZE (e.g. 8GB; auto: the device's free memory) by recomputing the fewest "
+        "activations in backward (chosen from a measured step; torch backend). Default: keep them all",
+    )
     parser.add_argument("--workers", type=non_negative_int, default=2, help="data loading processes (0: in-process)")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="run folder to write")
     parser.add_argument(
@@ -209,6 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         clip_grad=args.clip_grad,
         backend=args.backend,
         seed=args.seed,
+        activation_memory=args.activation_memory,
     )
     config = {
         "fastprompt_version": fastprompt.__version__,
