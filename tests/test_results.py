@@ -26,8 +26,6 @@ from benchmarks import report, results
 MEASURED_FROM_A_DIRTY_TREE = {
     "cpu/memory_vit_base_patch16_224_r384-768_fp32_b1_m-full-partial-linear-bitfit-lora-adapter-vpt-ept-fpt-fpt-cached-"
     "fpt+-fpt+-cached.json",
-    "cpu/memory_vit_large_patch16_224_r224_fp32_b1.json",
-    "cpu/memory_vit_large_patch16_224_r512_fp32_b1.json",
 }
 
 
