@@ -43,7 +43,7 @@ def run_demo(demo_args: list[str]) -> dict:
         "method": config.get("method"),
         "model": config.get("model"),
         "img_size": config.get("img_size"),
-        "epochs": config.get("epochs"),
+        "epochs": config.get("engine", {}).get("epochs"),
         "train_size": config.get("train_size"),
         "val_size": config.get("val_size"),
         "load_average_before": list(load_before),
