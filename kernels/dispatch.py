@@ -44,7 +44,7 @@ def deterministic() -> bool:
     """Whether kernels must be run-to-run reproducible.
 
     True under FASTPROMPT_DETERMINISTIC=1 or torch.use_deterministic_algorithms(True). The Triton kernels then
-    skip autotuning and use one fixed block configuration (the block sizes set the summation order); read when a
-    kernel module is first loaded, so enable it before the first kernel runs (Engine(deterministic=True) does).
+    skip autotuning and use one fixed block configuration (the block sizes set the summation order); read at each
+    launch.
     """
     return os.environ.get("FASTPROMPT_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()

@@ -422,8 +422,6 @@ def restore_determinism(monkeypatch):
 
 
 def test_deterministic_mode_switches_torch_and_pins_kernel_configs(restore_determinism, monkeypatch):
-    import importlib
-
     from fastprompt.kernels import dispatch
 
     assert not dispatch.deterministic()
@@ -431,17 +429,26 @@ def test_deterministic_mode_switches_torch_and_pins_kernel_configs(restore_deter
     assert torch.are_deterministic_algorithms_enabled() and dispatch.deterministic()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     engine.fit(shuffled(tiny_data(8)))  # the CPU path runs under torch's deterministic mode
-    for name in ("fastprompt.kernels.sink_attention_triton", "fastprompt.kernels.importance_triton"):
-        module = importlib.import_module(name)
-        monkeypatch.setattr(module, "interpreting", lambda: False)  # pretend to be on a GPU
-        configs = module._configs("forward") if "sink" in name else module._configs()
-        assert len(configs) == 1, f"{name} would autotune in deterministic mode"
-        monkeypatch.setenv("FASTPROMPT_DETERMINISTIC", "0")
-        torch.use_deterministic_algorithms(False)
-        configs = module._configs("forward") if "sink" in name else module._configs()
-        assert len(configs) > 1
-        torch.use_deterministic_algorithms(True)
-        monkeypatch.setenv("FASTPROMPT_DETERMINISTIC", "1")
+    # every Triton launch (both kernel modules share `launch`) then bypasses the autotuner for one fixed config
+    from fastprompt.kernels import sink_attention_triton as kernels
+
+    chosen = kernels.triton.Config({"BLOCK_M": 16})
+    calls = []
+
+    class Tuned:
+        fn = {None: lambda *args, **kwargs: calls.append(("fixed", kwargs))}
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("autotuned", kwargs))
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)  # pretend to be on a GPU
+    monkeypatch.setattr(kernels, "deterministic_config", lambda *args, **kwargs: chosen)
+    q = torch.zeros(1)
+    kernels.launch(Tuned(), None, q, BLOCK_D=16)
+    monkeypatch.setenv("FASTPROMPT_DETERMINISTIC", "0")
+    torch.use_deterministic_algorithms(False)
+    kernels.launch(Tuned(), None, q, BLOCK_D=16)
+    assert calls == [("fixed", {"BLOCK_D": 16, **chosen.all_kwargs()}), ("autotuned", {"BLOCK_D": 16})]
 
 
 def test_deterministic_must_be_a_bool():
