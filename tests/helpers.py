@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fastprompt  # noqa: F401  (first: installs the torchvision repair before timm imports torchvision)
+
+# isort: split
 import torch
 from timm.models.vision_transformer import VisionTransformer
-
-import fastprompt  # noqa: F401  (runs the torchvision shim before timm)
 
 
 def tiny_vit(img_size: int = 32, patch_size: int = 8, num_classes: int = 4, **kwargs) -> VisionTransformer:
