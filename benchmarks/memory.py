@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from benchmarks import budget, harness, models, results
 from fastprompt import count_parameters
-from fastprompt.checkpointing import POLICIES
 from fastprompt.engine.activation import LiveBytes
 from fastprompt.profiling import saved_tensor_bytes
 
@@ -242,21 +241,7 @@ def output_stem(args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of the memory suite."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[224, 512])
-    parser.add_argument("--methods", nargs="+", help="method labels (default: every registered method)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--num-classes", type=int, default=5)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
-    parser.add_argument("--precision", choices=sorted(models.PRECISIONS), default="fp32")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="timm's whole-model block checkpointing")
-    parser.add_argument(
-        "--checkpointing",
-        nargs="+",
-        choices=POLICIES,
-        default=["none"],
-        help="fastprompt.checkpoint_activations policies: a row per method, resolution and policy",
-    )
+    models.add_row_arguments(parser, resolutions=[224, 512])
     parser.add_argument("--budget", help="memory budget, e.g. 24GB: report the largest batch that fits")
     parser.add_argument("--budget-limit", type=int, default=4096, help="largest batch the budget search tries")
     parser.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastprompt
+from fastprompt.checkpointing import POLICIES
 from fastprompt.methods import registry
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -130,6 +132,25 @@ def build_model(
         backbone.set_grad_checkpointing(True)
     model = fastprompt.apply(backbone, variant.method, num_classes=num_classes, **variant.options)
     return model.to(device).train()
+
+
+def add_row_arguments(parser: argparse.ArgumentParser, *, resolutions: list[int]) -> None:
+    """The options that choose a suite's rows (model, resolutions, methods, batch, precision, checkpointing)."""
+    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=resolutions)
+    parser.add_argument("--methods", nargs="+", help="method labels (default: every registered method)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-classes", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="timm's whole-model block checkpointing")
+    parser.add_argument(
+        "--checkpointing",
+        nargs="+",
+        choices=POLICIES,
+        default=["none"],
+        help="fastprompt.checkpoint_activations policies: a row per method, resolution and policy",
+    )
 
 
 def model_for(variant: Variant, resolution: int, args: Any, device: torch.device, policy: str = "none") -> nn.Module:

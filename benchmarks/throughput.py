@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from benchmarks import harness, models, results
 from fastprompt import count_parameters
-from fastprompt.checkpointing import POLICIES
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, matched in order against the CUDA device name.
 BF16_PEAK_TFLOPS = (
@@ -137,21 +136,7 @@ def output_stem(args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of the throughput suite."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[224])
-    parser.add_argument("--methods", nargs="+", help="method labels (default: every registered method)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--num-classes", type=int, default=5)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
-    parser.add_argument("--precision", choices=sorted(models.PRECISIONS), default="fp32")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="timm's whole-model block checkpointing")
-    parser.add_argument(
-        "--checkpointing",
-        nargs="+",
-        choices=POLICIES,
-        default=["none"],
-        help="fastprompt.checkpoint_activations policies: a row per method, resolution and policy",
-    )
+    models.add_row_arguments(parser, resolutions=[224])
     parser.add_argument(
         "--interleave",
         action="store_true",
