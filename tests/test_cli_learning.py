@@ -18,17 +18,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import TINY  # the tiny ViT's command-line arguments
 
 CLASSES = ("blue", "red")
-TINY = [
-    "--model=vit_tiny_patch16_224",
-    "--model-kwargs",
-    "depth=2",
-    "embed_dim=32",
-    "num_heads=2",
-    "patch_size=8",
-    "--img-size=32",
-]
 GRID = (4, 4)  # 32-pixel images in 8-pixel patches
 
 
