@@ -36,6 +36,7 @@ def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
 
 def image_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The images to predict: every image file under a folder (recursively, sorted), or the given files in order."""
+    from fastprompt.data.datasets import ImageFolderDataset
     from fastprompt.data.images import IMAGE_EXTENSIONS
 
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
@@ -44,13 +45,7 @@ def image_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
     files: list[Path] = []
     for item in map(Path, items):
         if item.is_dir():
-            found = sorted(
-                path
-                for path in item.rglob("*")
-                if path.is_file()
-                and path.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in path.relative_to(item).parts)
-            )
+            found = ImageFolderDataset._scan(item, IMAGE_EXTENSIONS)  # the training folders' rule: no hidden files
             if not found:
                 raise ValueError(f"{item} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             files.extend(found)
