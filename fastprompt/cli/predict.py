@@ -57,11 +57,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise UsageError(f"{output} exists; pass --overwrite to replace it, or another --output")
-    image_files(args.data)  # a missing folder or file is reported before the model is built
+    files = image_files(args.data)  # a missing folder or file is reported before the model is built
     prepare_hub_for(args.checkpoint)
     loaded = load_run(args.checkpoint)
     print(f"checkpoint: {describe_checkpoint(loaded)}", file=sys.stderr)
-    rows = predict_images(loaded, args.data, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+    rows = predict_images(loaded, files, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     atomic_write_bytes(output, rows_to_csv(rows).encode())
     print(f"{len(rows)} prediction(s) written to {output}", file=sys.stderr)
     return rows
