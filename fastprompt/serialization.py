@@ -20,7 +20,6 @@ import inspect
 import json
 import math
 import os
-import struct
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastprompt.io import atomic_write_bytes, tensor_digest
+from fastprompt.io import atomic_write_bytes, safetensors_metadata, tensor_digest
 from fastprompt.methods import registry
 from fastprompt.patch import CONFIG_ATTR, METHOD_ATTR
 
@@ -259,15 +258,14 @@ def _parse(raw: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     from safetensors.torch import load as load_tensors
 
     try:
-        (length,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8 : 8 + length])
+        metadata = safetensors_metadata(raw)
         tensors = load_tensors(raw)
-    except Exception as err:  # struct.error, JSON errors, SafetensorError on truncated or damaged files
+    except Exception as err:  # JSON errors, SafetensorError on truncated or damaged files
         raise WeightsError(
             f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it is corrupt or truncated: "
             "save it again with fastprompt.save_trainable"
         ) from None
-    text = (header.get("__metadata__") or {}).get(METADATA_KEY) if isinstance(header, dict) else None
+    text = metadata.get(METADATA_KEY)
     if text is None:
         raise WeightsError(
             f"{path} holds no fastprompt record, so it was not written by fastprompt.save_trainable; load a plain "

@@ -25,7 +25,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from fastprompt.io import atomic_write_bytes, sha256_file
+from fastprompt.io import atomic_write_bytes, safetensors_metadata, sha256_file
 
 CACHE_FORMAT = "1"
 FEATURE_NAMES = ("keys", "values")
@@ -57,12 +57,6 @@ def _checksum(tensors: Features) -> str:
     for name in sorted(tensors):
         digest.update(f"{name}:{tensor_digest(tensors[name])};".encode())
     return digest.hexdigest()
-
-
-def _header_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a serialized safetensors file."""
-    length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
 
 
 class FeatureCache:
@@ -131,7 +125,7 @@ class FeatureCache:
             return None
         try:
             tensors = load_safetensors(data)
-            metadata = _header_metadata(data)
+            metadata = safetensors_metadata(data)
         except (SafetensorError, ValueError, json.JSONDecodeError) as error:
             return self._discard(path, f"unreadable ({error})")
         if metadata.get("key") != key or metadata.get("format") != CACHE_FORMAT:
