@@ -70,14 +70,14 @@ class BackboneWeightsWarning(UserWarning):
 
 def _frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything in the state_dict that is not a trainable parameter: the frozen weights and the buffers."""
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    trainable = set(trainable_names(model))
     return {name: value for name, value in model.state_dict().items() if name not in trainable}
 
 
 def _frozen_record(model: nn.Module) -> dict[str, Any] | None:
-    frozen = _frozen_state(model)
     if any(getattr(param, "ds_id", None) is not None for param in model.parameters()):
         return None  # DeepSpeed ZeRO-3 partitions parameters: the local shards are not the weights
+    frozen = _frozen_state(model)
     return {
         "sha256": tensor_digest(frozen),
         "tensors": len(frozen),
