@@ -26,6 +26,7 @@ from fastprompt.data.images import load_image
 from fastprompt.io import atomic_write_bytes
 from fastprompt.methods.ept import ept_scales, prompted_layers
 from fastprompt.methods.fpt import FPT
+from fastprompt.predict import backbone_of
 
 __all__ = ["class_evidence", "explain_images", "explain_maps", "fpt_token_counts"]
 
@@ -50,8 +51,8 @@ def fpt_token_counts(model: FPT, images: torch.Tensor) -> dict[int, torch.Tensor
 
 
 def _token_grid(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
-    backbone = model.backbone if isinstance(model, FPT) else model
-    return tuple(int(s) for s in backbone.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
+    patch_embed = backbone_of(model).patch_embed
+    return tuple(int(s) for s in patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
 
 
 def class_evidence(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
