@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fastprompt.checkpointing import _model_blocks, checkpoint_activations, is_attention_op
+from fastprompt.checkpointing import _model_blocks, activation_plan, checkpoint_activations, is_attention_op
 
 __all__ = [
     "ActivationMemoryError",
@@ -131,6 +131,16 @@ def plan_chain(depth: int) -> list[Plan]:
 # ---------------------------------------------------------------------------------------------------- measuring
 
 
+def _output_bytes(output: Any) -> int:
+    """Bytes of the distinct storages behind the tensors in `output`."""
+    storages = {
+        t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+        for t in tree_leaves(output)
+        if isinstance(t, torch.Tensor)
+    }
+    return sum(storages.values())
+
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of tensor storages that ops allocate while this mode is active: alive now (`current`) and at most (`peak`).
 
@@ -186,8 +196,7 @@ class LiveBytes(TorchDispatchMode):
         for tensor in outputs:
             self._track(tensor, inputs)
         if self.block is not None and is_attention_op(func):
-            storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in outputs}
-            self.attention_bytes[self.block] = self.attention_bytes.get(self.block, 0) + sum(storages.values())
+            self.attention_bytes[self.block] = self.attention_bytes.get(self.block, 0) + _output_bytes(outputs)
         return out
 
 
@@ -246,20 +255,11 @@ class StepProfile:
         return self.peak - sum(self.kept) + worst
 
 
-def _output_bytes(output: Any) -> int:
-    storages = {
-        t.untyped_storage()._cdata: t.untyped_storage().nbytes()
-        for t in tree_leaves(output)
-        if isinstance(t, torch.Tensor)
-    }
-    return sum(storages.values())
-
-
 def profile_step(model: nn.Module, run_step: Callable[[], Any], device: torch.device | str = "cpu") -> StepProfile:
     """Run `run_step()` once with no block recomputed and measure the peak and each block's kept bytes."""
     device = torch.device(device)
     blocks = _model_blocks(model)
-    saved_plan = [getattr(block, "_fastprompt_activation_policy", "none") for block in blocks]
+    saved_plan = activation_plan(model)
     Plan().apply(model)
     entry: dict[int, int] = {}
     kept: dict[int, int] = {}
