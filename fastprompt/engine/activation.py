@@ -523,8 +523,9 @@ def plan_engine_step(engine: Any, loader: Any, budget: str | int) -> PlanChoice:
         engine.loss_fn(backend.forward(inputs, train=False), targets).backward()
 
     try:
-        fixed = resident_bytes(model, backend.optimizer) + _optimizer_state_to_come(backend.optimizer)
-        limit = resolve_budget(budget, device, resident_bytes(model, backend.optimizer))
+        resident = resident_bytes(model, backend.optimizer)
+        fixed = resident + _optimizer_state_to_come(backend.optimizer)
+        limit = resolve_budget(budget, device, resident)
         state = rng_state()
 
         def seeded_step() -> None:  # every probe sees the same dropout / augmentation draws
