@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,20 +40,6 @@ class TokenGrid:
             self.size = (int(height), int(width))
 
 
-@dataclass
-class EPTState:
-    """What a prompted attention needs besides its prompt: the grids, prefix count, path and scale recorder."""
-
-    tracker: TokenGrid
-    grid: tuple[int, int]
-    prefix_tokens: int
-    attention: str
-    scales: list[torch.Tensor] | None = None
-    resample: Callable[[torch.Tensor, tuple[int, int], tuple[int, int], int], torch.Tensor] = field(
-        default=lambda *args: resample_prompt(*args)
-    )  # how the model resamples its position embeddings (timm's or Hugging Face's way)
-
-
 def resample_prompt(
     prompt: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int], prefix_tokens: int
 ) -> torch.Tensor:
@@ -68,6 +54,19 @@ def resample_prompt(
         prompt.unsqueeze(0), new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=prefix_tokens
     )
     return resampled.squeeze(0)
+
+
+@dataclass
+class EPTState:
+    """What a prompted attention needs besides its prompt: the grids, prefix count, path and scale recorder."""
+
+    tracker: TokenGrid
+    grid: tuple[int, int]
+    prefix_tokens: int
+    attention: str
+    scales: list[torch.Tensor] | None = None
+    # how the model resamples its position embeddings (timm's or Hugging Face's way)
+    resample: Callable[[torch.Tensor, tuple[int, int], tuple[int, int], int], torch.Tensor] = resample_prompt
 
 
 def token_prompt(attn: Attention, num_tokens: int) -> torch.Tensor:
