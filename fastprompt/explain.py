@@ -62,15 +62,24 @@ def class_evidence(model: nn.Module, images: torch.Tensor, target: torch.Tensor)
     gradient of the model's output with respect to its input, so it works for every method (FPT: through its side
     network; the frozen branch runs without gradients).
     """
+    return _logits_and_evidence(model, images, target)[1]
+
+
+def _logits_and_evidence(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor | None = None, *, multilabel: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, `class_evidence`) from one forward pass; `target` None: each image's predicted class."""
     grid = _token_grid(model, images)
     inputs = images.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = model(inputs)
+        if target is None:
+            target, _ = predictions(logits.detach(), multilabel=multilabel)
         chosen = logits.gather(1, target.to(logits.device).view(-1, 1)).sum()
         (gradient,) = torch.autograd.grad(chosen, inputs)
     attribution = (gradient * inputs.detach()).sum(dim=1, keepdim=True).float()  # [B, 1, H, W]
     pooled = torch.nn.functional.adaptive_avg_pool2d(attribution, grid)[:, 0]
-    return pooled.clamp_min(0).cpu()
+    return logits.detach(), pooled.clamp_min(0).cpu()
 
 
 def explain_maps(model: nn.Module, images: torch.Tensor) -> tuple[str, dict[int, torch.Tensor], float | None]:
@@ -193,9 +202,8 @@ def explain_images(
         chunk = paths[start : start + batch_size]
         images = torch.stack([transform(load_image(path)) for path in chunk])
         kind, maps, vmax = explain_maps(model, images)
-        with torch.no_grad():
-            predicted, probability = predictions(model(images), multilabel=multilabel)
-        evidence = class_evidence(model, images, predicted)
+        logits, evidence = _logits_and_evidence(model, images, multilabel=multilabel)  # the evidence of the prediction
+        predicted, probability = predictions(logits, multilabel=multilabel)
         for row, path in enumerate(chunk):
             per_layer = {layer: grid[row].numpy() for layer, grid in maps.items()}
             index = int(predicted[row])
