@@ -22,11 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastprompt.checkpointing import POLICIES
 from fastprompt.engine.activation import parse_bytes
 
 __all__ = ["largest_fitting", "meta_step_bytes", "parse_bytes"]
-
-POLICIES = ("none", "selective", "full")
 
 
 def largest_fitting(fits: Callable[[int], bool], *, limit: int = 1 << 16) -> tuple[int, int]:
