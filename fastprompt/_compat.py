@@ -106,9 +106,3 @@ def install_torchvision_repair() -> None:
     """Repair the CPU-torch / CUDA-torchvision op mismatch whenever torchvision is first imported (idempotent)."""
     if not any(isinstance(finder, _TorchvisionRepairFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _TorchvisionRepairFinder())
-
-
-def import_torchvision() -> None:
-    """Import torchvision now, repairing the CPU-torch / CUDA-torchvision op mismatch if that is the failure."""
-    install_torchvision_repair()
-    import torchvision  # noqa: F401
