@@ -273,6 +273,16 @@ def add_model_args(
     parser.add_argument("--seed", type=int, default=0, help="random seed (initialisation, splits, shuffling)")
 
 
+def add_run_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint RUN: the trained run that evaluate, predict and explain read."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
+    )
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     """--debug and --quiet."""
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

@@ -13,6 +13,7 @@ from fastprompt.cli.common import (
     UsageError,
     add_command,
     add_common,
+    add_run_checkpoint,
     format_metrics,
     non_negative_int,
     positive_int,
@@ -31,12 +32,7 @@ def add_parser(commands: Any) -> None:
         f"{CSV_FORMAT}\n\nPrints the metrics table and the confusion matrix; writes the metrics JSON and the confusion "
         "matrix PNG beside it.",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN",
-        help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
-    )
+    add_run_checkpoint(parser)
     parser.add_argument("--data", required=True, metavar="PATH", help="folder of <class>/<image> files or a CSV list")
     parser.add_argument(
         "--batch-size", type=positive_int, help="images per batch (default: the run's training batch size)"

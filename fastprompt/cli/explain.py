@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastprompt.cli.common import add_command, add_common, unused_path, write_json
+from fastprompt.cli.common import add_command, add_common, add_run_checkpoint, unused_path, write_json
 
 
 def add_parser(commands: Any) -> None:
@@ -20,12 +20,7 @@ def add_parser(commands: Any) -> None:
         "the evidence for that class is), and the method's own internals (EPT's per-layer patch-wise scale, or the "
         "tokens FPT keeps).",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN",
-        help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
-    )
+    add_run_checkpoint(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to explain")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="folder for the PNG files")
     add_common(parser)

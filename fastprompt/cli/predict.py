@@ -11,6 +11,7 @@ from fastprompt.cli.common import (
     UsageError,
     add_command,
     add_common,
+    add_run_checkpoint,
     non_negative_int,
     positive_int,
 )
@@ -26,12 +27,7 @@ def add_parser(commands: Any) -> None:
         ">= 0.5, joined by ';'), probability (of the predicted class) and prob_<class> for every class. The same "
         "rows come from Python: fastprompt.predict_images(RUN, DATA).",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN",
-        help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
-    )
+    add_run_checkpoint(parser)
     parser.add_argument(
         "--data",
         required=True,
