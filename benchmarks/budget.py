@@ -95,7 +95,7 @@ def fixed_bytes(model: torch.nn.Module) -> int:
     return total + 3 * trainable
 
 
-def meta_step_bytes(model: torch.nn.Module, batch: int, resolution: int, num_classes: int) -> int:
+def meta_step_bytes(model: torch.nn.Module, batch: int, resolution: int) -> int:
     """Peak live tensor bytes of one forward + cross-entropy + backward of `model` (on the meta device) at `batch`."""
     from fastprompt.engine.activation import step_peak
 
@@ -108,15 +108,14 @@ def meta_step_bytes(model: torch.nn.Module, batch: int, resolution: int, num_cla
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels).backward()
 
-    del num_classes
     with _cpu_attention_on_meta():
         return step_peak(step, "meta")
 
 
-def meta_fits(model: torch.nn.Module, resolution: int, num_classes: int, limit: int) -> Callable[[int], bool]:
+def meta_fits(model: torch.nn.Module, resolution: int, limit: int) -> Callable[[int], bool]:
     """A predicate for `largest_fitting`: does the memory model's step at batch b stay within `limit` bytes?"""
     fixed = fixed_bytes(model)
-    return lambda batch: fixed + meta_step_bytes(model, batch, resolution, num_classes) <= limit
+    return lambda batch: fixed + meta_step_bytes(model, batch, resolution) <= limit
 
 
 METHOD = (
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> Path:
             )
             checkpoint_activations(model, policy)
             model = model.to("meta")
-            fits = meta_fits(model, args.resolution, args.num_classes, limit)
+            fits = meta_fits(model, args.resolution, limit)
             batch, probes = largest_fitting(fits, limit=args.budget_limit)
             row = {
                 "model": args.model,
@@ -168,14 +167,14 @@ def main(argv: list[str] | None = None) -> Path:
                 "resolution": args.resolution,
                 "checkpointing": policy,
                 "fixed_bytes": fixed_bytes(model),
-                "step_bytes_b1": meta_step_bytes(model, 1, args.resolution, args.num_classes),
+                "step_bytes_b1": meta_step_bytes(model, 1, args.resolution),
                 "budget_bytes": limit,
                 "max_batch": batch,
                 "budget_probes": probes,
                 "budget_method": METHOD,
             }
             if args.check_batch:
-                need = row["fixed_bytes"] + meta_step_bytes(model, args.check_batch, args.resolution, args.num_classes)
+                need = row["fixed_bytes"] + meta_step_bytes(model, args.check_batch, args.resolution)
                 row.update({"check_batch": args.check_batch, "check_bytes": need, "check_fits": need <= limit})
             rows.append(row)
             fit_note = f", batch {args.check_batch}: {row['check_bytes'] / 1e9:.2f} GB" if args.check_batch else ""

@@ -184,7 +184,7 @@ def search_budget(model: torch.nn.Module, row: dict, args: argparse.Namespace, d
         fits = gpu_fits(model, args, row["resolution"], device, limit, row["cached_features"])
         how = "measured: torch.cuda.max_memory_allocated over one full training step"
     elif not row["cached_features"] and not row["model"].startswith(models.HF_PREFIX):
-        fits = budget.meta_fits(model.to("meta"), row["resolution"], args.num_classes, limit)  # the model's last use
+        fits = budget.meta_fits(model.to("meta"), row["resolution"], limit)  # the model's last use
         how = budget.METHOD
     else:
         fixed = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
