@@ -116,6 +116,33 @@ def _check_unknown_classes(unknown_classes: str) -> None:
         raise ValueError(f"unknown_classes must be one of {_UNKNOWN_CLASSES}, got {unknown_classes!r}")
 
 
+def _refuse_or_leave_out(
+    unknown_classes: str,
+    source: str,
+    classes: Sequence[str],
+    extra: dict[str, int],
+    details: Mapping[str, str],
+    without: list[str],
+    left_out: str,
+) -> None:
+    """For data with classes outside `classes`: ClassMismatchError naming them (``unknown_classes="error"``), or
+    one UnknownClassWarning saying what was `left_out`. `details`: class -> a phrase naming it (see
+    `_extra_classes_message`); `without`: the class-list entries without images."""
+    if unknown_classes == "error":
+        message = _extra_classes_message(details, without, source, classes)
+        raise ClassMismatchError(
+            message + "; evaluate on the trained classes only by leaving them out (unknown_classes='skip')",
+            extra=extra,
+            missing=without,
+            source=source,
+        )
+    warnings.warn(
+        f"{source}: left out {left_out}: {'; '.join(details.values())}, not in the class list {list(classes)}",
+        UnknownClassWarning,
+        stacklevel=3,
+    )
+
+
 def split_folders(root: str | os.PathLike) -> dict[str, Path]:
     """The split folders of a dataset root laid out as ``root/train``, ``root/val`` (and/or ``root/test``).
 
@@ -347,20 +374,11 @@ class ImageFolderDataset(_ImageDataset):
             others = {name: self._scan(root / name, extensions) for name in folders if name not in files}
             extra = {name: len(found) for name, found in others.items() if found}
         details = {name: f"class folder {name} ({_count(count, 'image')})" for name, count in extra.items()}
-        if extra and unknown_classes == "error":
-            splits = split_folders(root)
-            if splits:  # e.g. a validation set pointed at the dataset root
-                raise split_layout_error(root, splits)
-            message = _extra_classes_message(details, without, str(root), wanted)
-            fix = "; evaluate on the trained classes only by leaving them out (unknown_classes='skip')"
-            raise ClassMismatchError(message + fix, extra=extra, missing=without, source=str(root))
+        if extra and unknown_classes == "error" and (splits := split_folders(root)):
+            raise split_layout_error(root, splits)  # e.g. a validation set pointed at the dataset root
         if extra:
-            warnings.warn(
-                f"{root}: left out {_count(sum(extra.values()), 'image')}: {'; '.join(details.values())}, not in "
-                f"the class list {wanted}",
-                UnknownClassWarning,
-                stacklevel=2,
-            )
+            left_out = _count(sum(extra.values()), "image")
+            _refuse_or_leave_out(unknown_classes, str(root), wanted, extra, details, without, left_out)
         kept = "kept in the class list" if classes is not None else "ignored"
         empty = [name for name in without if (root / name).is_dir()]
         if empty:
@@ -468,21 +486,9 @@ class CsvDataset(_ImageDataset):
             }
             left_out = _count(sum(extra.values()), "row")
         if extra:
-            if unknown_classes == "error":
-                present = {index for _, _, index in labelled} if not multilabel else set(range(len(class_list)))
-                without = [name for i, name in enumerate(class_list) if i not in present]
-                message = _extra_classes_message(details, without, str(csv_path), class_list)
-                raise ClassMismatchError(
-                    message + "; evaluate on the trained classes only by leaving them out (unknown_classes='skip')",
-                    extra=extra,
-                    missing=without,
-                    source=str(csv_path),
-                )
-            warnings.warn(
-                f"{csv_path}: left out {left_out}: {'; '.join(details.values())}, not in the class list {class_list}",
-                UnknownClassWarning,
-                stacklevel=2,
-            )
+            present = {index for _, _, index in labelled} if not multilabel else set(range(len(class_list)))
+            without = [name for i, name in enumerate(class_list) if i not in present]
+            _refuse_or_leave_out(unknown_classes, str(csv_path), class_list, extra, details, without, left_out)
         samples: list[tuple[str, Target]] = []
         missing: dict[str, str] = {}
         for line, rel, target in labelled:
