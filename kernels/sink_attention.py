@@ -108,7 +108,7 @@ def _query_chunks(q: torch.Tensor, k: torch.Tensor) -> range:
 def _chunked_forward(q, k, v, g, scale):
     acc = torch.promote_types(q.dtype, torch.float32)
     k_acc, v_acc = k.to(acc), v.to(acc)
-    out = _empty_heads_last(q.shape, q.dtype, q.device)
+    out = _like_heads_last(q)
     lse = torch.empty(q.shape[:-1], dtype=g.dtype, device=q.device)
     chunks = _query_chunks(q, k)
     for start in chunks:
@@ -123,7 +123,7 @@ def _chunked_forward(q, k, v, g, scale):
 def _chunked_backward(dout, q, k, v, lse_p, delta, scale):
     acc = torch.promote_types(q.dtype, torch.float32)
     k_acc, v_acc = k.to(acc), v.to(acc)
-    dq = _empty_heads_last(q.shape, q.dtype, q.device)
+    dq = _like_heads_last(q)
     dk = torch.zeros_like(k_acc, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(v_acc, memory_format=torch.contiguous_format)
     chunks = _query_chunks(q, k)
@@ -143,19 +143,19 @@ def _triton_module():
     return importlib.import_module("fastprompt.kernels.sink_attention_triton")
 
 
-def _empty_heads_last(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An empty [B, H, N, D] tensor laid out as [B, N, H, D]: the layout timm reshapes attention outputs from, and
-    the one every backend's O, dq, dk and dv leave the custom ops in (the fake implementations promise it)."""
-    batch, heads, tokens, dim = shape
-    return torch.empty(batch, tokens, heads, dim, dtype=dtype, device=device).transpose(1, 2)
+def _like_heads_last(x: Tensor) -> Tensor:
+    """An empty tensor like [B, H, N, D] `x`, laid out as [B, N, H, D]: the layout timm reshapes attention outputs
+    from, and the one every backend's O, dq, dk and dv leave the custom ops in (the fake implementations promise it)."""
+    batch, heads, tokens, dim = x.shape
+    return torch.empty(batch, tokens, heads, dim, dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
 def _as_heads_last(x: Tensor) -> Tensor:
-    """`x` itself when already in the heads-last layout of `_empty_heads_last`, else a copy in that layout."""
+    """`x` itself when already in the heads-last layout of `_like_heads_last`, else a copy in that layout."""
     batch, heads, tokens, dim = x.shape
     if x.stride() == (tokens * heads * dim, dim, heads * dim, 1):
         return x
-    return _empty_heads_last(x.shape, x.dtype, x.device).copy_(x)
+    return _like_heads_last(x).copy_(x)
 
 
 def _forward(backend: str, q, k, v, g, scale):
@@ -201,7 +201,7 @@ def _forward_op(
 def _(q, k, v, g, scale, backend):
     stat = torch.float32 if backend == "triton" else g.dtype
     rows = q.new_empty(q.shape[:-1], dtype=stat)
-    return _empty_heads_last(q.shape, q.dtype, q.device), rows, torch.empty_like(rows)
+    return _like_heads_last(q), rows, torch.empty_like(rows)
 
 
 @torch.library.custom_op("fastprompt::sink_attention_row_delta", mutates_args=())
@@ -226,7 +226,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(dout, q, k, v, out, lse_p, delta, scale, backend):
-    return tuple(_empty_heads_last(t.shape, t.dtype, t.device) for t in (q, k, v))
+    return tuple(_like_heads_last(t) for t in (q, k, v))
 
 
 def _sink_weight(g: torch.Tensor, lse_p: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from fastprompt.kernels.dispatch import deterministic, interpreting
+from fastprompt.kernels.sink_attention import _like_heads_last
 
 LOG2E = math.log2(math.e)
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constants, usable inside kernels
@@ -353,12 +354,6 @@ KEY = ["N_Q", "N_K", "BLOCK_D"]
 _forward = autotuned(_forward_kernel, SPACES["forward"], KEY)
 _dkdv = autotuned(_dkdv_kernel, SPACES["backward"], KEY)
 _dq = autotuned(_dq_kernel, SPACES["backward"], KEY)
-
-
-def _like_heads_last(x: torch.Tensor) -> torch.Tensor:
-    """An empty [B, H, N, D] tensor laid out as [B, N, H, D], the layout timm reshapes attention outputs from."""
-    batch, heads, tokens, dim = x.shape
-    return torch.empty(batch, tokens, heads, dim, dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
 def tile_grid(programs_per_row: int, tokens: int, block: str):
