@@ -253,7 +253,7 @@ def determinism_part(profile: dict[str, Any], out: Path) -> None:
     the kernels' outputs and gradients at N = 1025, and the prompts after a few EPT training steps."""
     from fastprompt.engine.core import enable_determinism
 
-    enable_determinism()  # before the first kernel runs: the Triton modules pin one config when first imported
+    enable_determinism()  # before the first kernel runs (cuBLAS reads its workspace setting once); Triton: each launch
     cfg = profile["determinism"]
     device = harness.device_or_exit(profile["device"])
     rows = []
