@@ -57,16 +57,14 @@ def read_rss() -> tuple[int, int]:
 
 
 def measure_step_cpu(step: models.TrainingStep) -> dict[str, int | None]:
-    """Run one training step and return the process's RSS before it and its peak RSS during it."""
+    """Run one training step and return the process's RSS before it and its peak RSS during it (None where the peak
+    cannot be reset), and its peak of live tensor bytes."""
     gc.collect()
-    if not reset_peak_rss():
-        with LiveBytes() as live:
-            step()
-        return {"rss_before_bytes": None, "peak_rss_bytes": None, "step_peak_bytes": live.peak}
-    before, _ = read_rss()
+    rss = reset_peak_rss()
+    before = read_rss()[0] if rss else None
     with LiveBytes() as live:
         step()
-    _, peak = read_rss()
+    peak = read_rss()[1] if rss else None
     return {"rss_before_bytes": before, "peak_rss_bytes": peak, "step_peak_bytes": live.peak}
 
 
