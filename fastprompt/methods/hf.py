@@ -284,7 +284,7 @@ def method_fn(spec: MethodSpec) -> Callable[..., nn.Module]:
     if spec.name in TIMM_ONLY_METHODS:
         raise ValueError(
             f"method {spec.name!r} is implemented for timm ViTs only; on Hugging Face models use one of "
-            f"{', '.join(sorted(name for name in available_hf_methods()))}"
+            f"{', '.join(sorted(available_hf_methods()))}"
         )
     return HF_METHODS.get(spec.name, spec.fn)
 
