@@ -58,7 +58,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from fastprompt.cli.runs import (
         TransformedSubset,
         backbone_of,
-        describe_checkpoint,
         drop_small_images,
         load_trained,
         make_loader,
@@ -66,13 +65,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         patch_size_of,
     )
     from fastprompt.data import transforms_for_model
+    from fastprompt.engine import Engine
 
     output = Path(args.output) if args.output else None
     if output is not None and output.exists() and not args.overwrite:
         raise UsageError(f"{output} exists (an earlier evaluation); pass --overwrite to replace it or another --output")
-    run, engine = load_trained(args.checkpoint)
+    run = load_trained(args.checkpoint)
     config, classes = run.config, run.classes
-    print(f"checkpoint: {describe_checkpoint(run)}", file=sys.stderr)
     backbone = backbone_of(run.model)
     data = open_dataset(args.data, classes=classes, skip_unknown=args.skip_unknown_classes)
     drop_small_images(data, patch_size_of(backbone))
@@ -81,6 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         TransformedSubset(data, range(len(data)), eval_tf), args.batch_size or config["batch_size"], args.workers,
         shuffle=False,
     )  # fmt: skip
+    engine = Engine(run.model, output_dir=None, backend="torch", progress=False, class_names=classes)
     metrics = engine.evaluate(loader)
     if output is None:
         output = unused_path(run.run_dir / f"evaluate_{Path(args.data).stem}.json")

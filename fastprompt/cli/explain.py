@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,11 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """`fastprompt explain`: PNG overlays of EPT scaling maps or FPT selected tokens, one per image."""
-    from fastprompt.cli.runs import backbone_of, describe_checkpoint, load_trained
+    from fastprompt.cli.runs import backbone_of, load_trained
     from fastprompt.data import transforms_for_model
     from fastprompt.explain import explain_images
 
-    run, _ = load_trained(args.checkpoint)
-    print(f"checkpoint: {describe_checkpoint(run)}", file=sys.stderr)
+    run = load_trained(args.checkpoint)
     backbone = backbone_of(run.model)
     eval_tf = transforms_for_model(backbone, run.config["img_size"], train=False)
     written = explain_images(

@@ -45,18 +45,15 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """`fastprompt predict`: write the predictions CSV; returns its rows."""
-    from fastprompt.cli.runs import describe_checkpoint, prepare_hub_for
+    from fastprompt.cli.runs import load_trained
     from fastprompt.io import atomic_write_bytes
     from fastprompt.predict import image_files, predict_images, rows_to_csv
-    from fastprompt.serialization import load_run
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise UsageError(f"{output} exists; pass --overwrite to replace it, or another --output")
     files = image_files(args.data)  # a missing folder or file is reported before the model is built
-    prepare_hub_for(args.checkpoint)
-    loaded = load_run(args.checkpoint)
-    print(f"checkpoint: {describe_checkpoint(loaded)}", file=sys.stderr)
+    loaded = load_trained(args.checkpoint)
     rows = predict_images(loaded, files, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     atomic_write_bytes(output, rows_to_csv(rows).encode())
     print(f"{len(rows)} prediction(s) written to {output}", file=sys.stderr)

@@ -229,19 +229,18 @@ def prepare_hub_for(checkpoint: str | Path) -> None:
         use_offline_hub()
 
 
-def load_trained(checkpoint: str | Path) -> tuple[Any, Any]:
-    """(`fastprompt.serialization.LoadedRun`, an Engine to evaluate it) for a run folder or one of its checkpoints.
+def load_trained(checkpoint: str | Path) -> Any:
+    """The `fastprompt.serialization.LoadedRun` of a run folder or one of its checkpoints; says which checkpoint.
 
     A run folder means its best checkpoint (last when there is none); the run's frozen weight file is verified
     against the digest recorded at training.
     """
-    from fastprompt.engine import Engine
     from fastprompt.serialization import load_run
 
     prepare_hub_for(checkpoint)
     run = load_run(checkpoint)
-    engine = Engine(run.model, output_dir=None, backend="torch", progress=False, class_names=run.classes)
-    return run, engine
+    print(f"checkpoint: {describe_checkpoint(run)}", file=sys.stderr)
+    return run
 
 
 def describe_checkpoint(run: Any) -> str:
