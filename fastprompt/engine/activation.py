@@ -338,10 +338,15 @@ def available_bytes(device: torch.device | str) -> int:
     return int(match.group(1)) * 1024
 
 
+def _is_auto(budget: object) -> bool:
+    """Whether a budget option asks for the device's free memory ('auto', any case and spacing)."""
+    return isinstance(budget, str) and budget.strip().lower() == "auto"
+
+
 def resolve_budget(budget: str | int, device: torch.device | str, resident_bytes: int) -> int:
     """Bytes the step may use in total. 'auto': the device's free memory plus what the model already holds there
     (`resident_bytes`, counted by the budget); otherwise a size ('4GB', '512MiB') or a number of bytes."""
-    if isinstance(budget, str) and budget.strip().lower() == "auto":
+    if _is_auto(budget):
         return available_bytes(device) + resident_bytes
     return parse_bytes(budget)
 
@@ -460,7 +465,7 @@ def check_budget_option(value: object, grad_checkpointing: bool) -> str | int | 
         raise TypeError(
             f"option 'activation_memory' must be None, 'auto', a size such as '4GB' or bytes, got {value!r}"
         )
-    if not (isinstance(value, str) and value.strip().lower() == "auto"):
+    if not _is_auto(value):
         try:
             parse_bytes(value)
         except ValueError as error:
