@@ -291,15 +291,12 @@ def profile_step(model: nn.Module, run_step: Callable[[], Any], device: torch.de
         handles.append(block.register_forward_pre_hook(before(index)))
         handles.append(block.register_forward_hook(after(index)))
     try:
-        if _cuda(device):
-            with meter, _peak_meter(device) as peak:  # the mode only attributes attention outputs here
+        with meter:
+            if _cuda(device):  # the allocator's peak; the mode only attributes attention outputs here
+                step = step_peak(run_step, device)
+            else:
                 run_step()
-                torch.cuda.synchronize(device)
-                step = peak()
-        else:
-            with meter:
-                run_step()
-            step = meter.peak
+                step = meter.peak
     finally:
         for handle in handles:
             handle.remove()
