@@ -626,15 +626,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n=== {part.name}: {part.what} (box {min(box, left):.0f} s)", flush=True)
         statuses.append(run_part(part.name, args.profile, args.out, min(box, left)))
-    if args.commit:
-        stamp_commit(args.out, args.commit)
     goals = goal_rows(args.out)
     device = profile["device"] if profile["device"] != "cuda" or torch.cuda.is_available() else "cpu"
     record = results.run_record("gpu_check", device, {"profile": args.profile, "parts": args.parts}, statuses + goals)
     record["goals"] = GOALS
-    if args.commit and record["git_commit"] is None:
-        record.update(git_commit=args.commit, git_dirty=False)
     results.write_record(record, args.out / "gpu_check.json")
+    if args.commit:
+        stamp_commit(args.out, args.commit)
     print_goals(goals, statuses, args.profile)
     print(
         f"\nwrote {args.out}/*.json in {time.perf_counter() - start:.0f} s; "
