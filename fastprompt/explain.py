@@ -26,7 +26,7 @@ from fastprompt.data.images import load_image
 from fastprompt.io import atomic_write_bytes
 from fastprompt.methods.ept import ept_scales, prompted_layers
 from fastprompt.methods.fpt import FPT
-from fastprompt.predict import backbone_of
+from fastprompt.predict import backbone_of, class_probabilities
 
 __all__ = ["class_evidence", "explain_images", "explain_maps", "fpt_token_counts"]
 
@@ -172,8 +172,7 @@ def _output_names(paths: Sequence[Path]) -> list[str]:
 
 def predictions(logits: torch.Tensor, *, multilabel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted class `[B]`, its probability `[B]`): softmax over classes, or per-class sigmoid (multi-label)."""
-    probs = torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), dim=1)
-    top, index = probs.max(dim=1)
+    top, index = class_probabilities(logits, multilabel=multilabel).max(dim=1)
     return index, top
 
 

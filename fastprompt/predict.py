@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-__all__ = ["PROBABILITY_PREFIX", "backbone_of", "image_files", "predict_images", "rows_to_csv"]
+__all__ = ["PROBABILITY_PREFIX", "backbone_of", "class_probabilities", "image_files", "predict_images", "rows_to_csv"]
 
 PROBABILITY_PREFIX = "prob_"  # column of each class's probability: prob_<class name>
 
@@ -32,6 +32,12 @@ def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
     from fastprompt.methods.fpt import FPT
 
     return model.backbone if isinstance(model, FPT) else model
+
+
+def class_probabilities(logits: torch.Tensor, *, multilabel: bool = False) -> torch.Tensor:
+    """`[B, C]` class probabilities (float32): softmax over classes, or per-class sigmoid for a multi-label run."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
 
 def image_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -121,8 +127,7 @@ def predict_images(
         for indices, images, errors in loader:
             unreadable.update(errors)
             if images is not None:
-                logits = model(images.to(device)).float()
-                probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+                probs = class_probabilities(model(images.to(device)), multilabel=multilabel)
                 probabilities.update(zip(indices, probs.cpu()))
             bar.update(len(indices) + len(errors))
     if unreadable:
