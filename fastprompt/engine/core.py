@@ -219,6 +219,7 @@ class Engine:
         self.class_names = [str(name) for name in class_names] if class_names is not None else None
         self.activation_memory = check_budget_option(activation_memory, grad_checkpointing)
         self.activation_choice: PlanChoice | None = None
+        self._stop_requested = False  # set by a Ctrl-C during fit (see _stop_on_interrupt)
         if deterministic:
             enable_determinism()
         if grad_checkpointing:
@@ -410,7 +411,7 @@ class Engine:
 
     def _stop_if_requested(self, steps_per_epoch: int) -> None:
         """After Ctrl-C: save the position (mid-epoch when inside one) to last.pt and raise TrainingInterrupted."""
-        if not getattr(self, "_stop_requested", False):
+        if not self._stop_requested:
             return
         state = self.state
         if state["step_in_epoch"] > 0 or state["last_good"] is None:
@@ -479,7 +480,7 @@ class Engine:
                 self._checkpoint_last()
             if state["step_in_epoch"] >= steps_per_epoch:
                 break
-            if getattr(self, "_stop_requested", False):
+            if self._stop_requested:
                 bar.close()
                 self._stop_if_requested(steps_per_epoch)
         bar.close()
