@@ -20,7 +20,7 @@ def add_parser(commands: Any) -> None:
         "Writes three classes of synthetic grayscale scans, then runs `fastprompt train` on them with a small "
         "randomly initialised ViT.",
     )
-    parser.add_argument("--method", help="method to train (default: ept)")
+    parser.add_argument("--method", default="ept", help="method to train")
     parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs")
     parser.add_argument("--images-per-class", type=positive_int, default=30, help="generated images per class")
     parser.add_argument("--size", type=positive_int, default=256, help="generated image size in pixels")
@@ -48,9 +48,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_synthetic_dataset(
         data_dir, images_per_class=args.images_per_class, size=args.size, seed=args.seed, progress=not args.quiet
     )
-    method = args.method or "ept"
     train_argv = demo_train_args(
-        data_dir, run_dir, method=method, epochs=args.epochs, img_size=args.img_size, seed=args.seed
+        data_dir, run_dir, method=args.method, epochs=args.epochs, img_size=args.img_size, seed=args.seed
     )
     train_argv += [f"--option={item}" for item in flatten(args.option)]
     if args.quiet:
