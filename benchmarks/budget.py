@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastprompt.checkpointing import POLICIES
-from fastprompt.engine.activation import parse_bytes
+from fastprompt.checkpointing import POLICIES, checkpoint_activations
+from fastprompt.engine.activation import parse_bytes, step_peak
 
 __all__ = ["largest_fitting", "meta_step_bytes", "parse_bytes"]
 
@@ -97,8 +97,6 @@ def fixed_bytes(model: torch.nn.Module) -> int:
 
 def meta_step_bytes(model: torch.nn.Module, batch: int, resolution: int) -> int:
     """Peak live tensor bytes of one forward + cross-entropy + backward of `model` (on the meta device) at `batch`."""
-    from fastprompt.engine.activation import step_peak
-
     if next(model.parameters()).device.type != "meta":
         raise ValueError("meta_step_bytes needs a model on the meta device: model.to('meta')")
     images = torch.empty(batch, 3, resolution, resolution, device="meta")
@@ -127,7 +125,6 @@ METHOD = (
 def main(argv: list[str] | None = None) -> Path:
     """Largest batch within a budget per method and checkpointing policy, by the meta-device memory model."""
     from benchmarks import models, results
-    from fastprompt.checkpointing import checkpoint_activations
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.budget", description=main.__doc__)
     parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastprompt
-from fastprompt.checkpointing import POLICIES
+from fastprompt.checkpointing import POLICIES, checkpoint_activations
 from fastprompt.methods import registry
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -166,8 +166,6 @@ def model_for(variant: Variant, resolution: int, args: Any, device: torch.device
         device=device,
     )
     if policy != "none":
-        from fastprompt.checkpointing import checkpoint_activations
-
         checkpoint_activations(model, policy)
     return model
 
