@@ -117,10 +117,14 @@ class Plan:
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Set every block of `model` to this plan's policy (replacing any earlier setting); returns `model`."""
-        depth = len(_model_blocks(model))
-        for index, policy in enumerate(self.policies(depth)):
-            checkpoint_activations(model, policy, [index])
-        return model
+        return _set_policies(model, self.policies(len(_model_blocks(model))))
+
+
+def _set_policies(model: nn.Module, policies: list[str]) -> nn.Module:
+    """Give block i of `model` the checkpointing policy `policies[i]`, input side first; returns `model`."""
+    for index, policy in enumerate(policies):
+        checkpoint_activations(model, policy, [index])
+    return model
 
 
 def plan_chain(depth: int) -> list[Plan]:
@@ -300,8 +304,7 @@ def profile_step(model: nn.Module, run_step: Callable[[], Any], device: torch.de
     finally:
         for handle in handles:
             handle.remove()
-        for index, policy in enumerate(saved_plan):
-            checkpoint_activations(model, policy, [index])
+        _set_policies(model, saved_plan)
     missing = [i for i in range(len(blocks)) if i not in kept]
     if missing:
         raise RuntimeError(
