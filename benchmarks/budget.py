@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--budget", default="24GB")
     parser.add_argument("--budget-limit", type=int, default=4096, help="largest batch the search tries")
     parser.add_argument("--check-batch", type=int, help="also report whether this batch fits, per row")
-    parser.add_argument("--output", type=Path, help="result JSON path (default: benchmarks/results/cpu/...)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="result JSON file, or a folder for <device>/<name>.json (default: ./benchmark-results/)",
+    )
     args = parser.parse_args(argv)
     try:
         limit = parse_bytes(args.budget)
