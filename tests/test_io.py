@@ -82,3 +82,21 @@ def test_file_is_flushed_and_fsynced_before_the_rename_and_the_directory_after(t
     assert renamed_ino == file_ino == os.stat(target).st_ino, "the fsynced file is the one renamed over the target"
     assert destination == target
     assert dir_ino == os.stat(tmp_path).st_ino, "the directory holding the target is fsynced after the rename"
+
+
+def test_metrics_jsonl_is_strict_json_with_non_finite_values_nested(tmp_path):
+    import json
+
+    import numpy as np
+
+    from fastprompt.engine.report import write_metrics_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    history = [{"epoch": 1, "val_loss": float("nan"), "per_class_auc": {"cat": float("nan"), "dog": np.float64(0.75)}}]
+    write_metrics_jsonl(path, history)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    (record,) = [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+    assert record == {"epoch": 1, "val_loss": None, "per_class_auc": {"cat": None, "dog": 0.75}}

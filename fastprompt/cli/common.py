@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastprompt.io import atomic_write_bytes
+from fastprompt.io import atomic_write_bytes, json_safe
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -80,19 +80,7 @@ def check_method(name: str) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (NaN written as null)."""
-    atomic_write_bytes(path, (json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n").encode())
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():  # numpy scalars
-        return _json_safe(value.item())
-    return value
+    atomic_write_bytes(path, (json.dumps(json_safe(data), indent=2, sort_keys=True) + "\n").encode())
 
 
 def unused_path(path: Path) -> Path:

@@ -7,15 +7,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fastprompt.io import atomic_open
+from fastprompt.io import atomic_open, json_safe
 
 
 def write_metrics_jsonl(path: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite `path` atomically with one JSON object per epoch (NaN written as null)."""
     with atomic_open(path, "w") as handle:
         for record in history:
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-            handle.write(json.dumps(clean, sort_keys=True) + "\n")
+            handle.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
 
 
 def write_curves(path: Path, history: list[dict[str, Any]]) -> None:
