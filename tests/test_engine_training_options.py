@@ -201,3 +201,17 @@ def test_learning_curves_tick_whole_epochs_only(tmp_path, monkeypatch):
     for ax in figures[0].axes:
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_resume_with_another_method_or_classes_names_the_difference(tmp_path):
+    data = Labelled(BALANCED)
+    engine(epochs=1, output_dir=tmp_path).fit(loader(data))
+    other = Engine(fastprompt.apply(tiny_vit(num_classes=2), "bitfit", num_classes=2), output_dir=tmp_path, epochs=2,
+                   backend="torch", progress=False)  # fmt: skip
+    with pytest.raises(CheckpointError, match="method 'linear' in the checkpoint, 'bitfit' now"):
+        other.fit(loader(data), resume=True)
+    renamed = engine(epochs=2, output_dir=tmp_path, class_names=["covid", "normal"])
+    with pytest.raises(
+        CheckpointError, match=r"classes \['abnormal', 'normal'\] in the checkpoint, \['covid', 'normal'\] now"
+    ):
+        renamed.fit(loader(data), resume=True)

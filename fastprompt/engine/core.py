@@ -717,6 +717,7 @@ class Engine:
             "history": self.history,
             "world_size": self.world_size,
             "backend": self.backend.name,
+            "model": _model_summary(self.model, self.class_names),
         }
 
     def _write(self, payload: dict[str, Any] | None, path: Path, *, keep_prev: bool) -> None:
@@ -773,6 +774,7 @@ class Engine:
         if payload.get("version") != CHECKPOINT_VERSION:
             version = payload.get("version")
             raise CheckpointError(f"{path} has checkpoint version {version}, expected {CHECKPOINT_VERSION}")
+        self._check_set_up(payload.get("model") or {}, path)
         self._check_names(payload["trainable"], path)
         saved = (payload["backend"], payload["config"]["zero_stage"])
         if saved != (self.backend.name, self.config["zero_stage"]):
@@ -799,6 +801,20 @@ class Engine:
             f"{self.total_steps} ({epochs} epochs); resume with the same data, batch size and grad_accum, and the "
             f"same or more epochs (more extend the run)"
         )
+
+    def _check_set_up(self, saved: dict[str, Any], path: Path) -> None:
+        """A checkpoint of another method, backbone or class list is named by what differs, not by tensor names."""
+        mine = _model_summary(self.model, self.class_names)
+        differ = [
+            f"{key} {saved[key]!r} in the checkpoint, {mine[key]!r} now"
+            for key in ("method", "options", "model", "classes")
+            if saved.get(key) is not None and mine.get(key) is not None and saved[key] != mine[key]
+        ]
+        if differ:
+            raise CheckpointError(
+                f"{path} belongs to another training set-up: {'; '.join(differ)}; resume with the same method, "
+                "options, model and classes, or train into a new output_dir"
+            )
 
     def save(self, path: str | Path) -> None:
         """Write a checkpoint (trainable parameters, optimizer, schedule position, RNG, config) atomically."""
@@ -897,6 +913,22 @@ def enable_determinism() -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+
+
+def _model_summary(model: nn.Module, class_names: Sequence[str] | None) -> dict[str, Any]:
+    """The training set-up a resume must match, in words: method and options, backbone name, class names."""
+    from fastprompt.serialization import unwrap
+
+    inner = unwrap(model)
+    config = getattr(inner, "fastprompt_config", None) or {}
+    backbone = getattr(inner, "backbone", inner)  # wrapper methods (FPT) hold the pretrained network
+    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture") or type(backbone).__name__
+    return {
+        "method": getattr(inner, "fastprompt_method", None),
+        "options": dict(config.get("options") or {}),
+        "model": name,
+        "classes": list(class_names) if class_names is not None else None,
+    }
 
 
 def _dataset_classes(dataset: Any) -> list[str] | None:
