@@ -215,3 +215,11 @@ def test_resume_with_another_method_or_classes_names_the_difference(tmp_path):
         CheckpointError, match=r"classes \['abnormal', 'normal'\] in the checkpoint, \['covid', 'normal'\] now"
     ):
         renamed.fit(loader(data), resume=True)
+
+
+def test_a_loaded_engine_keeps_the_class_names_and_the_positive_class(tmp_path):
+    eng = engine(class_names=["covid", "normal"], positive_class="normal")
+    eng.save(tmp_path / "engine.pt")
+    loaded = Engine.load(tmp_path / "engine.pt", model2())
+    metrics = loaded.evaluate(loader(torch.utils.data.TensorDataset(Labelled(BALANCED).images, torch.tensor(BALANCED))))
+    assert metrics["positive_class"] == "normal" and list(metrics["per_class_auc"]) == ["normal"]
