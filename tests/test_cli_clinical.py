@@ -93,6 +93,7 @@ def test_the_run_records_loggers_and_class_weights_and_writes_tensorboard(run):
     assert config["engine"]["loggers"] == ["csv", "tensorboard"]
     assert config["engine"]["class_weights"] == pytest.approx([1.0, 1.0])  # 6 and 6 images: N / (C * n_c) = 1
     assert config["engine"]["balanced_sampler"] is False
+    assert config["positive_class"] == json.loads((run / "metrics.json").read_text())["positive_class"] == "normal"
     assert any(path.name.startswith("events.out.tfevents") for path in (run / "tensorboard").iterdir())
 
 
@@ -120,3 +121,13 @@ def test_resume_with_more_epochs_continues_the_run(folders, tmp_path, capsys):
     assert main([*train_argv(folders, out), "--epochs=3", "--resume"]) == 0
     assert "extending the run from 2 to 3 epochs" in capsys.readouterr().err
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_predict_images_in_python_reuses_the_run_positive_class(run, folders):
+    import fastprompt
+
+    rows = fastprompt.predict_images(run, folders[1], progress=False)
+    assert rows and all(row["positive_class"] == "normal" for row in rows)
+    assert all(row["positive_probability"] == row["prob_normal"] for row in rows)
+    with pytest.raises(ValueError, match=r"positive_class 'covid' must be one of the classes \['abnormal', 'normal'\]"):
+        fastprompt.predict_images(run, folders[1], progress=False, positive_class="covid")
