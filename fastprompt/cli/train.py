@@ -102,7 +102,10 @@ def add_parser(commands: Any) -> None:
         "run records the file's path and SHA-256 and checks it on every load)",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --output-dir from its checkpoints/last.pt"
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its checkpoints/last.pt; a larger --epochs extends a finished run "
+        "(the learning-rate schedule is recomputed for the new length)",
     )
     parser.add_argument(
         "--cache",
@@ -143,6 +146,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--patience",
         type=positive_int,
+        metavar="N",
         help="stop when the validation metric (AUC) has not improved for N epochs; checkpoints/best.pt keeps the "
         "best epoch (default: train every epoch)",
     )
