@@ -71,6 +71,9 @@ def test_evaluate_and_predict_reuse_the_recorded_positive_class_unless_overridde
     _, val = folders
     argv = ["evaluate", f"--checkpoint={run}", f"--data={val}", "--workers=0"]
     assert main([*argv, f"--output={tmp_path / 'a.json'}"]) == 0
+    assert "positive class: normal (recorded by the run; change it with --positive-class NAME)" in (
+        capsys.readouterr().err
+    )
     recorded = json.loads((tmp_path / "a.json").read_text())
     assert recorded["positive_class"] == "normal"  # the run's choice, not the default (abnormal)
     assert main([*argv, f"--output={tmp_path / 'b.json'}", "--positive-class=abnormal"]) == 0
@@ -131,3 +134,11 @@ def test_predict_images_in_python_reuses_the_run_positive_class(run, folders):
     assert all(row["positive_probability"] == row["prob_normal"] for row in rows)
     with pytest.raises(ValueError, match=r"positive_class 'covid' must be one of the classes \['abnormal', 'normal'\]"):
         fastprompt.predict_images(run, folders[1], progress=False, positive_class="covid")
+
+
+def test_resume_with_another_method_names_the_method(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(folders, out, "--epochs=1")) == 0
+    argv = [arg if arg != "--method=linear" else "--method=bitfit" for arg in train_argv(folders, out, "--resume")]
+    assert main(argv) == 2
+    assert "method 'linear' in the checkpoint, 'bitfit' now" in capsys.readouterr().err

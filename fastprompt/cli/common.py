@@ -289,8 +289,13 @@ def add_positive_class(parser: argparse.ArgumentParser, *, recorded: bool) -> No
     )
 
 
-def positive_class_for(classes: Sequence[str], given: str | None, *, multilabel: bool) -> str | None:
-    """The positive class name for `classes` (single-label), printing a line that names it and how to change it."""
+def positive_class_for(
+    classes: Sequence[str], given: str | None, *, multilabel: bool, recorded: str | None = None
+) -> str | None:
+    """The positive class name for `classes` (single-label), printing a line that names it and how to change it.
+
+    `given`: --positive-class; `recorded`: the run's choice (evaluate, predict), used when `given` is None.
+    """
     import sys
 
     if multilabel:
@@ -300,9 +305,11 @@ def positive_class_for(classes: Sequence[str], given: str | None, *, multilabel:
     from fastprompt.metrics import resolve_positive_class
 
     try:
-        index, line = resolve_positive_class(list(classes), given)
+        index, line = resolve_positive_class(list(classes), given if given is not None else recorded)
     except ValueError as error:
         raise UsageError(f"--positive-class: {error}") from None
+    if given is None and recorded is not None:
+        line = line.replace("(chosen by the user)", "(recorded by the run; change it with --positive-class NAME)")
     if index is not None:
         print(line, file=sys.stderr)
     return None if index is None else str(classes[index])

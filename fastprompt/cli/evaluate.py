@@ -75,8 +75,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"{output} exists (an earlier evaluation); pass --overwrite to replace it or another --output")
     run = load_trained(args.checkpoint)
     config, classes = run.config, run.classes
-    given = args.positive_class if args.positive_class is not None else config.get("positive_class")
-    positive_class = positive_class_for(classes, given, multilabel=bool(config.get("multilabel")))
+    positive_class = positive_class_for(
+        classes, args.positive_class, multilabel=bool(config.get("multilabel")), recorded=config.get("positive_class")
+    )
     backbone = backbone_of(run.model)
     data = open_dataset(args.data, classes=classes, skip_unknown=args.skip_unknown_classes)
     drop_small_images(data, patch_size_of(backbone))

@@ -58,8 +58,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UsageError(f"{output} exists; pass --overwrite to replace it, or another --output")
     files = image_files(args.data)  # a missing folder or file is reported before the model is built
     loaded = load_trained(args.checkpoint)
-    given = args.positive_class if args.positive_class is not None else loaded.config.get("positive_class")
-    positive = positive_class_for(loaded.classes, given, multilabel=bool(loaded.config.get("multilabel")))
+    config = loaded.config
+    positive = positive_class_for(
+        loaded.classes, args.positive_class, multilabel=bool(config.get("multilabel")),
+        recorded=config.get("positive_class"),
+    )  # fmt: skip
     rows = predict_images(
         loaded, files, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
         positive_class=positive,
