@@ -100,12 +100,13 @@ def test_the_run_records_loggers_and_class_weights_and_writes_tensorboard(run):
     assert any(path.name.startswith("events.out.tfevents") for path in (run / "tensorboard").iterdir())
 
 
-def test_auto_class_weights_come_from_the_training_images(tmp_path):
+def test_auto_class_weights_come_from_the_training_images(tmp_path, capsys):
     train = write_classes(tmp_path / "train", 0, counts={"abnormal": 2, "normal": 6})
     val = write_classes(tmp_path / "val", 2, seed=1)
     out = tmp_path / "run"
     argv = ["train", f"--data={train}", f"--val={val}", *TINY, "--method=linear", *FAST, f"--output-dir={out}"]
     assert main([*argv, "--class-weights=auto", "--balanced-sampler", "--patience=1"]) == 0
+    assert "class weights (auto: N / (classes x n)): abnormal 2, normal 0.667" in capsys.readouterr().err
     engine = json.loads((out / "config.json").read_text())["engine"]
     assert engine["class_weights"] == pytest.approx([8 / (2 * 2), 8 / (2 * 6)])
     assert engine["balanced_sampler"] is True and engine["patience"] == 1

@@ -250,6 +250,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_idx = make_few_shot_splits(labels, args.shots, args.seed, exclude=exclude)[(args.shots, args.seed)]
     train_labels = None if data.multilabel else np.asarray(data.targets)[np.asarray(train_idx, dtype=np.int64)]
     class_weights = resolve_class_weights(args.class_weights, train_labels, list(data.classes))
+    if class_weights is not None:
+        shown = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(data.classes, class_weights))
+        print(f"class weights{' (auto: N / (classes x n))' if args.class_weights == 'auto' else ''}: {shown}",
+              file=sys.stderr)  # fmt: skip
 
     frozen_state = backbone.state_dict()  # before the method patches the model; values are not changed by it
     model = fastprompt.apply(backbone, method, num_classes=len(data.classes), **options)
