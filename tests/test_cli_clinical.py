@@ -143,3 +143,12 @@ def test_resume_with_another_method_names_the_method(folders, tmp_path, capsys):
     argv = [arg if arg != "--method=linear" else "--method=bitfit" for arg in train_argv(folders, out, "--resume")]
     assert main(argv) == 2
     assert "method 'linear' in the checkpoint, 'bitfit' now" in capsys.readouterr().err
+
+
+def test_logger_tensorboard_without_the_package_prints_the_install_hint(folders, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    assert main(train_argv(folders, tmp_path / "run", "--logger", "tensorboard")) == 2
+    assert "pip install 'fastprompt[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything is written
