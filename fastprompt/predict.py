@@ -95,6 +95,7 @@ def predict_images(
     workers: int = 0,
     progress: bool = True,
     device: str | torch.device | None = None,
+    positive_class: str | None = None,
 ) -> list[dict[str, Any]]:
     """Predict every image of `data` (a folder, searched recursively, or image files) with a trained run.
 
@@ -102,7 +103,9 @@ def predict_images(
     `fastprompt.serialization.LoadedRun`. Returns one dict per decodable image, in input order: ``path``,
     ``predicted`` (class name; for a multi-label run the names with probability >= 0.5 joined by ``;``),
     ``probability`` (of the predicted class; multi-label: the highest) and ``prob_<class>`` for every class.
-    Unreadable images get no row and are all named in one SkippedImageWarning.
+    Unreadable images get no row and are all named in one SkippedImageWarning. With `positive_class` (a class
+    name of a single-label run; default: the run's recorded one) rows also hold ``positive_class`` and
+    ``positive_probability``, the probability of that class.
     """
     from fastprompt.data import SkippedImageWarning, transforms_for_model
     from fastprompt.serialization import load_run
@@ -113,6 +116,11 @@ def predict_images(
     paths = image_files(data)
     model, classes = loaded.model, list(loaded.classes)
     multilabel = bool(loaded.config.get("multilabel"))
+    positive_class = positive_class if positive_class is not None else loaded.config.get("positive_class")
+    if positive_class is not None and (multilabel or positive_class not in classes):
+        raise ValueError(
+            f"positive_class {positive_class!r} must be one of the classes {classes} of a single-label run"
+        )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -145,6 +153,8 @@ def predict_images(
             predicted, probability = classes[best], float(probs[best])
         row = {"path": str(paths[index].resolve()), "predicted": predicted, "probability": probability}
         row.update({f"{PROBABILITY_PREFIX}{name}": float(p) for name, p in zip(classes, probs.tolist())})
+        if positive_class is not None:
+            row.update(positive_class=positive_class, positive_probability=float(probs[classes.index(positive_class)]))
         rows.append(row)
     return rows
 

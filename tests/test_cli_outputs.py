@@ -76,7 +76,11 @@ def test_predict_writes_a_row_per_image_and_matches_the_python_function(trained,
     assert "1 image(s) could not be read" in err and "broken.png" in err
     with open(output, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["path", "predicted", "probability", "prob_benign", "prob_malignant"]
+    assert list(rows[0]) == [
+        "path", "predicted", "probability", "prob_benign", "prob_malignant", "positive_class", "positive_probability"
+    ]  # fmt: skip
+    assert all(row["positive_class"] == "malignant" and row["positive_probability"] == row["prob_malignant"]
+               for row in rows)  # fmt: skip
     assert [row["path"] for row in rows] == [str(path.resolve()) for path in images]
 
     run = fastprompt.load_run(out)  # an independent forward pass of one image

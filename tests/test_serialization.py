@@ -319,8 +319,10 @@ def test_load_run_rebuilds_last_and_best_with_their_epochs(tmp_path):
     assert all(torch.equal(state[name], value) for name, value in payload["trainable"].items())
     assert read_checkpoint(tmp_path)["state"] == payload["state"]  # a run folder means its best checkpoint
     documented = {"version", "trainable", "config", "optimizer", "scheduler", "state", "history", "rng", "running"}
-    assert set(payload) == documented | {"world_size", "backend"}, "update the README's checkpoint format table"
-    assert set(payload["state"]) == {"epoch", "step_in_epoch", "global_step", "best"}
+    assert set(payload) == documented | {"world_size", "backend", "model"}, (
+        "update the README's checkpoint format table"
+    )
+    assert set(payload["state"]) == {"epoch", "step_in_epoch", "global_step", "best", "stale_epochs"}
     assert set(payload["state"]["best"]) == {"metric", "value", "epoch"}
 
 

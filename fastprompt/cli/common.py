@@ -95,6 +95,8 @@ def unused_path(path: Path) -> Path:
 def format_metrics(metrics: dict[str, Any], classes: Sequence[str]) -> str:
     """A two-column text table of the scalar metrics and the per-class AUC/AP."""
     rows: list[tuple[str, str]] = []
+    if metrics.get("positive_class") is not None:  # the class that sensitivity, specificity, PPV and NPV describe
+        rows.append(("positive class", str(metrics["positive_class"])))
     for key, value in metrics.items():
         if isinstance(value, (int, float)):
             rows.append((key, f"{value:.4f}" if math.isfinite(value) else "n/a"))
@@ -269,6 +271,48 @@ def add_run_checkpoint(parser: argparse.ArgumentParser) -> None:
         metavar="RUN",
         help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
     )
+
+
+def add_positive_class(parser: argparse.ArgumentParser, *, recorded: bool) -> None:
+    """--positive-class NAME: the class whose sensitivity, specificity, PPV and NPV are reported."""
+    default = (
+        "the run's"
+        if recorded
+        else "for two classes the partner of a negative name (normal, healthy, negative, benign, control, no "
+        "finding), else the second class"
+    )
+    parser.add_argument(
+        "--positive-class",
+        metavar="NAME",
+        help="the class (e.g. the disease) whose sensitivity, specificity, PPV, NPV and sensitivity at 90/95 %% "
+        f"specificity are the headline metrics (default: {default})",
+    )
+
+
+def positive_class_for(
+    classes: Sequence[str], given: str | None, *, multilabel: bool, recorded: str | None = None
+) -> str | None:
+    """The positive class name for `classes` (single-label), printing a line that names it and how to change it.
+
+    `given`: --positive-class; `recorded`: the run's choice (evaluate, predict), used when `given` is None.
+    """
+    import sys
+
+    if multilabel:
+        if given is not None:
+            raise UsageError("--positive-class applies to single-label data; multi-label runs report every label")
+        return None
+    from fastprompt.metrics import resolve_positive_class
+
+    try:
+        index, line = resolve_positive_class(list(classes), given if given is not None else recorded)
+    except ValueError as error:
+        raise UsageError(f"--positive-class: {error}") from None
+    if given is None and recorded is not None:
+        line = line.replace("(chosen by the user)", "(recorded by the run; change it with --positive-class NAME)")
+    if index is not None:
+        print(line, file=sys.stderr)
+    return None if index is None else str(classes[index])
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -13,9 +13,11 @@ from fastprompt.cli.common import (
     UsageError,
     add_command,
     add_common,
+    add_positive_class,
     add_run_checkpoint,
     format_metrics,
     non_negative_int,
+    positive_class_for,
     positive_int,
     unused_path,
     write_json,
@@ -49,6 +51,7 @@ def add_parser(commands: Any) -> None:
         action="store_true",
         help="leave out images of classes the run was not trained on (default: refuse them, naming the classes)",
     )
+    add_positive_class(parser, recorded=True)
     add_common(parser)
     parser.set_defaults(handler=run)
 
@@ -72,6 +75,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"{output} exists (an earlier evaluation); pass --overwrite to replace it or another --output")
     run = load_trained(args.checkpoint)
     config, classes = run.config, run.classes
+    positive_class = positive_class_for(
+        classes, args.positive_class, multilabel=bool(config.get("multilabel")), recorded=config.get("positive_class")
+    )
     backbone = backbone_of(run.model)
     data = open_dataset(args.data, classes=classes, skip_unknown=args.skip_unknown_classes)
     drop_small_images(data, patch_size_of(backbone))
@@ -80,7 +86,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         TransformedSubset(data, range(len(data)), eval_tf), args.batch_size or config["batch_size"], args.workers,
         shuffle=False,
     )  # fmt: skip
-    engine = Engine(run.model, output_dir=None, backend="torch", progress=False, class_names=classes)
+    engine = Engine(
+        run.model, output_dir=None, backend="torch", progress=False, class_names=classes, positive_class=positive_class
+    )
     metrics = engine.evaluate(loader)
     if output is None:
         output = unused_path(run.run_dir / f"evaluate_{Path(args.data).stem}.json")

@@ -11,8 +11,10 @@ from fastprompt.cli.common import (
     UsageError,
     add_command,
     add_common,
+    add_positive_class,
     add_run_checkpoint,
     non_negative_int,
+    positive_class_for,
     positive_int,
 )
 
@@ -24,8 +26,9 @@ def add_parser(commands: Any) -> None:
         "predict",
         "predict the class of new images with a trained run",
         "Writes one CSV row per image: path, predicted (the class name; multi-label: the names with probability "
-        ">= 0.5, joined by ';'), probability (of the predicted class) and prob_<class> for every class. The same "
-        "rows come from Python: fastprompt.predict_images(RUN, DATA).",
+        ">= 0.5, joined by ';'), probability (of the predicted class), prob_<class> for every class, and for a "
+        "single-label run with a positive class positive_class and positive_probability. The same rows come from "
+        "Python: fastprompt.predict_images(RUN, DATA).",
     )
     add_run_checkpoint(parser)
     parser.add_argument(
@@ -39,6 +42,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
     parser.add_argument("--workers", type=non_negative_int, default=2, help="data loading processes (0: in-process)")
+    add_positive_class(parser, recorded=True)
     add_common(parser)
     parser.set_defaults(handler=run)
 
@@ -54,7 +58,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UsageError(f"{output} exists; pass --overwrite to replace it, or another --output")
     files = image_files(args.data)  # a missing folder or file is reported before the model is built
     loaded = load_trained(args.checkpoint)
-    rows = predict_images(loaded, files, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+    config = loaded.config
+    positive = positive_class_for(
+        loaded.classes, args.positive_class, multilabel=bool(config.get("multilabel")),
+        recorded=config.get("positive_class"),
+    )  # fmt: skip
+    rows = predict_images(
+        loaded, files, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
+        positive_class=positive,
+    )  # fmt: skip
     atomic_write_bytes(output, rows_to_csv(rows).encode())
     print(f"{len(rows)} prediction(s) written to {output}", file=sys.stderr)
     return rows

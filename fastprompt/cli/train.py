@@ -16,6 +16,7 @@ from fastprompt.cli.common import (
     add_command,
     add_common,
     add_model_args,
+    add_positive_class,
     check_method,
     flatten,
     format_metrics,
@@ -24,6 +25,7 @@ from fastprompt.cli.common import (
     non_negative_float,
     non_negative_int,
     parse_key_values,
+    positive_class_for,
     positive_float,
     positive_int,
     write_json,
@@ -100,15 +102,82 @@ def add_parser(commands: Any) -> None:
         "run records the file's path and SHA-256 and checks it on every load)",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --output-dir from its checkpoints/last.pt"
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its checkpoints/last.pt; a larger --epochs extends a finished run "
+        "(the learning-rate schedule is recomputed for the new length)",
     )
     parser.add_argument(
         "--cache",
         metavar="DIR",
         help="FPT feature cache folder: frozen-branch features computed once, see `preload` (default: no cache)",
     )
+    add_training_options(parser)
     add_common(parser)
     parser.set_defaults(handler=run)
+
+
+def class_weights_option(text: str) -> str | list[float] | None:
+    """argparse type of --class-weights: auto, none, or comma-separated non-negative numbers."""
+    import argparse
+
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or numbers like 1,3.5, got {text!r}") from None
+    if any(not value >= 0 for value in values):
+        raise argparse.ArgumentTypeError(f"class weights must be numbers of 0 or more, got {text!r}")
+    return values
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Clinical reporting, logging, early stopping and class-imbalance flags (issue 20)."""
+    add_positive_class(parser, recorded=False)
+    parser.add_argument(
+        "--logger",
+        action="append",
+        nargs="+",
+        choices=("csv", "tensorboard"),
+        help="metric logs besides metrics.jsonl: csv (metrics.csv, always written) and/or tensorboard "
+        "(RUN/tensorboard; pip install 'fastprompt[tensorboard]') (default: csv)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=positive_int,
+        metavar="N",
+        help="stop when the validation metric (AUC) has not improved for N epochs; checkpoints/best.pt keeps the "
+        "best epoch (default: train every epoch)",
+    )
+    parser.add_argument(
+        "--class-weights",
+        type=class_weights_option,
+        metavar="auto|none|W1,W2,...",
+        help="weighted cross-entropy: auto (N / (classes x images of the class), from the training images) or one "
+        "weight per class in class order (default: none)",
+    )
+    parser.add_argument(
+        "--balanced-sampler",
+        action="store_true",
+        help="draw training images with replacement so that every class is seen equally often",
+    )
+
+
+def resolve_class_weights(weights: str | list[float] | None, labels: Any, classes: list[str]) -> list[float] | None:
+    """--class-weights as one weight per class (auto: from the training labels); a wrong count names the classes."""
+    from fastprompt.engine.data import balanced_class_weights
+
+    if weights is None:
+        return None
+    if weights == "auto":
+        return balanced_class_weights(labels, classes)
+    if len(weights) != len(classes):
+        raise UsageError(
+            f"--class-weights has {len(weights)} values but the data has {len(classes)} classes "
+            f"({', '.join(classes)}); give one weight per class, in that order"
+        )
+    return weights
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,6 +204,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.cache is not None and method not in FPT_METHODS:
         raise UsageError(f"--cache holds FPT frozen-branch features; use it with --method fpt+ or fpt, not {method!r}")
     options = method_options(args)
+    loggers = flatten(args.logger) or ["csv"]
+    if "tensorboard" in loggers:
+        from fastprompt.engine.report import check_loggers
+
+        try:
+            check_loggers(loggers)
+        except ImportError as missing:
+            raise UsageError(f"--logger tensorboard: {missing}") from None
     model_kwargs = parse_key_values(flatten(args.model_kwargs), "--model-kwargs")
     out = Path(args.output_dir)
     if not args.resume and (out / "checkpoints" / "last.pt").is_file():
@@ -149,6 +226,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     val_data = None
     if args.val is not None:
         val_data = open_dataset(args.val, classes=data.classes, skip_unknown=args.skip_unknown_classes)
+    if data.multilabel and (args.class_weights is not None or args.balanced_sampler):
+        raise UsageError("--class-weights and --balanced-sampler need single-label data (one class per image)")
+    positive_class = positive_class_for(data.classes, args.positive_class, multilabel=bool(data.multilabel))
     torch.manual_seed(args.seed)
     saved_backbone = out / BACKBONE_FILE
     random_init = not args.pretrained and args.checkpoint is None
@@ -168,6 +248,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         labels = np.asarray(data.targets)
         exclude = None if args.val is not None else val_idx
         train_idx = make_few_shot_splits(labels, args.shots, args.seed, exclude=exclude)[(args.shots, args.seed)]
+    train_labels = None if data.multilabel else np.asarray(data.targets)[np.asarray(train_idx, dtype=np.int64)]
+    class_weights = resolve_class_weights(args.class_weights, train_labels, list(data.classes))
+    if class_weights is not None:
+        shown = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(data.classes, class_weights))
+        print(f"class weights{' (auto: N / (classes x n))' if args.class_weights == 'auto' else ''}: {shown}",
+              file=sys.stderr)  # fmt: skip
 
     frozen_state = backbone.state_dict()  # before the method patches the model; values are not changed by it
     model = fastprompt.apply(backbone, method, num_classes=len(data.classes), **options)
@@ -200,6 +286,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             TransformedSubset(val_source, val_idx, eval_tf),
         )
         trained = model
+    if args.balanced_sampler and not hasattr(train_set, "dataset"):
+        train_set.targets = train_labels.tolist()  # the cached FPT items: the labels the balanced sampler reads
     train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True)
     val_loader = make_loader(val_set, args.batch_size, args.workers, shuffle=False)
 
@@ -216,6 +304,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         backend=args.backend,
         seed=args.seed,
         activation_memory=args.activation_memory,
+        positive_class=positive_class,
+        loggers=loggers,
+        patience=args.patience,
+        class_weights=class_weights,
+        balanced_sampler=args.balanced_sampler,
     )
     config = {
         "fastprompt_version": fastprompt.__version__,
@@ -226,6 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "method": method,
         "method_options": options,
         "classes": list(data.classes),
+        "positive_class": positive_class,
         "multilabel": bool(data.multilabel),
         "data": str(Path(args.data).resolve()),
         "val": str(Path(args.val).resolve()) if args.val is not None else None,

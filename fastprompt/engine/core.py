@@ -58,13 +58,23 @@ from fastprompt.engine.data import (
     EpochSampler,
     LossFn,
     auto_loss,
+    balanced_class_weights,
     batch_size_of,
     batches_per_epoch,
+    class_counts,
+    dataset_targets,
     is_multilabel,
     rebuild_loader,
     split_batch,
 )
-from fastprompt.engine.report import write_curves, write_metrics_jsonl
+from fastprompt.engine.report import (
+    TENSORBOARD_DIR,
+    TensorBoardLogger,
+    check_loggers,
+    write_curves,
+    write_metrics_csv,
+    write_metrics_jsonl,
+)
 from fastprompt.methods.registry import check_choice, check_float, check_int
 
 _LOG = logging.getLogger("fastprompt.engine")
@@ -146,7 +156,19 @@ class Engine:
     deterministic: run-to-run reproducible GPU training: torch.use_deterministic_algorithms(True),
     CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN benchmarking off, and fastprompt's Triton kernels on one fixed block
     configuration instead of autotuning (slower). CPU runs are reproducible without it.
-    class_names: the output classes' names, used by evaluate's per-class metrics and warnings (default: indices).
+    class_names: the output classes' names, used by evaluate's per-class metrics and warnings (default: the train or
+    evaluated loader's dataset's ``classes`` when it has them, else indices).
+    positive_class: the class (name or index) whose sensitivity, specificity, PPV, NPV and sensitivity at 90/95 %
+    specificity are the headline metrics (`fastprompt.metrics.compute_metrics`). Default for two classes: the partner
+    of a recognised negative name (normal, healthy, benign, ...), else index 1, with a printed line naming it.
+    loggers: "csv" (``metrics.csv``, always written with ``metrics.jsonl``) and/or "tensorboard" (written to
+    output_dir/tensorboard; needs ``pip install 'fastprompt[tensorboard]'``).
+    patience: stop when the monitored metric has not improved for this many epochs (needs a validation loader);
+    ``checkpoints/best.pt`` keeps the best epoch. A finished run resumed with more `epochs` continues, its learning-rate
+    schedule recomputed for the new length (a printed note says so).
+    class_weights: None/"none", "auto" (``N / (C * n_c)`` from the training labels) or one weight per class: weighted
+    cross-entropy (single-label, loss="auto"). balanced_sampler: each epoch draws training samples with replacement in
+    inverse proportion to their class's size (still a function of seed and epoch, so resume stays exact).
     """
 
     def __init__(
@@ -177,6 +199,11 @@ class Engine:
         progress: bool = True,
         deterministic: bool = False,
         class_names: Sequence[str] | None = None,
+        positive_class: str | int | None = None,
+        loggers: str | Sequence[str] = ("csv",),
+        patience: int | None = None,
+        class_weights: str | Sequence[float] | None = None,
+        balanced_sampler: bool = False,
     ) -> None:
         """Validate the configuration; nothing heavy (DeepSpeed, process groups) happens before the first fit."""
         if not isinstance(model, nn.Module):
@@ -191,6 +218,9 @@ class Engine:
         if not (isinstance(loss, str) and loss == "auto") and not callable(loss):
             raise ValueError(f"option 'loss' must be 'auto' or a callable(logits, targets) -> loss, got {loss!r}")
         self.loss_fn: LossFn = auto_loss if loss == "auto" else loss
+        class_weights = self._check_class_weights(class_weights, loss, class_names)
+        if isinstance(class_weights, list):
+            self.loss_fn = self._weighted_loss
         self.user_deepspeed_config = load_user_config(deepspeed_config)
         self.config = self._validate(
             optimizer=optimizer,
@@ -217,6 +247,26 @@ class Engine:
         self.config["deepspeed_config"] = self.user_deepspeed_config
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.class_names = [str(name) for name in class_names] if class_names is not None else None
+        if positive_class is not None and self.class_names is not None:
+            from fastprompt.metrics import resolve_positive_class
+
+            resolve_positive_class(self.class_names, positive_class)  # an unknown name fails here, naming the classes
+        if patience is not None:
+            check_int("patience", patience, minimum=1)
+        if not isinstance(balanced_sampler, bool):
+            raise TypeError(f"option 'balanced_sampler' must be True or False, got {balanced_sampler!r}")
+        self.config.update(
+            class_names=self.class_names,
+            positive_class=positive_class,
+            loggers=list(check_loggers(loggers)),
+            patience=patience,
+            class_weights=class_weights,
+            balanced_sampler=balanced_sampler,
+        )
+        if "tensorboard" in self.config["loggers"] and output_dir is None:
+            raise ValueError("loggers=['tensorboard'] writes into output_dir/tensorboard; pass output_dir=...")
+        self._notes_shown: set[str] = set()
+        self._tensorboard: TensorBoardLogger | None = None  # opened by fit when loggers has "tensorboard"
         self.activation_memory = check_budget_option(activation_memory, grad_checkpointing)
         self.activation_choice: PlanChoice | None = None
         self._stop_requested = False  # set by a Ctrl-C during fit (see _stop_on_interrupt)
@@ -265,6 +315,66 @@ class Engine:
         if cfg["backend"] == "deepspeed" and not deepspeed_installed():
             raise ValueError("backend='deepspeed' but DeepSpeed is not installed: pip install deepspeed or use 'torch'")
         return cfg
+
+    @staticmethod
+    def _check_class_weights(
+        weights: str | Sequence[float] | None, loss: Any, class_names: Sequence[str] | None
+    ) -> str | list[float] | None:
+        if weights is None or (isinstance(weights, str) and weights == "none"):
+            return None
+        if not (isinstance(loss, str) and loss == "auto"):
+            raise ValueError("class_weights weight the built-in loss (loss='auto'); put the weights in your own loss")
+        if isinstance(weights, str):
+            if weights != "auto":
+                raise ValueError(
+                    f"option 'class_weights' must be 'auto', 'none' or one weight per class, got {weights!r}"
+                )
+            return "auto"
+        values = [check_float("class_weights", value, minimum=0.0) for value in weights]
+        if class_names is not None and len(values) != len(class_names):
+            raise ValueError(
+                f"class_weights has {len(values)} values but there are {len(class_names)} classes "
+                f"({', '.join(map(str, class_names))}); give one weight per class, in class order"
+            )
+        return values
+
+    def _weighted_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        weight = torch.tensor(self.config["class_weights"], dtype=torch.float32)
+        return auto_loss(logits, targets, weight=weight)
+
+    def _note(self, line: str) -> None:
+        """Print a line the user should see once (rank 0, above the progress bars) and log it."""
+        if line in self._notes_shown:
+            return
+        self._notes_shown.add(line)
+        _LOG.info(line)
+        if self.rank == 0:
+            tqdm.write(line, file=sys.stderr)
+
+    def _training_labels(self, loader: DataLoader, why: str) -> np.ndarray:
+        targets = dataset_targets(loader.dataset)
+        if targets is None:
+            raise ValueError(
+                f"{why} needs the training labels, but {type(loader.dataset).__name__} has no `targets`; give the "
+                "dataset a `targets` list of class indices (class weights: or pass class_weights=[w1, w2, ...])"
+            )
+        return targets
+
+    def _prepare_imbalance(self, loader: DataLoader) -> list[float] | None:
+        """Resolve class_weights='auto' from the training labels; the balanced sampler's per-sample weights."""
+        cfg = self.config
+        if cfg["class_weights"] == "auto":
+            cfg["class_weights"] = balanced_class_weights(
+                self._training_labels(loader, "class_weights='auto'"), self.class_names
+            )
+            self.loss_fn = self._weighted_loss
+            shown = ", ".join(f"{w:.3g}" for w in cfg["class_weights"])
+            self._note(f"class weights (auto, N / (C * n_c)): {shown}")
+        if not cfg["balanced_sampler"]:
+            return None
+        labels = self._training_labels(loader, "balanced_sampler=True").astype(np.int64)
+        counts = class_counts(labels)
+        return (1.0 / counts[labels]).tolist()
 
     # ------------------------------------------------------------------ set-up
 
@@ -358,9 +468,20 @@ class Engine:
             raise TypeError(f"train_loader must be a torch.utils.data.DataLoader, got {type(train_loader).__name__}")
         if resume and self.output_dir is None:
             raise ValueError("fit(resume=True) needs Engine(output_dir=...) where the checkpoints are")
+        if self.config["patience"] is not None and val_loader is None:
+            raise ValueError(
+                f"patience={self.config['patience']} stops on a validation metric: pass val_loader (the CLI: --val "
+                "or --val-fraction), or drop patience"
+            )
+        if self.class_names is None:
+            self.class_names = _dataset_classes(train_loader.dataset)
+            self.config["class_names"] = self.class_names
         self._setup(train_loader.batch_size or 1)
         cfg = self.config
-        loader, sampler = rebuild_loader(train_loader, seed=cfg["seed"], rank=self.rank, world_size=self.world_size)
+        weights = self._prepare_imbalance(train_loader)
+        loader, sampler = rebuild_loader(
+            train_loader, seed=cfg["seed"], rank=self.rank, world_size=self.world_size, sample_weights=weights
+        )
         if self.activation_memory is not None and self.activation_choice is None:
             self._plan_activation_memory(loader)
         per_epoch = batches_per_epoch(loader, sampler)
@@ -380,8 +501,15 @@ class Engine:
         self.history = []
         if not (resume and self._resume()):
             _seed_everything(cfg["seed"])
-        with _stop_on_interrupt(self):
-            self._train_epochs(loader, sampler, steps_per_epoch, val_loader, on_epoch_end)
+        self._tensorboard = None
+        if "tensorboard" in cfg["loggers"] and self.rank == 0:
+            self._tensorboard = TensorBoardLogger(self.output_dir / TENSORBOARD_DIR)
+        try:
+            with _stop_on_interrupt(self):
+                self._train_epochs(loader, sampler, steps_per_epoch, val_loader, on_epoch_end)
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
         return self.history
 
     def _train_epochs(
@@ -393,7 +521,7 @@ class Engine:
         on_epoch_end: Callable[[dict[str, Any]], None] | None,
     ) -> None:
         cfg = self.config
-        while self.state["epoch"] < cfg["epochs"]:
+        while self.state["epoch"] < cfg["epochs"] and not self._patience_spent():
             self._stop_if_requested(steps_per_epoch)
             record = self._train_epoch(loader, sampler, steps_per_epoch)
             if self.activation_choice is not None:
@@ -401,13 +529,28 @@ class Engine:
             if val_loader is not None:
                 val = self.evaluate(val_loader)
                 record.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))})
+                record["positive_class"] = val.get("positive_class")
             self.history.append(record)
             self.state["epoch"] += 1
             self.state["step_in_epoch"] = 0
             self._update_best(record)
             self._checkpoint_epoch_end()
+            if self._tensorboard is not None:
+                self._tensorboard.log(record)
             if on_epoch_end is not None and self.rank == 0:
                 on_epoch_end(record)
+        if self._patience_spent() and self.state["epoch"] < cfg["epochs"]:
+            best = self.state["best"]
+            self._note(
+                f"early stopping after epoch {self.state['epoch']}: {best['metric']} has not improved for "
+                f"{cfg['patience']} epoch(s) (best {best['value']:.4f} at epoch {best['epoch']}, kept in "
+                "checkpoints/best.pt)"
+            )
+
+    def _patience_spent(self) -> bool:
+        """Whether `patience` epochs have passed since the monitored metric last improved."""
+        patience = self.config["patience"]
+        return patience is not None and self.state.get("stale_epochs", 0) >= patience
 
     def _stop_if_requested(self, steps_per_epoch: int) -> None:
         """After Ctrl-C: save the position (mid-epoch when inside one) to last.pt and raise TrainingInterrupted."""
@@ -536,12 +679,14 @@ class Engine:
             key = usable[0] if usable else None
         else:
             key = f"val_{monitor}" if f"val_{monitor}" in record else ("train_loss" if monitor == "loss" else None)
+        self.state["stale_epochs"] = self.state.get("stale_epochs", 0) + 1  # reset below on an improvement
         if key is None or math.isnan(record.get(key, math.nan)):
             return
         value, minimise = record[key], key.endswith("loss")
         best = self.state["best"]
         if best is None or (value < best["value"] if minimise else value > best["value"]):
             self.state["best"] = {"metric": key, "value": value, "epoch": record["epoch"], "is_new": True}
+            self.state["stale_epochs"] = 0
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -572,6 +717,7 @@ class Engine:
             "history": self.history,
             "world_size": self.world_size,
             "backend": self.backend.name,
+            "model": _model_summary(self.model, self.class_names),
         }
 
     def _write(self, payload: dict[str, Any] | None, path: Path, *, keep_prev: bool) -> None:
@@ -601,6 +747,7 @@ class Engine:
             self._write(self._payload(), directory / "best.pt", keep_prev=False)
         if self.rank == 0:
             write_metrics_jsonl(self.output_dir / "metrics.jsonl", self.history)
+            write_metrics_csv(self.output_dir / "metrics.csv", self.history)
             write_curves(self.output_dir / "curves.png", self.history)
 
     def _resume(self) -> bool:
@@ -627,6 +774,7 @@ class Engine:
         if payload.get("version") != CHECKPOINT_VERSION:
             version = payload.get("version")
             raise CheckpointError(f"{path} has checkpoint version {version}, expected {CHECKPOINT_VERSION}")
+        self._check_set_up(payload.get("model") or {}, path)
         self._check_names(payload["trainable"], path)
         saved = (payload["backend"], payload["config"]["zero_stage"])
         if saved != (self.backend.name, self.config["zero_stage"]):
@@ -638,10 +786,34 @@ class Engine:
             raise CheckpointError(
                 f"{path} was written by {payload['world_size']} DeepSpeed ranks; resume with the same number of ranks"
             )
-        if payload["scheduler"]["total_steps"] != self.total_steps:
+        saved_total, saved_epochs = payload["scheduler"]["total_steps"], payload["config"]["epochs"]
+        epochs = self.config["epochs"]
+        if saved_total == self.total_steps:
+            return
+        if epochs > saved_epochs and saved_total * epochs == self.total_steps * saved_epochs:
+            self._note(
+                f"extending the run from {saved_epochs} to {epochs} epochs: the learning-rate schedule is recomputed "
+                f"for {epochs} epochs ({self.total_steps} optimizer steps instead of {saved_total})"
+            )
+            return
+        raise CheckpointError(
+            f"{path} was written for {saved_total} optimizer steps ({saved_epochs} epochs), this run has "
+            f"{self.total_steps} ({epochs} epochs); resume with the same data, batch size and grad_accum, and the "
+            f"same or more epochs (more extend the run)"
+        )
+
+    def _check_set_up(self, saved: dict[str, Any], path: Path) -> None:
+        """A checkpoint of another method, backbone or class list is named by what differs, not by tensor names."""
+        mine = _model_summary(self.model, self.class_names)
+        differ = [
+            f"{key} {saved[key]!r} in the checkpoint, {mine[key]!r} now"
+            for key in ("method", "options", "model", "classes")
+            if saved.get(key) is not None and mine.get(key) is not None and saved[key] != mine[key]
+        ]
+        if differ:
             raise CheckpointError(
-                f"{path} was written for {payload['scheduler']['total_steps']} optimizer steps, this run has "
-                f"{self.total_steps}; resume with the same data, batch size, grad_accum and epochs"
+                f"{path} belongs to another training set-up: {'; '.join(differ)}; resume with the same method, "
+                "options, model and classes, or train into a new output_dir"
             )
 
     def save(self, path: str | Path) -> None:
@@ -665,6 +837,8 @@ class Engine:
         config.pop("resolved", None)
         if config.pop("loss") == "callable" and "loss" not in overrides:
             raise ValueError(f"{path} was trained with a custom loss callable; pass Engine.load(..., loss=fn)")
+        if "output_dir" not in overrides:  # nowhere to write a TensorBoard log
+            config["loggers"] = [name for name in config.get("loggers", ()) if name != "tensorboard"]
         config.update(overrides)
         engine = cls(model, **config)
         engine._check_names(payload["trainable"], path)
@@ -711,12 +885,20 @@ class Engine:
 
     def evaluate(self, loader: DataLoader) -> dict[str, Any]:
         """Loss and classification metrics (acc, auc; map for multi-label) of the model on `loader`."""
-        from fastprompt.metrics import compute_metrics  # scikit-learn costs seconds of import; pay it when used
+        from fastprompt.metrics import compute_metrics, resolve_positive_class  # scikit-learn: imported when used
 
         logits, targets = self._run(loader, need_targets=True)
         loss = float(self.loss_fn(logits, targets))
         multilabel = is_multilabel(targets)
-        metrics = compute_metrics(logits.numpy(), targets.numpy(), multilabel=multilabel, class_names=self.class_names)
+        names = self.class_names or _dataset_classes(loader.dataset)
+        if names is not None and len(names) != logits.shape[1]:
+            names = None
+        positive = None if multilabel else self.config["positive_class"]
+        if not multilabel and positive is None and logits.shape[1] == 2:
+            self._note(resolve_positive_class(names, None, num_classes=2)[1])
+        metrics = compute_metrics(
+            logits.numpy(), targets.numpy(), multilabel=multilabel, class_names=names, positive_class=positive
+        )
         return {"loss": loss, **metrics}
 
     def predict(self, loader: DataLoader) -> torch.Tensor:
@@ -731,6 +913,32 @@ def enable_determinism() -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+
+
+def _model_summary(model: nn.Module, class_names: Sequence[str] | None) -> dict[str, Any]:
+    """The training set-up a resume must match, in words: method and options, backbone name, class names."""
+    from fastprompt.serialization import unwrap
+
+    inner = unwrap(model)
+    config = getattr(inner, "fastprompt_config", None) or {}
+    backbone = getattr(inner, "backbone", inner)  # wrapper methods (FPT) hold the pretrained network
+    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture") or type(backbone).__name__
+    return {
+        "method": getattr(inner, "fastprompt_method", None),
+        "options": dict(config.get("options") or {}),
+        "model": name,
+        "classes": list(class_names) if class_names is not None else None,
+    }
+
+
+def _dataset_classes(dataset: Any) -> list[str] | None:
+    """The class names a dataset (or a subset of one: ``.dataset``) carries as ``classes``, else None."""
+    while dataset is not None:
+        classes = getattr(dataset, "classes", None)
+        if isinstance(classes, (list, tuple)) and classes:
+            return [str(name) for name in classes]
+        dataset = getattr(dataset, "dataset", None)
+    return None
 
 
 def _seed_everything(seed: int) -> None:

@@ -9,9 +9,10 @@ multi-hot floats [B, C]. ``predict`` also accepts batches without targets (a bar
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
@@ -73,10 +74,18 @@ def is_multilabel(targets: torch.Tensor) -> bool:
     return targets.is_floating_point() and targets.dim() == 2
 
 
-def auto_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for integer class targets, BCE-with-logits for float multi-hot targets [B, C]."""
+def auto_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy for integer class targets, BCE-with-logits for float multi-hot targets [B, C].
+
+    `weight`: one cross-entropy weight per class (single-label only), e.g. from `balanced_class_weights`.
+    """
     logits = logits.float()
     if is_multilabel(targets):
+        if weight is not None:
+            raise ValueError(
+                "class_weights apply to single-label targets; for multi-label data pass a custom loss "
+                "(e.g. torch.nn.BCEWithLogitsLoss(pos_weight=...))"
+            )
         if targets.shape != logits.shape:
             raise ValueError(f"multi-hot targets {tuple(targets.shape)} must match the logits {tuple(logits.shape)}")
         return F.binary_cross_entropy_with_logits(logits, targets.float())
@@ -85,7 +94,50 @@ def auto_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             f"float targets of shape {tuple(targets.shape)}: pass class indices as an integer tensor [B], "
             "or multi-hot labels as a float tensor [B, num_classes]"
         )
-    return F.cross_entropy(logits, targets.long())
+    if weight is not None and weight.numel() != logits.shape[-1]:
+        raise ValueError(
+            f"class_weights has {weight.numel()} values but the model has {logits.shape[-1]} classes; "
+            "give one weight per class, in class order"
+        )
+    return F.cross_entropy(logits, targets.long(), weight=None if weight is None else weight.to(logits.device))
+
+
+def dataset_targets(dataset: Any) -> np.ndarray | None:
+    """The class indices of every sample of `dataset` without loading an image, or None when it does not say.
+
+    Read from a ``targets`` attribute (fastprompt's and torchvision's folder datasets), through subsets that hold
+    ``dataset`` and ``indices`` (torch's Subset, the CLI's TransformedSubset).
+    """
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return np.asarray(targets)
+    inner, indices = getattr(dataset, "dataset", None), getattr(dataset, "indices", None)
+    if inner is not None and indices is not None:
+        found = dataset_targets(inner)
+        return None if found is None else found[np.asarray(list(indices), dtype=np.int64)]
+    return None
+
+
+def class_counts(targets: np.ndarray, num_classes: int | None = None) -> np.ndarray:
+    """Samples per class of single-label `targets` (class indices)."""
+    targets = np.asarray(targets)
+    if targets.ndim != 1:
+        raise ValueError(
+            "class weights and the balanced sampler need single-label targets (class indices), got multi-hot "
+            f"targets of shape {targets.shape}"
+        )
+    return np.bincount(targets.astype(np.int64), minlength=num_classes or 0)
+
+
+def balanced_class_weights(targets: np.ndarray, class_names: Sequence[str] | None = None) -> list[float]:
+    """Inverse-frequency class weights ``N / (C * n_c)`` (1 for every class when balanced); a class without
+    samples is an error naming it."""
+    counts = class_counts(targets, len(class_names) if class_names is not None else None)
+    empty = [int(c) for c in np.flatnonzero(counts == 0)]
+    if empty:
+        names = [class_names[c] for c in empty] if class_names is not None else empty
+        raise ValueError(f"class(es) {names} have no training samples; automatic class weights need every class")
+    return [float(len(targets) / (len(counts) * n)) for n in counts]
 
 
 class EpochSampler(Sampler[int]):
@@ -93,10 +145,23 @@ class EpochSampler(Sampler[int]):
 
     Like DistributedSampler (pads by repeating to a multiple of `world_size`, deals indices round-robin), so a
     global batch of `world_size * b` on N ranks is the same set of samples as a batch of `world_size * b` on 1 rank.
+
+    With `weights` (one per sample), each epoch draws `length` samples with replacement in proportion to them
+    (``torch.multinomial``), still a function of (seed, epoch): a balanced sampler that resumes exactly.
     """
 
-    def __init__(self, length: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        length: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: Sequence[float] | None = None,
+    ) -> None:
         self.length, self.shuffle, self.seed = length, shuffle, seed
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.start = 0
@@ -109,8 +174,10 @@ class EpochSampler(Sampler[int]):
         return math.ceil(self.length / self.world_size) - self.start
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.length, replacement=True, generator=generator).tolist()
+        elif self.shuffle:
             order = torch.randperm(self.length, generator=generator).tolist()
         else:
             order = list(range(self.length))
@@ -120,15 +187,23 @@ class EpochSampler(Sampler[int]):
 
 
 def rebuild_loader(
-    loader: DataLoader, *, seed: int, rank: int, world_size: int
+    loader: DataLoader, *, seed: int, rank: int, world_size: int, sample_weights: Sequence[float] | None = None
 ) -> tuple[DataLoader, EpochSampler | DistributedSampler | None]:
     """A copy of `loader` whose order is a function of (seed, epoch), sharded over ranks.
 
     Random/sequential samplers are replaced by an EpochSampler; a user DistributedSampler is kept (its order is
     already a function of its seed and the epoch). Any other sampler is kept as is in a single process, and is an
-    error under several ranks (pass a DistributedSampler instead).
+    error under several ranks (pass a DistributedSampler instead). `sample_weights` (one per sample) make the
+    EpochSampler draw with replacement in proportion to them (the balanced sampler).
     """
     sampler = loader.sampler
+    if sample_weights is not None and (
+        not isinstance(sampler, (RandomSampler, SequentialSampler)) or loader.batch_size is None
+    ):
+        raise ValueError(
+            f"balanced_sampler=True replaces the loader's sampler, but it has a custom {type(sampler).__name__}/"
+            "batch_sampler; build the train loader with batch_size=... and shuffle=True"
+        )
     if isinstance(sampler, DistributedSampler):
         return loader, sampler
     if not isinstance(sampler, (RandomSampler, SequentialSampler)) or loader.batch_size is None:
@@ -144,6 +219,7 @@ def rebuild_loader(
         seed=seed,
         rank=rank,
         world_size=world_size,
+        weights=sample_weights,
     )
     workers = {}
     if loader.num_workers > 0:
