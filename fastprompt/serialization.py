@@ -9,8 +9,9 @@
 The record holds the method, its options (defaults filled in), the number of classes, the backbone (library,
 name, image size, the recipe ``fastprompt.models.create_backbone`` used, and a SHA-256 of its frozen weights)
 and a SHA-256 of the trainable tensors, verified on every read. ``load_trainable`` loads the file into a model
-with the same method applied; ``load`` rebuilds the patched model from a backbone in one call. ``load_run`` and
-``read_checkpoint`` read what ``fastprompt train`` / the Engine write.
+with the same method applied; ``load`` rebuilds the patched model from a backbone in one call. Run folders and
+Engine checkpoints (``load_run``, ``read_checkpoint``) live in `fastprompt.run_folders`; they are importable from
+here too.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,7 +33,10 @@ from fastprompt.io import atomic_write_bytes, safetensors_metadata, tensor_diges
 from fastprompt.methods import registry
 from fastprompt.patch import CONFIG_ATTR, METHOD_ATTR
 
-__all__ = [
+if TYPE_CHECKING:
+    from fastprompt.run_folders import LoadedRun, build_run_model, load_run, read_checkpoint
+
+__all__ = [  # the run-folder names come from fastprompt.run_folders (see __getattr__)
     "BackboneWeightsWarning",
     "LoadedRun",
     "WeightsError",
@@ -53,7 +56,6 @@ FORMAT = "fastprompt-trainable"
 FORMAT_VERSION = 1
 METADATA_KEY = "fastprompt"
 DEFAULT_FILE = "trainable.safetensors"  # used when `path` is a folder
-RUN_CONFIG = "config.json"  # written by `fastprompt train` into the run folder
 _SHOWN = 5  # names listed in an error before "... and N more"
 
 
@@ -564,131 +566,13 @@ def load(
     return model.eval()
 
 
-# ---------------------------------------------------------------------------------------------- runs
+_RUN_FOLDER_NAMES = ("RUN_CONFIG", "LoadedRun", "build_run_model", "load_run", "read_checkpoint")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and verify an Engine / `fastprompt train` checkpoint; `path` is a ``.pt`` file or a run folder.
+def __getattr__(name: str) -> Any:
+    """Run folders and checkpoints live in `fastprompt.run_folders`; importable from here as before."""
+    if name in _RUN_FOLDER_NAMES:
+        from fastprompt import run_folders
 
-    A run folder means its ``checkpoints/best.pt`` (``last.pt`` when there is no best). The payload is the dict
-    described in the README ("Run folders and checkpoints"); ``payload["trainable"]`` holds the trained tensors.
-    Raises fastprompt.engine.CheckpointError when the file is not intact. Checkpoints are pickles: read only
-    files you trust.
-    """
-    from fastprompt.engine.checkpoint import read_checkpoint as read
-
-    return read(_checkpoint_file(Path(path), "best"))
-
-
-def _checkpoint_file(path: Path, which: str) -> Path:
-    if which not in ("best", "last"):
-        raise ValueError(f"checkpoint must be 'best' or 'last', got {which!r}")
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a run folder or its checkpoints/best.pt")
-    if path.is_file():
-        return path
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    order = [folder / f"{which}.pt", folder / "last.pt"]
-    found = next((candidate for candidate in order if candidate.is_file()), None)
-    if found is None:
-        raise FileNotFoundError(f"{path} holds no checkpoints/{which}.pt or checkpoints/last.pt; train first")
-    return found
-
-
-def _run_folder(checkpoint: Path) -> Path:
-    for folder in (checkpoint.parent, checkpoint.parent.parent):
-        if (folder / RUN_CONFIG).is_file():
-            return folder
-    raise FileNotFoundError(
-        f"no {RUN_CONFIG} next to {checkpoint} or in its parent folder; load_run reads folders written by "
-        "`fastprompt train` (for an Engine's own output_dir, build the model and use Engine.load or read_checkpoint)"
-    )
-
-
-@dataclass
-class LoadedRun:
-    """A trained model rebuilt from a run folder, with what the run recorded about it."""
-
-    model: nn.Module  # the patched model with the checkpoint's trainable weights, in eval mode
-    config: dict[str, Any]  # the run's config.json (model, method, options, classes, data, engine settings, ...)
-    classes: list[str]  # class names in output order
-    checkpoint: Path  # the checkpoint file the weights came from
-    epoch: int  # completed epochs when the checkpoint was written (1-based number of the last one; 0: none)
-    step_in_epoch: int  # optimizer steps into the next epoch (0 for an end-of-epoch checkpoint)
-    metrics: dict[str, Any] | None  # epoch `epoch`'s record (train loss, validation metrics); None if epoch 0
-    best: dict[str, Any] | None  # which metric selected the best checkpoint, its value and epoch
-    run_dir: Path
-    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's record up to the checkpoint
-
-
-def build_run_model(config: Mapping[str, Any], run_dir: str | os.PathLike | None = None) -> nn.Module:
-    """The untrained patched model a run's config.json describes: its backbone (and frozen weights), the method.
-
-    Frozen weights come from the hub (``weights.source == "pretrained"``), the weight file the run recorded, or
-    the run's own ``backbone.safetensors`` (random initialisation). A recorded ``weights.sha256`` of that file is
-    verified (WeightsError when the file changed since training).
-    """
-    from fastprompt.io import sha256_file
-    from fastprompt.models import create_backbone
-    from fastprompt.patch import apply
-
-    weights = config["weights"]
-    file = weights.get("file")
-    if file is not None and run_dir is not None and not Path(file).is_absolute():
-        file = Path(run_dir) / file
-    if file is not None:
-        if not Path(file).is_file():
-            raise FileNotFoundError(
-                f"the run's frozen weights {file} do not exist any more; put the file back where training read it"
-            )
-        expected = weights.get("sha256")
-        if expected is not None:
-            actual = sha256_file(file)
-            if actual != expected:
-                raise WeightsError(
-                    f"the weight file {file} changed since training (SHA-256 {actual[:16]}…, the run recorded "
-                    f"{expected[:16]}…): restore the file the run was trained with"
-                )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(config.get("seed", 0)))
-        backbone = create_backbone(
-            config["model"],
-            img_size=int(config["img_size"]),
-            pretrained=weights.get("source") == "pretrained",
-            checkpoint=file,
-            **dict(config.get("model_kwargs") or {}),
-        )
-        return apply(backbone, config["method"], num_classes=len(config["classes"]), **config["method_options"])
-
-
-def load_run(run: str | os.PathLike, *, checkpoint: str = "best") -> LoadedRun:
-    """Rebuild the trained model of a `fastprompt train` run folder (or of one of its checkpoint files).
-
-    `checkpoint`: "best" (the epoch the run's monitor chose) or "last"; a folder without a best checkpoint
-    falls back to last. The checkpoint is verified (checksum), its tensors checked by name and shape.
-    """
-    from fastprompt.engine.checkpoint import read_checkpoint as read
-
-    path = _checkpoint_file(Path(run), checkpoint)
-    run_dir = _run_folder(path)
-    config = json.loads((run_dir / RUN_CONFIG).read_text())
-    payload = read(path)
-    model = build_run_model(config, run_dir)
-    hint = f" (the run trained {config['method']!r} on {config['model']} at image size {config['img_size']})"
-    assign_trainable(model, payload["trainable"], source=path, hint=hint)
-    history = list(payload.get("history") or [])
-    state = payload.get("state") or {}
-    epoch = int(state.get("epoch", len(history)))
-    record = next((dict(item) for item in history if item.get("epoch") == epoch), None)
-    return LoadedRun(
-        model=model.eval(),
-        config=config,
-        classes=list(config["classes"]),
-        checkpoint=path,
-        epoch=epoch,
-        step_in_epoch=int(state.get("step_in_epoch", 0)),
-        metrics=record,
-        best=state.get("best"),
-        run_dir=run_dir,
-        history=history,
-    )
+        return getattr(run_folders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
