@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,32 +26,55 @@ __all__ = ["RUN_CONFIG", "LoadedRun", "build_run_model", "load_run", "read_check
 RUN_CONFIG = "config.json"  # written by `fastprompt train` into the run folder
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict[str, Any]:
     """Read and verify an Engine / `fastprompt train` checkpoint; `path` is a ``.pt`` file or a run folder.
 
-    A run folder means its ``checkpoints/best.pt`` (``last.pt`` when there is no best). The payload is the dict
-    described in the README ("Run folders and checkpoints"); ``payload["trainable"]`` holds the trained tensors.
-    Raises fastprompt.engine.CheckpointError when the file is not intact. Checkpoints are pickles: read only
-    files you trust.
+    A run folder means its ``checkpoints/best.pt`` (``last.pt``, with a warning, when the run never had a best;
+    an error when the best it had is missing). The payload is the dict described in the README ("Run folders and
+    checkpoints"); ``payload["trainable"]`` holds the trained tensors. Raises fastprompt.engine.CheckpointError
+    when the file is not intact, or holds more than plain data and `trust` is False (see
+    `fastprompt.engine.checkpoint.read_checkpoint`).
     """
+    return _resolve(Path(path), "best", trust=trust)[1]
+
+
+def _resolve(path: Path, which: str, *, trust: bool) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint file `which` of a run folder (or `path` itself when it is a file) and its payload.
+
+    `last` stands in for a missing `best` only when the run never had a best (no finite monitored metric), with
+    a warning; a best the run recorded but which is missing is an error naming it.
+    """
+    from fastprompt.engine.checkpoint import CheckpointError
     from fastprompt.engine.checkpoint import read_checkpoint as read
 
-    return read(_checkpoint_file(Path(path), "best"))
-
-
-def _checkpoint_file(path: Path, which: str) -> Path:
     if which not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {which!r}")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run folder or its checkpoints/best.pt")
     if path.is_file():
-        return path
+        return path, read(path, trust=trust)
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    order = [folder / f"{which}.pt", folder / "last.pt"]
-    found = next((candidate for candidate in order if candidate.is_file()), None)
-    if found is None:
+    wanted, last = folder / f"{which}.pt", folder / "last.pt"
+    if wanted.is_file():
+        return wanted, read(wanted, trust=trust)
+    if not last.is_file():
         raise FileNotFoundError(f"{path} holds no checkpoints/{which}.pt or checkpoints/last.pt; train first")
-    return found
+    payload = read(last, trust=trust)
+    state = payload.get("state") or {}
+    best = state.get("best")
+    if best:
+        raise CheckpointError(
+            f"{wanted} is missing: the run's best checkpoint (epoch {best.get('epoch')}, {best.get('metric')} "
+            f"{best.get('value')}) was not written or was deleted. To use the last one instead (epoch "
+            f"{state.get('epoch')}), pass {last} (load_run: checkpoint='last')"
+        )
+    warnings.warn(
+        f"{path} has no best checkpoint (no epoch had a finite monitored metric); using {last} "
+        f"(epoch {state.get('epoch')})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return last, payload
 
 
 def _run_folder(checkpoint: Path) -> Path:
@@ -119,18 +143,16 @@ def build_run_model(config: Mapping[str, Any], run_dir: str | os.PathLike | None
         return apply(backbone, config["method"], num_classes=len(config["classes"]), **config["method_options"])
 
 
-def load_run(run: str | os.PathLike, *, checkpoint: str = "best") -> LoadedRun:
+def load_run(run: str | os.PathLike, *, checkpoint: str = "best", trust: bool = False) -> LoadedRun:
     """Rebuild the trained model of a `fastprompt train` run folder (or of one of its checkpoint files).
 
-    `checkpoint`: "best" (the epoch the run's monitor chose) or "last"; a folder without a best checkpoint
-    falls back to last. The checkpoint is verified (checksum), its tensors checked by name and shape.
+    `checkpoint`: "best" (the epoch the run's monitor chose) or "last"; a run that never had a best falls back
+    to last with a warning, a run whose best is missing is an error. The checkpoint is verified (checksum, plain
+    data only unless `trust`), its tensors checked by name and shape.
     """
-    from fastprompt.engine.checkpoint import read_checkpoint as read
-
-    path = _checkpoint_file(Path(run), checkpoint)
+    path, payload = _resolve(Path(run), checkpoint, trust=trust)
     run_dir = _run_folder(path)
     config = json.loads((run_dir / RUN_CONFIG).read_text())
-    payload = read(path)
     model = build_run_model(config, run_dir)
     hint = f" (the run trained {config['method']!r} on {config['model']} at image size {config['img_size']})"
     assign_trainable(model, payload["trainable"], source=path, hint=hint)

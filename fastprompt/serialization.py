@@ -16,6 +16,7 @@ here too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -486,9 +487,59 @@ def _create_timm(name: str, img_size: list[int] | None, checkpoint: Path | None,
     )  # fmt: skip
 
 
-def _create_backbone(record: Mapping[str, Any], backbone: str | os.PathLike | None) -> nn.Module:
-    """The pretrained network named by `backbone` (timm name, weight file, HF folder/name) or by the record."""
+@contextlib.contextmanager
+def _hub_offline() -> Any:
+    """Hugging Face hub in offline mode for the block: the local cache only, never a download."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[1]
+
+
+def _what_is_fetched(info: Mapping[str, Any]) -> str:
+    """The hub download the record's backbone would need, in words."""
+    name = info.get("name")
+    if info.get("library") == "transformers":
+        return f"the Hugging Face repo {name!r}"
+    try:
+        import timm
+
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id if name else None
+    except Exception:  # an unknown name: say what is known
+        repo = None
+    return f"timm's pretrained weights for {name!r}" + (f" (Hugging Face repo {repo!r})" if repo else "")
+
+
+def _create_backbone(
+    record: Mapping[str, Any], backbone: str | os.PathLike | None, *, allow_download: bool = True, source: Path
+) -> nn.Module:
+    """The pretrained network named by `backbone` (timm name, weight file, HF folder/name) or by the record.
+
+    A name taken from the record (`backbone` None) is the file author's choice: without `allow_download` only the
+    local cache is used, and a WeightsError names what a download would fetch.
+    """
     info = record.get("backbone") or {}
+    if backbone is None and not allow_download:
+        with _hub_offline():
+            try:
+                return _create_backbone(record, None, source=source)
+            except (ValueError, TypeError):
+                raise
+            except Exception as error:
+                raise WeightsError(
+                    f"{source} names {_what_is_fetched(info)} as its backbone, which is not in the local cache, and "
+                    "fastprompt.load downloads only with allow_download=True; pass that if you trust the file's "
+                    "source, or backbone=<model, local weight file or folder>"
+                ) from error
     library, name = info.get("library"), info.get("name")
     if library == "transformers":
         import transformers
@@ -533,13 +584,17 @@ def load(
     *,
     check_backbone: bool = True,
     strict: bool = True,
+    allow_download: bool = False,
 ) -> nn.Module:
     """Rebuild a patched model from `save_trainable` output in one call; returned in eval mode.
 
     `backbone`: a model object (plain, or with the method already applied), a local weight file of the recorded
     architecture, a timm model name (timm's pretrained weights), a Hugging Face folder/name, or None for the
     recorded name. The method is applied with the saved options and number of classes, then `load_trainable`'s
-    checks run. A name loads through timm's / Hugging Face's usual cache and download.
+    checks run. A name you pass loads through timm's / Hugging Face's usual cache and download. The recorded name
+    (``backbone=None``) was chosen by the file's author: it is fetched from the hub only with
+    ``allow_download=True``; otherwise only the local cache is used (WeightsError, at once, naming what would be
+    fetched).
     """
     tensors, record = read_trainable(path)
     source = _weights_path(path)
@@ -551,7 +606,7 @@ def load(
         if isinstance(backbone, nn.Module):
             base = backbone
         elif backbone is None or isinstance(backbone, (str, os.PathLike)):
-            base = _create_backbone(record, backbone)
+            base = _create_backbone(record, backbone, allow_download=allow_download, source=source)
         else:
             raise TypeError(
                 f"backbone must be a model, a weight file, a model name or None, got {type(backbone).__name__}"

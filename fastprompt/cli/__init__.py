@@ -48,8 +48,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types shown as a one-line message (exit code 2) rather than a traceback."""
     from fastprompt.data import CorruptImageError
     from fastprompt.engine.checkpoint import CheckpointError
+    from fastprompt.runlock import RunLockedError
 
-    return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, CorruptImageError, CheckpointError)
+    return (
+        ValueError, TypeError, FileNotFoundError, NotADirectoryError, CorruptImageError, CheckpointError,
+        RunLockedError,
+    )  # fmt: skip
 
 
 def _write(line: str) -> None:

@@ -269,6 +269,17 @@ def add_run_checkpoint(parser: argparse.ArgumentParser) -> None:
         metavar="RUN",
         help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
     )
+    add_trust_checkpoint(parser)
+
+
+def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """--trust-checkpoint: read a checkpoint that holds more than plain data (an older fastprompt's)."""
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="also read a checkpoint that holds Python objects besides plain data (one written by an older "
+        "fastprompt): this can run code its author chose, so only for files from a source you trust",
+    )
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output) if args.output else None
     if output is not None and output.exists() and not args.overwrite:
         raise UsageError(f"{output} exists (an earlier evaluation); pass --overwrite to replace it or another --output")
-    run = load_trained(args.checkpoint)
+    run = load_trained(args.checkpoint, trust=args.trust_checkpoint)
     config, classes = run.config, run.classes
     backbone = backbone_of(run.model)
     data = open_dataset(args.data, classes=classes, skip_unknown=args.skip_unknown_classes)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if output.exists() and not args.overwrite:
         raise UsageError(f"{output} exists; pass --overwrite to replace it, or another --output")
     files = image_files(args.data)  # a missing folder or file is reported before the model is built
-    loaded = load_trained(args.checkpoint)
+    loaded = load_trained(args.checkpoint, trust=args.trust_checkpoint)
     rows = predict_images(loaded, files, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     atomic_write_bytes(output, rows_to_csv(rows).encode())
     print(f"{len(rows)} prediction(s) written to {output}", file=sys.stderr)

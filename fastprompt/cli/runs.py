@@ -229,16 +229,16 @@ def prepare_hub_for(checkpoint: str | Path) -> None:
         use_offline_hub()
 
 
-def load_trained(checkpoint: str | Path) -> Any:
+def load_trained(checkpoint: str | Path, *, trust: bool = False) -> Any:
     """The `fastprompt.serialization.LoadedRun` of a run folder or one of its checkpoints; says which checkpoint.
 
-    A run folder means its best checkpoint (last when there is none); the run's frozen weight file is verified
-    against the digest recorded at training.
+    A run folder means its best checkpoint (last, with a warning, when the run never had one); the run's frozen
+    weight file is verified against the digest recorded at training. `trust`: see ``--trust-checkpoint``.
     """
     from fastprompt.serialization import load_run
 
     prepare_hub_for(checkpoint)
-    run = load_run(checkpoint)
+    run = load_run(checkpoint, trust=trust)
     print(f"checkpoint: {describe_checkpoint(run)}", file=sys.stderr)
     return run
 

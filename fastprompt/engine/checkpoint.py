@@ -200,6 +200,55 @@ def read_first_good(candidates: list[Path], *, trust: bool = False) -> tuple[dic
     return None
 
 
+def _epoch_of(path: Path, trust: bool) -> tuple[int, int] | None:
+    """(epoch, step_in_epoch) of an intact checkpoint, None when it is missing or does not verify."""
+    if not path.is_file():
+        return None
+    try:
+        state = read_checkpoint(path, trust=trust).get("state") or {}
+    except CheckpointError:
+        return None
+    return int(state.get("epoch", -1)), int(state.get("step_in_epoch", -1))
+
+
+def restore_best(
+    directory: Path, best: dict[str, Any] | None, sources: list[Path], *, write: bool, trust: bool = False
+) -> dict[str, Any] | None:
+    """On resume: make ``best.pt`` hold the epoch the state calls best; returns the best record to keep.
+
+    When best.pt is missing, corrupt or of another epoch, it is rewritten (if `write`) from the first of
+    `sources` written at the end of that epoch, with a warning. When none is, a warning says so plainly and None
+    is returned: the best is then tracked again from the resumed epochs on, so best.pt is written again.
+    """
+    if not best:
+        return best
+    epoch, path = int(best["epoch"]), directory / "best.pt"
+    found = _epoch_of(path, trust)
+    if found == (epoch, 0):
+        return best
+    problem = "is missing" if not path.exists() else ("does not verify" if found is None else f"holds epoch {found[0]}")
+    for source in sources:
+        if _epoch_of(source, trust) == (epoch, 0):
+            if write:
+                with open(source, "rb") as handle, atomic_open(path, "wb") as target:
+                    shutil.copyfileobj(handle, target)
+            warnings.warn(
+                f"{path} {problem} but the run's best is epoch {epoch} ({best.get('metric')} {best.get('value')}); "
+                f"rewrote it from {source.name}, written at the end of that epoch",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return best
+    warnings.warn(
+        f"{path} {problem}, and no checkpoint of the run's best epoch {epoch} ({best.get('metric')} "
+        f"{best.get('value')}) is left: that model is lost. The best is tracked again from the resumed epochs on; "
+        "until a new best is written, only last.pt holds a trained model",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
+
+
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA random states, as tensors and numbers (safe to checkpoint)."""
     version, words, gauss = random.getstate()

@@ -85,7 +85,23 @@ def auto_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             f"float targets of shape {tuple(targets.shape)}: pass class indices as an integer tensor [B], "
             "or multi-hot labels as a float tensor [B, num_classes]"
         )
+    check_labels(targets, logits.shape[-1])
     return F.cross_entropy(logits, targets.long())
+
+
+IGNORE_INDEX = -100  # cross-entropy's label for "no label": such samples add nothing to the loss
+
+
+def check_labels(targets: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError naming the first class index outside ``[0, num_classes)`` (``IGNORE_INDEX`` allowed)."""
+    targets = targets.reshape(-1)
+    bad = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= num_classes)
+    if bool(bad.any()):
+        label = int(targets[bad][0])
+        raise ValueError(
+            f"label {label} is outside the model's {num_classes} classes (valid: 0..{num_classes - 1}, or "
+            f"{IGNORE_INDEX} to ignore a sample); fix the dataset's labels or set num_classes to the class count"
+        )
 
 
 class EpochSampler(Sampler[int]):
