@@ -276,8 +276,9 @@ def _parse(raw: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         )
     try:
         record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path}: its fastprompt record is damaged ({err}); save the weights again") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
+        reason = "nested too deeply to read" if isinstance(err, RecursionError) else str(err)
+        raise WeightsError(f"{path}: its fastprompt record is damaged ({reason}); save the weights again") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise WeightsError(f"{path}: its fastprompt record is not a {FORMAT} record; save the weights again")
     if record.get("format_version") != FORMAT_VERSION:
@@ -285,7 +286,30 @@ def _parse(raw: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             f"{path} has format version {record.get('format_version')}, this fastprompt reads version "
             f"{FORMAT_VERSION}; load it with the fastprompt version that wrote it ({record.get('fastprompt_version')})"
         )
+    _check_record(record, path)
     return tensors, record
+
+
+_RECORD_FIELDS = {  # field: (accepted types, required)
+    "method": ((str,), True),
+    "weights": ((dict,), True),
+    "options": ((dict, type(None)), False),
+    "num_classes": ((int, type(None)), False),
+    "backbone": ((dict, type(None)), False),
+}
+
+
+def _check_record(record: dict[str, Any], path: Path) -> None:
+    """WeightsError naming the file for a record without `method` / `weights` (and its SHA-256) or mistyped."""
+    for name, (types, required) in _RECORD_FIELDS.items():
+        if name not in record:
+            if required:
+                raise WeightsError(f"{path}: its fastprompt record has no {name!r} entry; save the weights again")
+        elif not isinstance(record[name], types) or isinstance(record[name], bool):
+            kind = type(record[name]).__name__
+            raise WeightsError(f"{path}: its fastprompt record's {name!r} is a {kind}; save the weights again")
+    if not isinstance(record["weights"].get("sha256"), str):
+        raise WeightsError(f"{path}: its fastprompt record names no weights SHA-256; save the weights again")
 
 
 def read_trainable(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -312,8 +336,10 @@ def read_trainable(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     if sidecar.is_file():
         try:
             described = json.loads(sidecar.read_text())
-        except (OSError, ValueError) as err:
-            raise WeightsError(f"{sidecar} (the JSON beside {weights.name}) is unreadable: {err}; delete it") from None
+        except (OSError, ValueError, RecursionError) as err:
+            raise WeightsError(
+                f"{sidecar} (the JSON beside {weights.name}) is unreadable: {err!r}; delete it"
+            ) from None
         if described.get("file_sha256") != hashlib.sha256(raw).hexdigest():
             raise WeightsError(
                 f"{sidecar} describes other weights than {weights} holds (its file_sha256 does not match): one of the "
@@ -528,18 +554,22 @@ def _create_backbone(
     local cache is used, and a WeightsError names what a download would fetch.
     """
     info = record.get("backbone") or {}
-    if backbone is None and not allow_download:
+    if backbone is None and not allow_download and info.get("name"):
+        refusal = WeightsError(
+            f"{source} names {_what_is_fetched(info)} as its backbone, which is not in the local cache, and "
+            "fastprompt.load downloads only with allow_download=True; pass that if you trust the file's source, or "
+            "backbone=<model, local weight file or folder>"
+        )
+        if info.get("library") == "transformers" and not Path(info["name"]).is_dir():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(info["name"], "config.json"), str):
+                raise refusal  # decided before importing the model class (which alone can take seconds)
         with _hub_offline():
             try:
                 return _create_backbone(record, None, source=source)
-            except (ValueError, TypeError):
-                raise
-            except Exception as error:
-                raise WeightsError(
-                    f"{source} names {_what_is_fetched(info)} as its backbone, which is not in the local cache, and "
-                    "fastprompt.load downloads only with allow_download=True; pass that if you trust the file's "
-                    "source, or backbone=<model, local weight file or folder>"
-                ) from error
+            except Exception as error:  # not cached (each library words it its own way)
+                raise refusal from error
     library, name = info.get("library"), info.get("name")
     if library == "transformers":
         import transformers

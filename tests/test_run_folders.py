@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -354,3 +355,76 @@ def test_an_empty_loader_says_it_yielded_no_batches():
     with pytest.raises(ValueError, match="yielded no batches") as error:
         engine.fit(DataLoader(TensorDataset(x, y), batch_size=4, drop_last=True))
     assert "grad_accum" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------ weights files
+
+
+def rewrite_record(path: Path, edit) -> None:
+    """Rewrite a save_trainable file's record (the tensors, and so their digest, unchanged)."""
+    from safetensors.torch import load_file, save_file
+
+    from fastprompt.io import safetensors_metadata
+
+    record = json.loads(safetensors_metadata(path.read_bytes())["fastprompt"])
+    text = edit(record)
+    save_file(load_file(path), path, metadata={"fastprompt": text if isinstance(text, str) else json.dumps(record)})
+    path.with_suffix(".json").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    from fastprompt.models import create_backbone
+
+    model = fastprompt.apply(
+        create_backbone("vit_tiny_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2, patch_size=8),
+        "linear",
+        num_classes=2,
+    )
+    return fastprompt.save_trainable(model, tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda record: record.pop("weights") and None, "no 'weights' entry"),
+        (lambda record: record.pop("method") and None, "no 'method' entry"),
+        (lambda record: record.update(method=["lora"]), "'method' is a list"),
+        (lambda record: '{"format": "fastprompt-trainable", "x": ' + "[" * 200_000 + "]" * 200_000 + "}", "deeply"),
+    ],
+)
+def test_a_damaged_weights_record_is_a_weights_error_naming_the_file(weights_file, edit, message):
+    rewrite_record(weights_file, edit)
+    with pytest.raises(fastprompt.serialization.WeightsError, match=rf"w\.safetensors.*{message}"):
+        fastprompt.load(weights_file)
+
+
+@pytest.mark.parametrize(
+    "backbone, fetched",
+    [
+        ({"library": "transformers", "class": "transformers.ViTModel", "name": "someone/planted-vit"},
+         "the Hugging Face repo 'someone/planted-vit'"),
+        ({"library": "timm", "name": "vit_small_patch16_224", "img_size": [32, 32]},
+         "timm's pretrained weights for 'vit_small_patch16_224' (Hugging Face repo 'timm/"),
+    ],
+)  # fmt: skip
+def test_load_fetches_the_recorded_backbone_only_when_allowed(weights_file, tmp_path, monkeypatch, backbone, fetched):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a download attempt would fail, not hang
+    import socket
+
+    connections = []
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(
+        socket.socket, "connect", lambda sock, address: connections.append(address) or real_connect(sock, address)
+    )
+    rewrite_record(weights_file, lambda record: record.update(backbone=backbone))
+    started = time.monotonic()
+    with pytest.raises(fastprompt.serialization.WeightsError, match=rf"{re.escape(fetched)}.*allow_download=True"):
+        fastprompt.load(weights_file)
+    assert time.monotonic() - started < 3.0
+    assert connections == []  # not one connection attempt to the hub
+    assert constants.HF_HUB_OFFLINE is False  # the caller's setting is back
