@@ -428,3 +428,29 @@ def test_load_fetches_the_recorded_backbone_only_when_allowed(weights_file, tmp_
     assert time.monotonic() - started < 3.0
     assert connections == []  # not one connection attempt to the hub
     assert constants.HF_HUB_OFFLINE is False  # the caller's setting is back
+
+
+# ------------------------------------------------------------------------------------------------ OSError in the CLI
+
+
+def test_os_errors_in_the_cli_are_one_line_naming_the_path_and_the_fix(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    image = next(trained["val"].rglob("*.png"))
+    predict = ["predict", f"--checkpoint={trained['run']}", f"--data={image}", "--quiet", "--workers=0"]
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    code, err = run_cli(capsys, [*predict, f"--output={folder}", "--overwrite"])
+    assert code == 2 and "Traceback" not in err, err
+    assert f"cannot use {folder}" in err and "pass a file name inside it" in err, err
+
+    def full(fd):  # delayed allocation: a full disk is reported when the data is flushed
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    output = tmp_path / "preds.csv"
+    code, err = run_cli(capsys, [*predict, f"--output={output}"])
+    monkeypatch.undo()
+    assert code == 2 and "Traceback" not in err, err
+    assert f"cannot use {output}: No space left on device; free disk space" in err, err
+    assert not output.exists()
