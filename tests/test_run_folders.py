@@ -454,3 +454,28 @@ def test_os_errors_in_the_cli_are_one_line_naming_the_path_and_the_fix(trained, 
     assert code == 2 and "Traceback" not in err, err
     assert f"cannot use {output}: No space left on device; free disk space" in err, err
     assert not output.exists()
+
+
+# ------------------------------------------------------------------------------------------------ CSV labels
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (["a.png,normal", "b.png,", "c.png,pneumonia"], r"line 3: 'b.png' has an empty label"),
+        (["a.png,normal", "b.png,0", "c.png,pneumonia"], r"mixes class indices and class names .*line 3: '0'"),
+        (["a.png,Pneumonia", "b.png,normal", "c.png,pneumonia"], r"'Pneumonia' \(line 2\) and 'pneumonia' \(line 4\)"),
+        (["a.png,normal", "b.png,pneumonia", "./a.png,pneumonia"], r"'./a.png' is listed on lines 2 and 4"),
+    ],
+)
+def test_csv_labels_that_would_split_or_merge_classes_are_refused_naming_the_row(tmp_path, rows, message):
+    from fastprompt.data import CsvDataset
+
+    write_image_folder(tmp_path / "img", per_class=1)
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copy(tmp_path / "img" / "benign" / "0.png", tmp_path / name)
+    (tmp_path / "list.csv").write_text("\n".join(["path,label", *rows]) + "\n")
+    with pytest.raises(ValueError, match=message):
+        CsvDataset(tmp_path / "list.csv")
+    (tmp_path / "ok.csv").write_text("path,label\na.png,normal\nb.png,pneumonia\na.png,normal\n")
+    assert CsvDataset(tmp_path / "ok.csv").classes == ["normal", "pneumonia"]  # a repeated identical row is fine
