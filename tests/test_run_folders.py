@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -479,3 +480,50 @@ def test_csv_labels_that_would_split_or_merge_classes_are_refused_naming_the_row
         CsvDataset(tmp_path / "list.csv")
     (tmp_path / "ok.csv").write_text("path,label\na.png,normal\nb.png,pneumonia\na.png,normal\n")
     assert CsvDataset(tmp_path / "ok.csv").classes == ["normal", "pneumonia"]  # a repeated identical row is fine
+
+
+# ------------------------------------------------------------------------------------------------ feature cache
+
+
+def test_cache_entries_of_a_wrong_shape_or_non_finite_are_named_dropped_and_recomputed(tmp_path):
+    from reliability_worker import feature_images, tiny_fpt
+
+    from fastprompt.data import FeatureCache, FeatureDataset, preload
+
+    model, images, cache = tiny_fpt(), feature_images(4), FeatureCache(tmp_path / "cache")
+    keys = preload(model, images, cache, batch_size=2, progress=False).keys
+    good = cache.load(keys[0])
+    # the same layers and heads, an independent count of the kept tokens: int(N * ratio) with N = 16 patches + CLS
+    assert tuple(good["keys"].shape) == (2, 4, int(17 * model.token_ratio), 8)
+    cache.save(keys[1], {name: value[:, :, :-1] for name, value in good.items()})  # valid checksum, wrong shape
+    cache.save(keys[2], {name: torch.full_like(value, float("nan")) for name, value in good.items()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = preload(model, images, cache, batch_size=2, progress=False)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert str(cache.path(keys[1])) in messages and "the model's features are" in messages
+    assert str(cache.path(keys[2])) in messages and "NaN" in messages
+    assert report.computed == 2 and report.skipped == 2
+    for key in keys:
+        assert tuple(cache.load(key)["keys"].shape) == tuple(good["keys"].shape)
+    cache.save(keys[3], {name: torch.full_like(value, float("inf")) for name, value in good.items()})
+    with pytest.warns(RuntimeWarning, match="inf"), pytest.raises(RuntimeError, match=str(cache.path(keys[3]))):
+        FeatureDataset(cache, keys, list(range(4)))[3]  # no model to recompute with: named, not a collate error
+
+
+# ------------------------------------------------------------------------------------------------ predict admission
+
+
+def test_predict_gives_a_tiny_image_a_row_with_the_reason_and_no_score(trained, tmp_path):
+    from PIL import Image
+
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tiny)
+    normal = next(trained["val"].rglob("*.png"))
+    with pytest.warns(UserWarning, match="1 image"):
+        rows = fastprompt.predict_images(trained["run"], [normal, tiny], progress=False)
+    assert [Path(row["path"]).name for row in rows] == [normal.name, "tiny.png"]
+    assert rows[0]["skipped"] == "" and isinstance(rows[0]["probability"], float)
+    assert rows[1]["predicted"] == "" and rows[1]["probability"] is None
+    assert rows[1]["prob_benign"] is None and rows[1]["prob_malignant"] is None
+    assert rows[1]["skipped"] == "1x1 pixels, smaller than one 8-pixel patch"

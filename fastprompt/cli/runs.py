@@ -68,7 +68,9 @@ def open_dataset(path: str | Path, classes: Sequence[str] | None = None, *, skip
 
 
 def drop_small_images(dataset: Any, patch: int) -> int:
-    """Remove images smaller than one patch on either side; print and return how many."""
+    """Remove images smaller than one patch on either side (`fastprompt.data.images.too_small`); print how many."""
+    from fastprompt.data.images import too_small
+
     small: list[tuple[str, tuple[int, int]]] = []
     kept = []
     samples = dataset.samples
@@ -78,7 +80,7 @@ def drop_small_images(dataset: Any, patch: int) -> int:
                 size = image.size
         except Exception:  # not a PIL format (e.g. DICOM): decodable, checked by verify()
             size = None
-        if size is not None and min(size) < patch:
+        if size is not None and too_small(size, patch):
             small.append((path, size))
         else:
             kept.append((path, target))
