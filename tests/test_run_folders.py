@@ -22,6 +22,7 @@ from helpers import CLI_TINY, learnable_task, tiny_vit, write_image_folder
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastprompt
+from fastprompt import serialization
 from fastprompt.cli import main
 from fastprompt.engine.checkpoint import (
     DIGEST_LEN,
@@ -134,9 +135,9 @@ def test_a_planted_checkpoint_runs_no_code_on_any_reading_path(trained, tmp_path
         "engine read_checkpoint": lambda: read_checkpoint(last),
         "fastprompt.read_checkpoint": lambda: fastprompt.read_checkpoint(run),
         "load_run": lambda: fastprompt.load_run(run),
-        "Engine.load": lambda: fastprompt.Engine.load(last, fastprompt.serialization.build_run_model(config, run)),
+        "Engine.load": lambda: fastprompt.Engine.load(last, serialization.build_run_model(config, run)),
         "Engine.fit(resume=True)": lambda: fastprompt.Engine(
-            fastprompt.serialization.build_run_model(config, run), output_dir=run, epochs=1, progress=False
+            serialization.build_run_model(config, run), output_dir=run, epochs=1, progress=False
         ).fit(DataLoader(TensorDataset(*learnable_task(2, 4)), batch_size=4), resume=True),
     }
     for where, attempt in attempts.items():
@@ -238,6 +239,8 @@ def test_safe_resume_changes_are_returned_for_the_history_and_others_refused():
 
     recorded = {"method": "lora", "engine": {"epochs": 2, "lr": 0.1}, "classes": ["a", "b"], "trainable_parameters": 5}
     assert check_resume(recorded, {**recorded, "engine": {"epochs": 4, "lr": 0.1}}) == {"engine.epochs": [2, 4]}
+    newer = {**recorded, "engine": {"epochs": 2, "lr": 0.1, "patience": 3}}  # an option this run predates
+    assert check_resume(recorded, newer) == {"engine.patience": [None, 3]}
     with pytest.raises(UsageError, match=r"classes: the run has \['a', 'b'\], now \['b', 'a'\]"):
         check_resume(recorded, {**recorded, "classes": ["b", "a"]})
 
@@ -251,7 +254,7 @@ def test_a_changed_random_init_backbone_is_refused_on_load_and_resume(trained, t
     name = next(iter(tensors))
     tensors[name] = tensors[name] + 0.01
     save_file(tensors, run / "backbone.safetensors")
-    with pytest.raises(fastprompt.serialization.WeightsError, match="changed since training"):
+    with pytest.raises(serialization.WeightsError, match="changed since training"):
         fastprompt.load_run(run)
     before = folder_digest(run)
     code, err = run_cli(capsys, [*trained["argv"], f"--output-dir={run}", "--resume"])
@@ -396,7 +399,7 @@ def weights_file(tmp_path):
 )
 def test_a_damaged_weights_record_is_a_weights_error_naming_the_file(weights_file, edit, message):
     rewrite_record(weights_file, edit)
-    with pytest.raises(fastprompt.serialization.WeightsError, match=rf"w\.safetensors.*{message}"):
+    with pytest.raises(serialization.WeightsError, match=rf"w\.safetensors.*{message}"):
         fastprompt.load(weights_file)
 
 
@@ -424,7 +427,7 @@ def test_load_fetches_the_recorded_backbone_only_when_allowed(weights_file, tmp_
     )
     rewrite_record(weights_file, lambda record: record.update(backbone=backbone))
     started = time.monotonic()
-    with pytest.raises(fastprompt.serialization.WeightsError, match=rf"{re.escape(fetched)}.*allow_download=True"):
+    with pytest.raises(serialization.WeightsError, match=rf"{re.escape(fetched)}.*allow_download=True"):
         fastprompt.load(weights_file)
     assert time.monotonic() - started < 3.0
     assert connections == []  # not one connection attempt to the hub

@@ -357,17 +357,17 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_resume(recorded: dict[str, Any], config: dict[str, Any]) -> dict[str, list[Any]]:
-    """The safe changes of a --resume (name: [recorded, now]); a UsageError naming every change that is not safe.
+    """The changes of a --resume that are allowed (name: [recorded, now]); a UsageError naming any other change.
 
     Runs before anything in the run folder is written, so a refused resume changes nothing.
     """
     import json
 
     old, new = _flat(json.loads(json.dumps(recorded))), _flat(json.loads(json.dumps(config)))
-    if "weights.sha256" not in old:
-        new.pop("weights.sha256", None)  # random-init runs recorded before their backbone digest was
     changed = [key for key in sorted({*old, *new}) if key not in NOT_COMPARED and old.get(key) != new.get(key)]
-    unsafe = [key for key in changed if key not in SAFE_ON_RESUME]
+    # A setting only one side has (added or dropped by another fastprompt version, e.g. the backbone digest of a
+    # random-init run) cannot be compared: it is recorded, not refused.
+    unsafe = [key for key in changed if key not in SAFE_ON_RESUME and key in old and key in new]
     if unsafe:
         shown = "; ".join(f"{key}: the run has {old.get(key)!r}, now {new.get(key)!r}" for key in unsafe[:4])
         more = f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else ""
