@@ -530,3 +530,12 @@ def test_predict_gives_a_tiny_image_a_row_with_the_reason_and_no_score(trained, 
     assert rows[1]["predicted"] == "" and rows[1]["probability"] is None
     assert rows[1]["prob_benign"] is None and rows[1]["prob_malignant"] is None
     assert rows[1]["skipped"] == "1x1 pixels, smaller than one 8-pixel patch"
+
+
+def test_the_training_summary_says_a_best_checkpoint_is_missing_not_that_no_metric_was_finite(tmp_path):
+    from types import SimpleNamespace
+
+    from fastprompt.cli.train import best_summary
+
+    engine = SimpleNamespace(state={"best": {"epoch": 2, "metric": "val_auc", "value": 0.8}}, history=[])
+    assert "best checkpoint (epoch 2) is missing" in best_summary(engine, tmp_path)

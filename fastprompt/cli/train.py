@@ -462,8 +462,13 @@ def best_summary(engine: Any, out: Path) -> str:
     """Which checkpoint is best, at which epoch, with its validation metrics."""
     best = engine.state.get("best")
     path = out / "checkpoints" / "best.pt"
-    if not best or not path.is_file():
-        return "no best checkpoint (no finite validation metric); use checkpoints/last.pt"
+    if best and not path.is_file():
+        return f"the best checkpoint (epoch {best['epoch']}) is missing from {path}; use checkpoints/last.pt"
+    if not best:
+        return (
+            "no best checkpoint (no epoch had a finite monitored metric, or the best was lost: see the warnings "
+            "above); use checkpoints/last.pt"
+        )
     record = next((r for r in engine.history if r.get("epoch") == best["epoch"]), {})
     values = ", ".join(f"{key} {record[key]:.4f}" for key in SHOWN_METRICS if isinstance(record.get(key), float))
     return f"best checkpoint: {path} (epoch {best['epoch']}, best {best['metric']}; {values})"
