@@ -539,3 +539,14 @@ def test_the_training_summary_says_a_best_checkpoint_is_missing_not_that_no_metr
 
     engine = SimpleNamespace(state={"best": {"epoch": 2, "metric": "val_auc", "value": 0.8}}, history=[])
     assert "best checkpoint (epoch 2) is missing" in best_summary(engine, tmp_path)
+
+
+def test_a_resume_with_another_lora_rank_is_one_line_and_changes_nothing(trained, tmp_path, capsys):
+    argv = [arg for arg in trained["argv"] if arg != "--method=linear"] + ["--method=lora", "--rank=2"]
+    run = tmp_path / "lora_run"
+    assert main([*argv, f"--output-dir={run}"]) == 0
+    before = folder_digest(run)
+    code, err = run_cli(capsys, [*argv, "--rank=4", f"--output-dir={run}", "--resume"])
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "method_options: the run has {'rank': 2}, now {'rank': 4}" in err, err
+    assert folder_digest(run) == before
