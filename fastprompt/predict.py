@@ -63,24 +63,33 @@ def image_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
 
 
 class _Images(Dataset):
-    """(index, transformed image) for the decodable files; unreadable ones yield (index, None)."""
+    """(index, transformed image, None) for admitted files; (index, None, (kind, reason)) for the others.
 
-    def __init__(self, paths: Sequence[Path], transform: Any) -> None:
-        self.paths, self.transform = list(paths), transform
+    kind is "unreadable" (no row) or "too small" (train's admission rule: a row without a score).
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: Any, patch: int) -> None:
+        self.paths, self.transform, self.patch = list(paths), transform, patch
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
-        from fastprompt.data.images import CorruptImageError, load_image
+    def __getitem__(self, index: int) -> tuple[int, Any, tuple[str, str] | None]:
+        from fastprompt.data.images import CorruptImageError, image_size, load_image, too_small
 
         try:
-            return index, self.transform(load_image(self.paths[index])), None
+            image = load_image(self.paths[index])
         except CorruptImageError as err:
-            return index, None, str(err)
+            return index, None, ("unreadable", str(err))
+        reason = too_small(image_size(image), self.patch)
+        if reason is not None:
+            return index, None, ("too small", reason)
+        return index, self.transform(image), None
 
 
-def _collate(items: list[tuple[int, Any, str | None]]) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+def _collate(
+    items: list[tuple[int, Any, tuple[str, str] | None]],
+) -> tuple[list[int], torch.Tensor | None, dict[int, tuple[str, str]]]:
     good = [(index, image) for index, image, _ in items if image is not None]
     errors = {index: error for index, _, error in items if error is not None}
     images = torch.stack([image for _, image in good]) if good else None
@@ -103,9 +112,11 @@ def predict_images(
     `fastprompt.serialization.LoadedRun`. Returns one dict per decodable image, in input order: ``path``,
     ``predicted`` (class name; for a multi-label run the names with probability >= 0.5 joined by ``;``),
     ``probability`` (of the predicted class; multi-label: the highest) and ``prob_<class>`` for every class.
-    Unreadable images get no row and are all named in one SkippedImageWarning. With `positive_class` (a class
-    name of a single-label run; default: the run's recorded one) rows also hold ``positive_class`` and
-    ``positive_probability``, the probability of that class.
+    Unreadable images get no row and are all named in one SkippedImageWarning. Images train would not admit
+    (smaller than one patch) get a row without a prediction (empty ``predicted``, ``probability`` and
+    ``prob_<class>`` None) and their reason in a ``skipped`` column, which every row then has. With
+    `positive_class` (a class name of a single-label run; default: the run's recorded one) rows also hold
+    ``positive_class`` and ``positive_probability``, the probability of that class.
     """
     from fastprompt.data import SkippedImageWarning, transforms_for_model
     from fastprompt.serialization import load_run
@@ -126,14 +137,18 @@ def predict_images(
     device = torch.device(device)
     model.to(device).eval()
     transform = transforms_for_model(backbone_of(model), loaded.config["img_size"], train=False)
+    patch = int(max(backbone_of(model).patch_embed.patch_size))
     loader = DataLoader(
-        _Images(paths, transform), batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=_collate
-    )
+        _Images(paths, transform, patch), batch_size=batch_size, num_workers=workers, shuffle=False,
+        collate_fn=_collate,
+    )  # fmt: skip
     probabilities: dict[int, torch.Tensor] = {}
     unreadable: dict[int, str] = {}
+    refused: dict[int, str] = {}
     with torch.no_grad(), tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for indices, images, errors in loader:
-            unreadable.update(errors)
+            for index, (kind, reason) in errors.items():
+                (unreadable if kind == "unreadable" else refused)[index] = reason
             if images is not None:
                 probs = class_probabilities(model(images.to(device)), multilabel=multilabel)
                 probabilities.update(zip(indices, probs.cpu()))
@@ -142,8 +157,22 @@ def predict_images(
         listed = "; ".join(unreadable[index] for index in sorted(unreadable))
         warnings.warn(f"{len(unreadable)} image(s) could not be read and have no prediction: {listed}",
                       SkippedImageWarning, stacklevel=2)  # fmt: skip
+    if refused:
+        warnings.warn(
+            f"{len(refused)} image(s) are too small for the model (train leaves such images out); their rows have "
+            "no prediction and say why in the 'skipped' column",
+            SkippedImageWarning,
+            stacklevel=2,
+        )
     rows = []
-    for index in sorted(probabilities):
+    for index in sorted([*probabilities, *refused]):
+        if index in refused:
+            row = {"path": str(paths[index].resolve()), "predicted": "", "probability": None}
+            row.update({f"{PROBABILITY_PREFIX}{name}": None for name in classes})
+            if positive_class is not None:
+                row.update(positive_class=positive_class, positive_probability=None)
+            rows.append({**row, "skipped": refused[index]})
+            continue
         probs = probabilities[index]
         if multilabel:
             chosen = [name for name, p in zip(classes, probs.tolist()) if p >= 0.5]
@@ -155,7 +184,7 @@ def predict_images(
         row.update({f"{PROBABILITY_PREFIX}{name}": float(p) for name, p in zip(classes, probs.tolist())})
         if positive_class is not None:
             row.update(positive_class=positive_class, positive_probability=float(probs[classes.index(positive_class)]))
-        rows.append(row)
+        rows.append({**row, "skipped": ""} if refused else row)
     return rows
 
 

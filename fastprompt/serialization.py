@@ -9,12 +9,14 @@
 The record holds the method, its options (defaults filled in), the number of classes, the backbone (library,
 name, image size, the recipe ``fastprompt.models.create_backbone`` used, and a SHA-256 of its frozen weights)
 and a SHA-256 of the trainable tensors, verified on every read. ``load_trainable`` loads the file into a model
-with the same method applied; ``load`` rebuilds the patched model from a backbone in one call. ``load_run`` and
-``read_checkpoint`` read what ``fastprompt train`` / the Engine write.
+with the same method applied; ``load`` rebuilds the patched model from a backbone in one call. Run folders and
+Engine checkpoints (``load_run``, ``read_checkpoint``) live in `fastprompt.run_folders`; they are importable from
+here too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -22,9 +24,8 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,7 +34,10 @@ from fastprompt.io import atomic_write_bytes, safetensors_metadata, tensor_diges
 from fastprompt.methods import registry
 from fastprompt.patch import CONFIG_ATTR, METHOD_ATTR
 
-__all__ = [
+if TYPE_CHECKING:
+    from fastprompt.run_folders import LoadedRun, build_run_model, load_run, read_checkpoint
+
+__all__ = [  # the run-folder names come from fastprompt.run_folders (see __getattr__)
     "BackboneWeightsWarning",
     "LoadedRun",
     "WeightsError",
@@ -53,7 +57,6 @@ FORMAT = "fastprompt-trainable"
 FORMAT_VERSION = 1
 METADATA_KEY = "fastprompt"
 DEFAULT_FILE = "trainable.safetensors"  # used when `path` is a folder
-RUN_CONFIG = "config.json"  # written by `fastprompt train` into the run folder
 _SHOWN = 5  # names listed in an error before "... and N more"
 
 
@@ -273,8 +276,9 @@ def _parse(raw: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         )
     try:
         record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path}: its fastprompt record is damaged ({err}); save the weights again") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
+        reason = "nested too deeply to read" if isinstance(err, RecursionError) else str(err)
+        raise WeightsError(f"{path}: its fastprompt record is damaged ({reason}); save the weights again") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise WeightsError(f"{path}: its fastprompt record is not a {FORMAT} record; save the weights again")
     if record.get("format_version") != FORMAT_VERSION:
@@ -282,7 +286,30 @@ def _parse(raw: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             f"{path} has format version {record.get('format_version')}, this fastprompt reads version "
             f"{FORMAT_VERSION}; load it with the fastprompt version that wrote it ({record.get('fastprompt_version')})"
         )
+    _check_record(record, path)
     return tensors, record
+
+
+_RECORD_FIELDS = {  # field: (accepted types, required)
+    "method": ((str,), True),
+    "weights": ((dict,), True),
+    "options": ((dict, type(None)), False),
+    "num_classes": ((int, type(None)), False),
+    "backbone": ((dict, type(None)), False),
+}
+
+
+def _check_record(record: dict[str, Any], path: Path) -> None:
+    """WeightsError naming the file for a record without `method` / `weights` (and its SHA-256) or mistyped."""
+    for name, (types, required) in _RECORD_FIELDS.items():
+        if name not in record:
+            if required:
+                raise WeightsError(f"{path}: its fastprompt record has no {name!r} entry; save the weights again")
+        elif not isinstance(record[name], types) or isinstance(record[name], bool):
+            kind = type(record[name]).__name__
+            raise WeightsError(f"{path}: its fastprompt record's {name!r} is a {kind}; save the weights again")
+    if not isinstance(record["weights"].get("sha256"), str):
+        raise WeightsError(f"{path}: its fastprompt record names no weights SHA-256; save the weights again")
 
 
 def read_trainable(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -309,8 +336,10 @@ def read_trainable(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     if sidecar.is_file():
         try:
             described = json.loads(sidecar.read_text())
-        except (OSError, ValueError) as err:
-            raise WeightsError(f"{sidecar} (the JSON beside {weights.name}) is unreadable: {err}; delete it") from None
+        except (OSError, ValueError, RecursionError) as err:
+            raise WeightsError(
+                f"{sidecar} (the JSON beside {weights.name}) is unreadable: {err!r}; delete it"
+            ) from None
         if described.get("file_sha256") != hashlib.sha256(raw).hexdigest():
             raise WeightsError(
                 f"{sidecar} describes other weights than {weights} holds (its file_sha256 does not match): one of the "
@@ -484,9 +513,63 @@ def _create_timm(name: str, img_size: list[int] | None, checkpoint: Path | None,
     )  # fmt: skip
 
 
-def _create_backbone(record: Mapping[str, Any], backbone: str | os.PathLike | None) -> nn.Module:
-    """The pretrained network named by `backbone` (timm name, weight file, HF folder/name) or by the record."""
+@contextlib.contextmanager
+def _hub_offline() -> Any:
+    """Hugging Face hub in offline mode for the block: the local cache only, never a download."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[1]
+
+
+def _what_is_fetched(info: Mapping[str, Any]) -> str:
+    """The hub download the record's backbone would need, in words."""
+    name = info.get("name")
+    if info.get("library") == "transformers":
+        return f"the Hugging Face repo {name!r}"
+    try:
+        import timm
+
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id if name else None
+    except Exception:  # an unknown name: say what is known
+        repo = None
+    return f"timm's pretrained weights for {name!r}" + (f" (Hugging Face repo {repo!r})" if repo else "")
+
+
+def _create_backbone(
+    record: Mapping[str, Any], backbone: str | os.PathLike | None, *, allow_download: bool = True, source: Path
+) -> nn.Module:
+    """The pretrained network named by `backbone` (timm name, weight file, HF folder/name) or by the record.
+
+    A name taken from the record (`backbone` None) is the file author's choice: without `allow_download` only the
+    local cache is used, and a WeightsError names what a download would fetch.
+    """
     info = record.get("backbone") or {}
+    if backbone is None and not allow_download and info.get("name"):
+        refusal = WeightsError(
+            f"{source} names {_what_is_fetched(info)} as its backbone, which is not in the local cache, and "
+            "fastprompt.load downloads only with allow_download=True; pass that if you trust the file's source, or "
+            "backbone=<model, local weight file or folder>"
+        )
+        if info.get("library") == "transformers" and not Path(info["name"]).is_dir():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(info["name"], "config.json"), str):
+                raise refusal  # decided before importing the model class (which alone can take seconds)
+        with _hub_offline():
+            try:
+                return _create_backbone(record, None, source=source)
+            except Exception as error:  # not cached (each library words it its own way)
+                raise refusal from error
     library, name = info.get("library"), info.get("name")
     if library == "transformers":
         import transformers
@@ -531,13 +614,17 @@ def load(
     *,
     check_backbone: bool = True,
     strict: bool = True,
+    allow_download: bool = False,
 ) -> nn.Module:
     """Rebuild a patched model from `save_trainable` output in one call; returned in eval mode.
 
     `backbone`: a model object (plain, or with the method already applied), a local weight file of the recorded
     architecture, a timm model name (timm's pretrained weights), a Hugging Face folder/name, or None for the
     recorded name. The method is applied with the saved options and number of classes, then `load_trainable`'s
-    checks run. A name loads through timm's / Hugging Face's usual cache and download.
+    checks run. A name you pass loads through timm's / Hugging Face's usual cache and download. The recorded name
+    (``backbone=None``) was chosen by the file's author: it is fetched from the hub only with
+    ``allow_download=True``; otherwise only the local cache is used (WeightsError, at once, naming what would be
+    fetched).
     """
     tensors, record = read_trainable(path)
     source = _weights_path(path)
@@ -549,7 +636,7 @@ def load(
         if isinstance(backbone, nn.Module):
             base = backbone
         elif backbone is None or isinstance(backbone, (str, os.PathLike)):
-            base = _create_backbone(record, backbone)
+            base = _create_backbone(record, backbone, allow_download=allow_download, source=source)
         else:
             raise TypeError(
                 f"backbone must be a model, a weight file, a model name or None, got {type(backbone).__name__}"
@@ -564,131 +651,13 @@ def load(
     return model.eval()
 
 
-# ---------------------------------------------------------------------------------------------- runs
+_RUN_FOLDER_NAMES = ("RUN_CONFIG", "LoadedRun", "build_run_model", "load_run", "read_checkpoint")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and verify an Engine / `fastprompt train` checkpoint; `path` is a ``.pt`` file or a run folder.
+def __getattr__(name: str) -> Any:
+    """Run folders and checkpoints live in `fastprompt.run_folders`; importable from here as before."""
+    if name in _RUN_FOLDER_NAMES:
+        from fastprompt import run_folders
 
-    A run folder means its ``checkpoints/best.pt`` (``last.pt`` when there is no best). The payload is the dict
-    described in the README ("Run folders and checkpoints"); ``payload["trainable"]`` holds the trained tensors.
-    Raises fastprompt.engine.CheckpointError when the file is not intact. Checkpoints are pickles: read only
-    files you trust.
-    """
-    from fastprompt.engine.checkpoint import read_checkpoint as read
-
-    return read(_checkpoint_file(Path(path), "best"))
-
-
-def _checkpoint_file(path: Path, which: str) -> Path:
-    if which not in ("best", "last"):
-        raise ValueError(f"checkpoint must be 'best' or 'last', got {which!r}")
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a run folder or its checkpoints/best.pt")
-    if path.is_file():
-        return path
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    order = [folder / f"{which}.pt", folder / "last.pt"]
-    found = next((candidate for candidate in order if candidate.is_file()), None)
-    if found is None:
-        raise FileNotFoundError(f"{path} holds no checkpoints/{which}.pt or checkpoints/last.pt; train first")
-    return found
-
-
-def _run_folder(checkpoint: Path) -> Path:
-    for folder in (checkpoint.parent, checkpoint.parent.parent):
-        if (folder / RUN_CONFIG).is_file():
-            return folder
-    raise FileNotFoundError(
-        f"no {RUN_CONFIG} next to {checkpoint} or in its parent folder; load_run reads folders written by "
-        "`fastprompt train` (for an Engine's own output_dir, build the model and use Engine.load or read_checkpoint)"
-    )
-
-
-@dataclass
-class LoadedRun:
-    """A trained model rebuilt from a run folder, with what the run recorded about it."""
-
-    model: nn.Module  # the patched model with the checkpoint's trainable weights, in eval mode
-    config: dict[str, Any]  # the run's config.json (model, method, options, classes, data, engine settings, ...)
-    classes: list[str]  # class names in output order
-    checkpoint: Path  # the checkpoint file the weights came from
-    epoch: int  # completed epochs when the checkpoint was written (1-based number of the last one; 0: none)
-    step_in_epoch: int  # optimizer steps into the next epoch (0 for an end-of-epoch checkpoint)
-    metrics: dict[str, Any] | None  # epoch `epoch`'s record (train loss, validation metrics); None if epoch 0
-    best: dict[str, Any] | None  # which metric selected the best checkpoint, its value and epoch
-    run_dir: Path
-    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's record up to the checkpoint
-
-
-def build_run_model(config: Mapping[str, Any], run_dir: str | os.PathLike | None = None) -> nn.Module:
-    """The untrained patched model a run's config.json describes: its backbone (and frozen weights), the method.
-
-    Frozen weights come from the hub (``weights.source == "pretrained"``), the weight file the run recorded, or
-    the run's own ``backbone.safetensors`` (random initialisation). A recorded ``weights.sha256`` of that file is
-    verified (WeightsError when the file changed since training).
-    """
-    from fastprompt.io import sha256_file
-    from fastprompt.models import create_backbone
-    from fastprompt.patch import apply
-
-    weights = config["weights"]
-    file = weights.get("file")
-    if file is not None and run_dir is not None and not Path(file).is_absolute():
-        file = Path(run_dir) / file
-    if file is not None:
-        if not Path(file).is_file():
-            raise FileNotFoundError(
-                f"the run's frozen weights {file} do not exist any more; put the file back where training read it"
-            )
-        expected = weights.get("sha256")
-        if expected is not None:
-            actual = sha256_file(file)
-            if actual != expected:
-                raise WeightsError(
-                    f"the weight file {file} changed since training (SHA-256 {actual[:16]}…, the run recorded "
-                    f"{expected[:16]}…): restore the file the run was trained with"
-                )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(config.get("seed", 0)))
-        backbone = create_backbone(
-            config["model"],
-            img_size=int(config["img_size"]),
-            pretrained=weights.get("source") == "pretrained",
-            checkpoint=file,
-            **dict(config.get("model_kwargs") or {}),
-        )
-        return apply(backbone, config["method"], num_classes=len(config["classes"]), **config["method_options"])
-
-
-def load_run(run: str | os.PathLike, *, checkpoint: str = "best") -> LoadedRun:
-    """Rebuild the trained model of a `fastprompt train` run folder (or of one of its checkpoint files).
-
-    `checkpoint`: "best" (the epoch the run's monitor chose) or "last"; a folder without a best checkpoint
-    falls back to last. The checkpoint is verified (checksum), its tensors checked by name and shape.
-    """
-    from fastprompt.engine.checkpoint import read_checkpoint as read
-
-    path = _checkpoint_file(Path(run), checkpoint)
-    run_dir = _run_folder(path)
-    config = json.loads((run_dir / RUN_CONFIG).read_text())
-    payload = read(path)
-    model = build_run_model(config, run_dir)
-    hint = f" (the run trained {config['method']!r} on {config['model']} at image size {config['img_size']})"
-    assign_trainable(model, payload["trainable"], source=path, hint=hint)
-    history = list(payload.get("history") or [])
-    state = payload.get("state") or {}
-    epoch = int(state.get("epoch", len(history)))
-    record = next((dict(item) for item in history if item.get("epoch") == epoch), None)
-    return LoadedRun(
-        model=model.eval(),
-        config=config,
-        classes=list(config["classes"]),
-        checkpoint=path,
-        epoch=epoch,
-        step_in_epoch=int(state.get("step_in_epoch", 0)),
-        metrics=record,
-        best=state.get("best"),
-        run_dir=run_dir,
-        history=history,
-    )
+        return getattr(run_folders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,7 @@ Usage: ``python tests/reliability_worker.py MODE OUT_DIR [KILL]``.
 - ``train``: `Engine.fit(resume=True)` of a 2-block LoRA ViT (torch backend, a checkpoint after every step) in
   OUT_DIR. Touches OUT_DIR/started after the first optimizer step, and OUT_DIR/done when fit returns.
 - ``preload``: fills the FPT feature cache OUT_DIR/cache with 12 images, two at a time.
+- ``lock``: takes the run-folder lock of OUT_DIR, touches OUT_DIR/locked, and sleeps until killed.
 
 KILL makes the process SIGKILL itself at a chosen point: ``write:N:FRACTION`` inside the N-th atomic file write
 (checkpoint or cache entry), after FRACTION of its bytes reached the temporary file; ``loss:N`` during the N-th
@@ -134,6 +135,16 @@ def run_preload(out_dir: Path) -> None:
     (out_dir / "done").touch()
 
 
+def hold_lock(out_dir: Path) -> None:
+    import time
+
+    from fastprompt.runlock import run_lock
+
+    with run_lock(out_dir):
+        (out_dir / "locked").touch()
+        time.sleep(600)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     mode, out_dir = sys.argv[1], Path(sys.argv[2])
@@ -145,6 +156,8 @@ def main() -> None:
         run_train(out_dir, kill)
     elif mode == "preload":
         run_preload(out_dir)
+    elif mode == "lock":
+        hold_lock(out_dir)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -145,8 +145,10 @@ def test_resume_with_another_method_names_the_method(folders, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_argv(folders, out, "--epochs=1")) == 0
     argv = [arg if arg != "--method=linear" else "--method=bitfit" for arg in train_argv(folders, out, "--resume")]
+    capsys.readouterr()
     assert main(argv) == 2
-    assert "method 'linear' in the checkpoint, 'bitfit' now" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "method: the run has 'linear', now 'bitfit'" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_logger_tensorboard_without_the_package_prints_the_install_hint(folders, tmp_path, capsys, monkeypatch):

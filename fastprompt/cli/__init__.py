@@ -16,6 +16,7 @@ together); `common` holds what --help needs (no torch), `runs` the helpers the c
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import warnings
 from collections.abc import Sequence
@@ -48,8 +49,31 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types shown as a one-line message (exit code 2) rather than a traceback."""
     from fastprompt.data import CorruptImageError
     from fastprompt.engine.checkpoint import CheckpointError
+    from fastprompt.runlock import RunLockedError
 
-    return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, CorruptImageError, CheckpointError)
+    return (
+        ValueError, TypeError, FileNotFoundError, NotADirectoryError, CorruptImageError, CheckpointError,
+        RunLockedError,
+    )  # fmt: skip
+
+
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "free disk space, or write to another disk",
+    errno.EDQUOT: "free space in your quota, or write to another disk",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.EACCES: "you may not write there: choose a location you own, or fix its permissions",
+    errno.EPERM: "you may not write there: choose a location you own, or fix its permissions",
+    errno.EISDIR: "it is a folder: pass a file name inside it (e.g. FOLDER/results.csv)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError: the path, what went wrong, and the fix."""
+    path = err.filename if err.filename is not None else "a file"
+    reason = err.strerror or str(err)
+    fix = _OS_ERROR_FIXES.get(err.errno, "check the path and the disk, then run the command again")
+    return f"cannot use {path}: {reason}; {fix}"
 
 
 def _write(line: str) -> None:
@@ -97,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         _write(f"fastprompt {args.command}: error: {err}")
+        return EXIT_USAGE
+    except OSError as err:  # disk full, read-only or missing output location, a directory given as a file
+        if args.debug:
+            raise
+        _write(f"fastprompt {args.command}: error: {describe_os_error(err)}")
         return EXIT_USAGE
     except Exception as err:
         if args.debug or not (isinstance(err, FloatingPointError) or _is_out_of_memory(err)):

@@ -271,6 +271,17 @@ def add_run_checkpoint(parser: argparse.ArgumentParser) -> None:
         metavar="RUN",
         help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
     )
+    add_trust_checkpoint(parser)
+
+
+def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """--trust-checkpoint: read a checkpoint that holds more than plain data (an older fastprompt's)."""
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="also read a checkpoint that holds Python objects besides plain data (one written by an older "
+        "fastprompt): this can run code its author chose, so only for files from a source you trust",
+    )
 
 
 def add_positive_class(parser: argparse.ArgumentParser, *, recorded: bool) -> None:
@@ -294,14 +305,25 @@ def positive_class_for(
 ) -> str | None:
     """The positive class name for `classes` (single-label), printing a line that names it and how to change it.
 
-    `given`: --positive-class; `recorded`: the run's choice (evaluate, predict), used when `given` is None.
+    `given`: --positive-class; `recorded`: the run's choice (evaluate, predict, a resumed train), used when `given`
+    is None.
     """
     import sys
 
+    name, line = positive_class_choice(classes, given, multilabel=multilabel, recorded=recorded)
+    if line is not None:
+        print(line, file=sys.stderr)
+    return name
+
+
+def positive_class_choice(
+    classes: Sequence[str], given: str | None, *, multilabel: bool, recorded: str | None = None
+) -> tuple[str | None, str | None]:
+    """`positive_class_for` without printing: the class name (None: none) and the line that names it (or None)."""
     if multilabel:
         if given is not None:
             raise UsageError("--positive-class applies to single-label data; multi-label runs report every label")
-        return None
+        return None, None
     from fastprompt.metrics import resolve_positive_class
 
     try:
@@ -310,9 +332,7 @@ def positive_class_for(
         raise UsageError(f"--positive-class: {error}") from None
     if given is None and recorded is not None:
         line = line.replace("(chosen by the user)", "(recorded by the run; change it with --positive-class NAME)")
-    if index is not None:
-        print(line, file=sys.stderr)
-    return None if index is None else str(classes[index])
+    return (None, None) if index is None else (str(classes[index]), line)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

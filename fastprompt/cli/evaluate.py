@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output) if args.output else None
     if output is not None and output.exists() and not args.overwrite:
         raise UsageError(f"{output} exists (an earlier evaluation); pass --overwrite to replace it or another --output")
-    run = load_trained(args.checkpoint)
+    run = load_trained(args.checkpoint, trust=args.trust_checkpoint)
     config, classes = run.config, run.classes
     positive_class = positive_class_for(
         classes, args.positive_class, multilabel=bool(config.get("multilabel")), recorded=config.get("positive_class")

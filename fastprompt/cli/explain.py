@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     from fastprompt.data import transforms_for_model
     from fastprompt.explain import explain_images
 
-    run = load_trained(args.checkpoint)
+    run = load_trained(args.checkpoint, trust=args.trust_checkpoint)
     backbone = backbone_of(run.model)
     eval_tf = transforms_for_model(backbone, run.config["img_size"], train=False)
     written = explain_images(

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if output.exists() and not args.overwrite:
         raise UsageError(f"{output} exists; pass --overwrite to replace it, or another --output")
     files = image_files(args.data)  # a missing folder or file is reported before the model is built
-    loaded = load_trained(args.checkpoint)
+    loaded = load_trained(args.checkpoint, trust=args.trust_checkpoint)
     config = loaded.config
     positive = positive_class_for(
         loaded.classes, args.positive_class, multilabel=bool(config.get("multilabel")),

@@ -68,7 +68,9 @@ def open_dataset(path: str | Path, classes: Sequence[str] | None = None, *, skip
 
 
 def drop_small_images(dataset: Any, patch: int) -> int:
-    """Remove images smaller than one patch on either side; print and return how many."""
+    """Remove images smaller than one patch on either side (`fastprompt.data.images.too_small`); print how many."""
+    from fastprompt.data.images import too_small
+
     small: list[tuple[str, tuple[int, int]]] = []
     kept = []
     samples = dataset.samples
@@ -78,7 +80,7 @@ def drop_small_images(dataset: Any, patch: int) -> int:
                 size = image.size
         except Exception:  # not a PIL format (e.g. DICOM): decodable, checked by verify()
             size = None
-        if size is not None and min(size) < patch:
+        if size is not None and too_small(size, patch):
             small.append((path, size))
         else:
             kept.append((path, target))
@@ -229,16 +231,16 @@ def prepare_hub_for(checkpoint: str | Path) -> None:
         use_offline_hub()
 
 
-def load_trained(checkpoint: str | Path) -> Any:
+def load_trained(checkpoint: str | Path, *, trust: bool = False) -> Any:
     """The `fastprompt.serialization.LoadedRun` of a run folder or one of its checkpoints; says which checkpoint.
 
-    A run folder means its best checkpoint (last when there is none); the run's frozen weight file is verified
-    against the digest recorded at training.
+    A run folder means its best checkpoint (last, with a warning, when the run never had one); the run's frozen
+    weight file is verified against the digest recorded at training. `trust`: see ``--trust-checkpoint``.
     """
     from fastprompt.serialization import load_run
 
     prepare_hub_for(checkpoint)
-    run = load_run(checkpoint)
+    run = load_run(checkpoint, trust=trust)
     print(f"checkpoint: {describe_checkpoint(run)}", file=sys.stderr)
     return run
 

@@ -17,6 +17,7 @@ from fastprompt.cli.common import (
     add_common,
     add_model_args,
     add_positive_class,
+    add_trust_checkpoint,
     check_method,
     flatten,
     format_metrics,
@@ -25,7 +26,7 @@ from fastprompt.cli.common import (
     non_negative_float,
     non_negative_int,
     parse_key_values,
-    positive_class_for,
+    positive_class_choice,
     positive_float,
     positive_int,
     write_json,
@@ -107,6 +108,7 @@ def add_parser(commands: Any) -> None:
         help="continue the run in --output-dir from its checkpoints/last.pt; a larger --epochs extends a finished run "
         "(the learning-rate schedule is recomputed for the new length)",
     )
+    add_trust_checkpoint(parser)
     parser.add_argument(
         "--cache",
         metavar="DIR",
@@ -182,6 +184,39 @@ def resolve_class_weights(weights: str | list[float] | None, labels: Any, classe
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """`fastprompt train`: build, train, evaluate; returns the final validation metrics."""
+    from fastprompt.runlock import run_lock
+
+    method = check_method(args.method)
+    if args.cache is not None and method not in FPT_METHODS:
+        raise UsageError(f"--cache holds FPT frozen-branch features; use it with --method fpt+ or fpt, not {method!r}")
+    options = method_options(args)
+    loggers = flatten(args.logger) or ["csv"]
+    if "tensorboard" in loggers:
+        from fastprompt.engine.report import check_loggers
+
+        try:
+            check_loggers(loggers)
+        except ImportError as missing:
+            raise UsageError(f"--logger tensorboard: {missing}") from None
+    model_kwargs = parse_key_values(flatten(args.model_kwargs), "--model-kwargs")
+    out = Path(args.output_dir)
+    if args.copy_weights and args.checkpoint is None:
+        raise UsageError("--copy-weights copies the --checkpoint FILE into the run; pass --checkpoint FILE with it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file; pass a folder (new or a run folder)")
+    with run_lock(out):  # one writer per run folder, from the first check to the last write
+        return _train(args, method, options, loggers, model_kwargs, out)
+
+
+def _train(
+    args: argparse.Namespace,
+    method: str,
+    options: dict[str, Any],
+    loggers: list[str],
+    model_kwargs: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    """The body of `run`, with the run folder locked."""
     import numpy as np
     import torch
 
@@ -199,28 +234,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     from fastprompt.data import make_few_shot_splits, train_val_split, transforms_for_model, write_unreadable
     from fastprompt.engine import Engine, TrainingInterrupted
+    from fastprompt.io import sha256_file
 
-    method = check_method(args.method)
-    if args.cache is not None and method not in FPT_METHODS:
-        raise UsageError(f"--cache holds FPT frozen-branch features; use it with --method fpt+ or fpt, not {method!r}")
-    options = method_options(args)
-    loggers = flatten(args.logger) or ["csv"]
-    if "tensorboard" in loggers:
-        from fastprompt.engine.report import check_loggers
-
-        try:
-            check_loggers(loggers)
-        except ImportError as missing:
-            raise UsageError(f"--logger tensorboard: {missing}") from None
-    model_kwargs = parse_key_values(flatten(args.model_kwargs), "--model-kwargs")
-    out = Path(args.output_dir)
     if not args.resume and (out / "checkpoints" / "last.pt").is_file():
         raise UsageError(
             f"{out} already holds a training run (checkpoints/last.pt); pass --resume to continue it, or choose "
             "another --output-dir"
         )
-    if args.copy_weights and args.checkpoint is None:
-        raise UsageError("--copy-weights copies the --checkpoint FILE into the run; pass --checkpoint FILE with it")
+    recorded = read_recorded_config(out) if args.resume else None
     digest = check_weights_file(args, out)
     data = open_dataset(args.data)  # data mistakes (a train/val/test root, one class) before any model is built
     val_data = None
@@ -228,11 +249,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         val_data = open_dataset(args.val, classes=data.classes, skip_unknown=args.skip_unknown_classes)
     if data.multilabel and (args.class_weights is not None or args.balanced_sampler):
         raise UsageError("--class-weights and --balanced-sampler need single-label data (one class per image)")
-    positive_class = positive_class_for(data.classes, args.positive_class, multilabel=bool(data.multilabel))
+    positive_class, positive_line = positive_class_choice(
+        data.classes,
+        args.positive_class,
+        multilabel=bool(data.multilabel),
+        recorded=(recorded or {}).get("positive_class") if (recorded or {}).get("classes") == data.classes else None,
+    )  # a resume with other classes is refused by check_resume below, naming the classes
     torch.manual_seed(args.seed)
     saved_backbone = out / BACKBONE_FILE
     random_init = not args.pretrained and args.checkpoint is None
-    weights_file = saved_backbone if random_init and args.resume and saved_backbone.is_file() else args.checkpoint
+    resumed_backbone = random_init and recorded is not None and saved_backbone.is_file()
+    if resumed_backbone:
+        check_saved_backbone(saved_backbone, recorded)
+    weights_file = saved_backbone if resumed_backbone else args.checkpoint
     backbone = make_backbone(
         args.model, args.img_size, pretrained=args.pretrained, checkpoint=weights_file, model_kwargs=model_kwargs
     )
@@ -258,22 +287,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     frozen_state = backbone.state_dict()  # before the method patches the model; values are not changed by it
     model = fastprompt.apply(backbone, method, num_classes=len(data.classes), **options)
     trainable, total = fastprompt.count_parameters(model)
-    out.mkdir(parents=True, exist_ok=True)
-    unreadable = write_unreadable(out / UNREADABLE_FILE, data, *([val_data] if val_data is not None else []))
-    if unreadable:
-        print(f"the {unreadable} unreadable image(s) are listed in {out / UNREADABLE_FILE}", file=sys.stderr)
     if random_init:
-        save_backbone(frozen_state, saved_backbone)
         weights = {"source": "random", "file": BACKBONE_FILE}
+        if resumed_backbone:
+            weights["sha256"] = sha256_file(saved_backbone)
     elif args.pretrained:
         weights = {"source": "pretrained", "file": None}
     elif args.copy_weights:
-        copied = copy_weights(Path(args.checkpoint), out / WEIGHTS_DIR, digest)
+        copied = out / WEIGHTS_DIR / Path(args.checkpoint).name
         weights = {"source": "file", "file": copied.relative_to(out).as_posix(), "sha256": digest}
         weights["copied_from"] = str(Path(args.checkpoint).resolve())
     else:
         weights = {"source": "file", "file": str(Path(args.checkpoint).resolve()), "sha256": digest}
-
     if args.cache is not None:
         train_set, val_set = cached_fpt_sets(model, args, (data, train_idx), (val_source, val_idx))
         trained = CachedForward(model)
@@ -334,22 +359,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_parameters": total,
         "engine": engine_options,
     }
-    write_json(out / CONFIG_NAME, config)
+    changes = check_resume(recorded, config) if recorded is not None else None
+    if positive_line is not None:
+        print(positive_line, file=sys.stderr)
+    # Every check is done: from here on the run folder is written.
+    if changes is None:
+        unreadable = write_unreadable(out / UNREADABLE_FILE, data, *([val_data] if val_data is not None else []))
+        if unreadable:
+            print(f"the {unreadable} unreadable image(s) are listed in {out / UNREADABLE_FILE}", file=sys.stderr)
+        if random_init:
+            save_backbone(frozen_state, saved_backbone)
+            weights["sha256"] = sha256_file(saved_backbone)
+        write_json(out / CONFIG_NAME, config)
+    if args.copy_weights:
+        copy_weights(Path(args.checkpoint), out / WEIGHTS_DIR, digest)
     print(
         f"{method} on {args.model}: {trainable:,} trainable of {total:,} parameters; "
         f"{len(train_idx)} training and {len(val_idx)} validation images, {len(data.classes)} classes",
         file=sys.stderr,
     )
     engine = Engine(trained, output_dir=out, progress=not args.quiet, class_names=data.classes, **engine_options)
+    pending = {"changes": changes}  # a resume is recorded once the Engine has accepted its checkpoint
+
+    def record_once(epoch: int) -> None:
+        changes, pending["changes"] = pending["changes"], None
+        if changes is not None:
+            record_resume(out, changes, epoch, list(getattr(args, "argv", None) or []))
+
+    def on_epoch_end(record: dict[str, Any]) -> None:
+        record_once(record["epoch"] - 1)
+        print_epoch(record, engine)
+
     try:
         history = engine.fit(
-            train_loader, val_loader, resume=args.resume, on_epoch_end=lambda record: print_epoch(record, engine)
+            train_loader,
+            val_loader,
+            resume=args.resume,
+            trust_checkpoint=args.trust_checkpoint,
+            on_epoch_end=on_epoch_end,
         )
     except TrainingInterrupted as interrupt:
+        record_once(interrupt.epoch)
         print(f"fastprompt train: {interrupt}", file=sys.stderr)
         if interrupt.checkpoint:
             print(f"resume with: {resume_command(args)}", file=sys.stderr)
         raise
+    record_once(len(history))
     metrics = engine.evaluate(val_loader)
     write_json(out / "metrics.json", metrics)
     print(f"final model (checkpoints/last.pt, epoch {len(history)}):")
@@ -361,6 +416,87 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 WEIGHTS_DIR = "weights"
 UNREADABLE_FILE = "unreadable.csv"
+RESUME_HISTORY = "resume_history.jsonl"
+# What may change on --resume (recorded in RESUME_HISTORY; config.json keeps the original): more epochs, another
+# activation-memory budget (recomputation only), the feature cache folder (entries are keyed by content). Derived
+# or informational entries are not compared. Everything else defines the run and must match.
+SAFE_ON_RESUME = ("engine.epochs", "engine.activation_memory", "cache", "fastprompt_version")
+NOT_COMPARED = ("trainable_parameters", "total_parameters", "weights.file", "weights.copied_from")
+
+
+def read_recorded_config(out: Path) -> dict[str, Any] | None:
+    """The run's config.json on --resume (None for a folder without one: a fresh run), or a one-line error."""
+    import json
+
+    path = out / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(
+            f"cannot read {path} ({error}); restore it from a backup, or train into a new --output-dir"
+        ) from error
+
+
+def check_saved_backbone(path: Path, recorded: dict[str, Any]) -> None:
+    """Refuse a random-init run's backbone.safetensors that is not the one training wrote (digest recorded)."""
+    from fastprompt.io import sha256_file
+
+    expected = (recorded.get("weights") or {}).get("sha256")
+    if expected is not None and sha256_file(path) != expected:
+        raise UsageError(
+            f"{path} changed since the run started (its SHA-256 differs from the one in {CONFIG_NAME}); restore the "
+            "original file, or train into a new --output-dir"
+        )
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key in ("engine", "weights"):
+            flat.update(_flat(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_resume(recorded: dict[str, Any], config: dict[str, Any]) -> dict[str, list[Any]]:
+    """The changes of a --resume that are allowed (name: [recorded, now]); a UsageError naming any other change.
+
+    Runs before anything in the run folder is written, so a refused resume changes nothing.
+    """
+    import json
+
+    old, new = _flat(json.loads(json.dumps(recorded))), _flat(json.loads(json.dumps(config)))
+    changed = [key for key in sorted({*old, *new}) if key not in NOT_COMPARED and old.get(key) != new.get(key)]
+    # A setting only one side has (added or dropped by another fastprompt version, e.g. the backbone digest of a
+    # random-init run) cannot be compared: it is recorded, not refused.
+    unsafe = [key for key in changed if key not in SAFE_ON_RESUME and key in old and key in new]
+    if unsafe:
+        shown = "; ".join(f"{key}: the run has {old.get(key)!r}, now {new.get(key)!r}" for key in unsafe[:4])
+        more = f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else ""
+        raise UsageError(
+            f"--resume would change what defines the run ({shown}{more}); nothing was written. Resume with the "
+            "run's settings (see its config.json), or train into a new --output-dir"
+        )
+    return {key: [old.get(key), new.get(key)] for key in changed}
+
+
+def record_resume(out: Path, changes: dict[str, list[Any]], epoch: int, argv: list[str]) -> None:
+    """Append this resume (when, from which epoch, what changed, the command) to RESUME_HISTORY."""
+    import datetime
+    import json
+
+    entry = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "from_epoch": epoch,
+        "changes": changes,
+        "argv": argv,
+    }
+    with open(out / RESUME_HISTORY, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
 
 
 def check_weights_file(args: argparse.Namespace, out: Path) -> str | None:
@@ -432,8 +568,13 @@ def best_summary(engine: Any, out: Path) -> str:
     """Which checkpoint is best, at which epoch, with its validation metrics."""
     best = engine.state.get("best")
     path = out / "checkpoints" / "best.pt"
-    if not best or not path.is_file():
-        return "no best checkpoint (no finite validation metric); use checkpoints/last.pt"
+    if best and not path.is_file():
+        return f"the best checkpoint (epoch {best['epoch']}) is missing from {path}; use checkpoints/last.pt"
+    if not best:
+        return (
+            "no best checkpoint (no epoch had a finite monitored metric, or the best was lost: see the warnings "
+            "above); use checkpoints/last.pt"
+        )
     record = next((r for r in engine.history if r.get("epoch") == best["epoch"]), {})
     values = ", ".join(f"{key} {record[key]:.4f}" for key in SHOWN_METRICS if isinstance(record.get(key), float))
     return f"best checkpoint: {path} (epoch {best['epoch']}, best {best['metric']}; {values})"

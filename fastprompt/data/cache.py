@@ -116,8 +116,12 @@ class FeatureCache:
             ) from err
         return len(data)
 
-    def load(self, key: str) -> Features | None:
-        """The verified features for `key`, or None if absent; a corrupt entry is warned about and removed."""
+    def load(self, key: str, shape: Sequence[int] | None = None) -> Features | None:
+        """The verified features for `key`, or None if absent; a bad entry is warned about (named) and removed.
+
+        Bad: unreadable, for another key or format, failing its checksum, holding NaN/inf, or (given `shape`, from
+        `feature_shape(model)`) of another shape than the cache's model produces.
+        """
         path = self.path(key)
         try:
             data = path.read_bytes()
@@ -132,6 +136,12 @@ class FeatureCache:
             return self._discard(path, "written for another key or format")
         if set(tensors) != set(FEATURE_NAMES) or _checksum(tensors) != metadata.get("sha256"):
             return self._discard(path, "checksum mismatch")
+        for name in FEATURE_NAMES:
+            if shape is not None and tuple(tensors[name].shape) != tuple(shape):
+                found = list(tensors[name].shape)
+                return self._discard(path, f"{name} is {found}, the model's features are {list(shape)}")
+            if not torch.isfinite(tensors[name]).all():
+                return self._discard(path, f"{name} holds NaN or inf values")
         return tensors
 
     def _discard(self, path: Path, reason: str) -> None:
@@ -140,12 +150,12 @@ class FeatureCache:
         path.unlink(missing_ok=True)
         return None
 
-    def get_or_compute(self, key: str, compute: Callable[[], Features]) -> Features:
-        """The cached features for `key`, computing and storing them (as `[L, H, k, Dh]`) when missing or corrupt."""
-        features = self.load(key)
+    def get_or_compute(self, key: str, compute: Callable[[], Features], shape: Sequence[int] | None = None) -> Features:
+        """The cached features for `key`, computing and storing them (as `[L, H, k, Dh]`) when missing or bad."""
+        features = self.load(key, shape)
         if features is None:
             self.save(key, compute())
-            features = self.load(key)
+            features = self.load(key, shape)
             if features is None:
                 raise RuntimeError(f"feature cache entry {self.path(key)} did not verify right after writing it")
         return features
@@ -158,6 +168,15 @@ class FeatureCache:
         """Mean size of an entry on disk, in bytes (0 for an empty cache)."""
         sizes = [entry.stat().st_size for entry in self.entries()]
         return sum(sizes) / len(sizes) if sizes else 0.0
+
+
+def feature_shape(model: Any) -> tuple[int, int, int, int] | None:
+    """`[L, H, k, Dh]` of one image's cached keys/values for an FPT model; None for a model that does not say."""
+    try:
+        heads = int(model.tap.num_heads)
+        return (len(model.layers), heads, int(model.num_selected_tokens()), int(model.tap.embed_dim) // heads)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _image_of(item: Any) -> torch.Tensor:
@@ -231,6 +250,7 @@ def preload(
     device = next(model.parameters()).device
     report = PreloadReport()
     pending: list[tuple[str, torch.Tensor]] = []
+    shape = feature_shape(model)
 
     def flush() -> None:
         features = model.extract_features(torch.stack([image for _, image in pending]).to(device))
@@ -243,7 +263,7 @@ def preload(
     with bar:
         for key, load_image in _rows(data, model, cache, paths, preprocess):
             report.keys.append(key)
-            if cache.load(key) is not None:
+            if cache.load(key, shape) is not None:
                 report.skipped += 1
             else:
                 pending.append((key, load_image()))
@@ -298,6 +318,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         return {name: features[name][0] for name in FEATURE_NAMES}
 
     def __getitem__(self, index: int) -> tuple:
-        features = self.cache.get_or_compute(self.keys[index], lambda: self._recompute(index))
+        shape = feature_shape(self.model) if self.model is not None else None
+        features = self.cache.get_or_compute(self.keys[index], lambda: self._recompute(index), shape)
         item = self.dataset[index]
         return (features, *item) if isinstance(item, (tuple, list)) else (features, item)

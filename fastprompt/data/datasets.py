@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -489,6 +490,7 @@ class CsvDataset(_ImageDataset):
             present = {index for _, _, index in labelled} if not multilabel else set(range(len(class_list)))
             without = [name for i, name in enumerate(class_list) if i not in present]
             _refuse_or_leave_out(unknown_classes, str(csv_path), class_list, extra, details, without, left_out)
+        _check_conflicting_rows(labelled, csv_path)
         samples: list[tuple[str, Target]] = []
         missing: dict[str, str] = {}
         for line, rel, target in labelled:
@@ -538,6 +540,7 @@ class CsvDataset(_ImageDataset):
     ) -> tuple[list[str], list[tuple[int, str, int]], dict[str, list[int]]]:
         """(class list, (line, path, index) per known row, {unknown label: its lines}) — unknown only with `classes`."""
         labels = [row[1] for _, row in body]
+        _check_label_column(body, csv_path)
         as_index = all(label.lstrip("-").isdigit() for label in labels)
         if classes is None:
             if as_index:
@@ -570,3 +573,42 @@ class CsvDataset(_ImageDataset):
                 )
             labelled.append((line, row[0], index))
         return class_list, labelled, unknown
+
+
+def _check_label_column(body: list[tuple[int, list[str]]], csv_path: Path) -> None:
+    """Refuse, naming the rows: an empty label, a column mixing class names and indices, names differing by case."""
+    for line, row in body:
+        if not row[1]:
+            raise ValueError(f"{csv_path} line {line}: {row[0]!r} has an empty label; give every row its class")
+    numeric = {line: row for line, row in body if row[1].lstrip("-").isdigit()}
+    if numeric and len(numeric) < len(body):
+        index_line = next(iter(numeric))
+        name_line, name_row = next((line, row) for line, row in body if line not in numeric)
+        raise ValueError(
+            f"{csv_path} mixes class indices and class names in its label column (line {index_line}: "
+            f"{numeric[index_line][1]!r}, line {name_line}: {name_row[1]!r}); use one kind for every row"
+        )
+    by_folded: dict[str, tuple[int, str]] = {}
+    for line, row in body:
+        first = by_folded.setdefault(row[1].casefold(), (line, row[1]))
+        if first[1] != row[1]:
+            raise ValueError(
+                f"{csv_path}: labels {first[1]!r} (line {first[0]}) and {row[1]!r} (line {line}) differ only in "
+                "case and would be two classes; spell each class one way"
+            )
+
+
+def _check_conflicting_rows(labelled: list[tuple[int, str, Any]], csv_path: Path) -> None:
+    """Refuse the same image listed twice with different labels, naming the path and both lines."""
+    seen: dict[str, tuple[int, Any]] = {}
+    for line, rel, target in labelled:
+        key = os.path.normpath(rel)
+        if key in seen:
+            first_line, first = seen[key]
+            if not np.array_equal(np.asarray(first), np.asarray(target)):
+                raise ValueError(
+                    f"{csv_path}: {rel!r} is listed on lines {first_line} and {line} with different labels; keep "
+                    "one row per image"
+                )
+        else:
+            seen[key] = (line, target)

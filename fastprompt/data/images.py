@@ -134,6 +134,22 @@ def _decode_dicom(path: str) -> torch.Tensor:
     return _gray_to_tensor(unit)
 
 
+def too_small(size: tuple[int, int], patch: int) -> str | None:
+    """Why an image of `size` (width, height) is not admitted by a model with `patch`-pixel patches, or None.
+
+    The one rule train (which drops such images) and predict (which gives them a row without a score) share.
+    """
+    width, height = size
+    if min(width, height) < patch:
+        return f"{width}x{height} pixels, smaller than one {patch}-pixel patch"
+    return None
+
+
+def image_size(image: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """(width, height) of a decoded image (PIL, or a ``[C, H, W]`` tensor)."""
+    return image.size if isinstance(image, Image.Image) else (int(image.shape[-1]), int(image.shape[-2]))
+
+
 def load_image(path: str | os.PathLike) -> Image.Image | torch.Tensor:
     """Decode an image file: PIL RGB for 8-bit sources, float32 ``[3, H, W]`` in [0, 1] for higher depths.
 

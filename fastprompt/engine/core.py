@@ -50,6 +50,7 @@ from fastprompt.engine.checkpoint import (
     read_checkpoint,
     read_first_good,
     remove_stale_temporaries,
+    restore_best,
     rng_state,
     set_rng_state,
     write_checkpoint,
@@ -76,6 +77,7 @@ from fastprompt.engine.report import (
     write_metrics_jsonl,
 )
 from fastprompt.methods.registry import check_choice, check_float, check_int
+from fastprompt.runlock import run_lock
 
 _LOG = logging.getLogger("fastprompt.engine")
 
@@ -454,6 +456,8 @@ class Engine:
         val_loader: DataLoader | None = None,
         resume: bool = False,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        trust_checkpoint: bool = False,
     ) -> list[dict]:
         """Train for `epochs` epochs; returns the per-epoch history (train loss, lr, skipped batches, val metrics).
 
@@ -463,6 +467,8 @@ class Engine:
 
         With `resume`, continue from ``output_dir/checkpoints/last.pt`` (or the previous checkpoint when `last` is
         corrupt); the already-consumed batches of the interrupted epoch are skipped in the same order.
+        `trust_checkpoint`: also resume from a checkpoint that holds more than plain data (an older fastprompt's),
+        which can run code.
         """
         if not isinstance(train_loader, DataLoader):
             raise TypeError(f"train_loader must be a torch.utils.data.DataLoader, got {type(train_loader).__name__}")
@@ -486,6 +492,12 @@ class Engine:
             self._plan_activation_memory(loader)
         per_epoch = batches_per_epoch(loader, sampler)
         steps_per_epoch = per_epoch // cfg["grad_accum"]
+        if per_epoch == 0:
+            raise ValueError(
+                f"the training loader yielded no batches (dataset of {_length(loader.dataset)} samples, batch_size "
+                f"{loader.batch_size}, drop_last={loader.drop_last}, {self.world_size} rank(s)); give it data, or "
+                "lower batch_size / set drop_last=False"
+            )
         if steps_per_epoch == 0:
             raise ValueError(
                 f"grad_accum={cfg['grad_accum']} exceeds the {per_epoch} batches per epoch (per rank); lower it"
@@ -499,17 +511,19 @@ class Engine:
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "last_good": None}
         self.total_steps = steps_per_epoch * cfg["epochs"]
         self.history = []
-        if not (resume and self._resume()):
-            _seed_everything(cfg["seed"])
-        self._tensorboard = None
-        if "tensorboard" in cfg["loggers"] and self.rank == 0:
-            self._tensorboard = TensorBoardLogger(self.output_dir / TENSORBOARD_DIR)
-        try:
-            with _stop_on_interrupt(self):
-                self._train_epochs(loader, sampler, steps_per_epoch, val_loader, on_epoch_end)
-        finally:
-            if self._tensorboard is not None:
-                self._tensorboard.close()
+        writer = self.output_dir is not None and self.rank == 0
+        with run_lock(self.output_dir) if writer else contextlib.nullcontext():  # one writer per output_dir
+            if not (resume and self._resume(trust=trust_checkpoint)):
+                _seed_everything(cfg["seed"])
+            self._tensorboard = None
+            if "tensorboard" in cfg["loggers"] and self.rank == 0:
+                self._tensorboard = TensorBoardLogger(self.output_dir / TENSORBOARD_DIR)
+            try:
+                with _stop_on_interrupt(self):
+                    self._train_epochs(loader, sampler, steps_per_epoch, val_loader, on_epoch_end)
+            finally:
+                if self._tensorboard is not None:
+                    self._tensorboard.close()
         return self.history
 
     def _train_epochs(
@@ -603,7 +617,7 @@ class Engine:
             elif cfg["skip_nonfinite"]:
                 running["skipped"] += 1
             else:
-                self._raise_nonfinite(loss)
+                self._raise_nonfinite(loss, targets)
             images += batch_size_of(inputs) * self.world_size
             micro += 1
             bar.update(1)
@@ -662,9 +676,15 @@ class Engine:
     def _current_lr(self) -> float:
         return float(self.backend.optimizer.param_groups[0]["lr"])
 
-    def _raise_nonfinite(self, loss: torch.Tensor) -> None:
+    def _raise_nonfinite(self, loss: torch.Tensor, targets: Any = None) -> None:
         last = self.state["last_good"]
         where = f"epoch {self.state['epoch'] + 1}, step {self.state['step_in_epoch'] + 1} of the epoch"
+        if isinstance(targets, torch.Tensor) and not targets.is_floating_point() and bool((targets == -100).all()):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at {where}: every label in this batch is -100 (ignored), so the "
+                "loss has nothing to average over. Give each batch some labelled samples (shuffle the data), or "
+                "pass skip_nonfinite=True to skip such batches"
+            )
         raise NonFiniteLossError(
             f"non-finite loss ({loss.item()}) at {where} (global step {self.state['global_step'] + 1}); "
             f"parameters were not updated with it. Last good checkpoint: {last or 'none written yet'}. "
@@ -750,17 +770,21 @@ class Engine:
             write_metrics_csv(self.output_dir / "metrics.csv", self.history)
             write_curves(self.output_dir / "curves.png", self.history)
 
-    def _resume(self) -> bool:
+    def _resume(self, *, trust: bool = False) -> bool:
         """Restore the last intact checkpoint; False (and a warning) when there is none yet."""
         directory = self._checkpoint_dir()
         if self.rank == 0:
             remove_stale_temporaries(directory, ("last.pt", "prev.pt", "best.pt"))
-        found = read_first_good([directory / "last.pt", directory / "prev.pt"])
+        found = read_first_good([directory / "last.pt", directory / "prev.pt"], trust=trust)
         if found is None:
             warnings.warn(f"fit(resume=True): no checkpoint in {directory}; starting from scratch", stacklevel=3)
             return False
         payload, path = found
         self._check_compatible(payload, path)
+        payload["state"]["best"] = restore_best(
+            directory, payload["state"].get("best"), [directory / "last.pt", directory / "prev.pt"],
+            write=self.rank == 0, trust=trust,
+        )  # fmt: skip
         self.backend.load_trainable(payload["trainable"])
         self.backend.load_optimizer_state(payload["optimizer"], self.rank)
         self.state.update(payload["state"])
@@ -826,13 +850,14 @@ class Engine:
         self._write(self._payload(), Path(path), keep_prev=False)
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module, **overrides: Any) -> Engine:
+    def load(cls, path: str | Path, model: nn.Module, *, trust: bool = False, **overrides: Any) -> Engine:
         """An Engine for `model` with the checkpoint's configuration and trainable parameters.
 
         `model` must have the same method applied (same trainable parameter names). `overrides` replace saved
-        settings (e.g. ``loss=my_loss_fn``, which is never saved, or ``output_dir``).
+        settings (e.g. ``loss=my_loss_fn``, which is never saved, or ``output_dir``). `trust`: also read a checkpoint
+        that holds more than plain data (an older fastprompt's), which can run code (see `read_checkpoint`).
         """
-        payload = read_checkpoint(path)
+        payload = read_checkpoint(path, trust=trust)
         config = dict(payload["config"])
         config.pop("resolved", None)
         if config.pop("loss") == "callable" and "loss" not in overrides:
@@ -856,6 +881,19 @@ class Engine:
             raise CheckpointError(
                 f"{path} does not match this model's trainable parameters (missing {missing[:5]}, "
                 f"unexpected {extra[:5]}); apply the same method with the same options"
+            )
+        shapes = {  # ZeRO-3 partitions parameters: their full shape is ds_shape
+            name: tuple(getattr(param, "ds_shape", param.shape)) for name, param in self.model.named_parameters()
+        }
+        wrong = [
+            f"{name} is {list(trainable[name].shape)} in the checkpoint but {list(shapes[name])} in the model"
+            for name in self.trainable_names
+            if name in shapes and tuple(trainable[name].shape) != shapes[name]
+        ]
+        if wrong:
+            raise CheckpointError(
+                f"{path} does not fit this model: {'; '.join(wrong[:3])}; apply the same method with the same options "
+                "(e.g. the same rank)"
             )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -904,6 +942,13 @@ class Engine:
     def predict(self, loader: DataLoader) -> torch.Tensor:
         """Model outputs (float32 logits on the CPU) for every sample of `loader`, in order."""
         return self._run(loader, need_targets=False)[0]
+
+
+def _length(dataset: Any) -> str:
+    try:
+        return str(len(dataset))
+    except TypeError:
+        return "unknown"
 
 
 def enable_determinism() -> None:

@@ -99,6 +99,7 @@ def auto_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor 
             f"class_weights has {weight.numel()} values but the model has {logits.shape[-1]} classes; "
             "give one weight per class, in class order"
         )
+    check_labels(targets, logits.shape[-1])
     return F.cross_entropy(logits, targets.long(), weight=None if weight is None else weight.to(logits.device))
 
 
@@ -138,6 +139,21 @@ def balanced_class_weights(targets: np.ndarray, class_names: Sequence[str] | Non
         names = [class_names[c] for c in empty] if class_names is not None else empty
         raise ValueError(f"class(es) {names} have no training samples; automatic class weights need every class")
     return [float(len(targets) / (len(counts) * n)) for n in counts]
+
+
+IGNORE_INDEX = -100  # cross-entropy's label for "no label": such samples add nothing to the loss
+
+
+def check_labels(targets: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError naming the first class index outside ``[0, num_classes)`` (``IGNORE_INDEX`` allowed)."""
+    targets = targets.reshape(-1)
+    bad = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= num_classes)
+    if bool(bad.any()):
+        label = int(targets[bad][0])
+        raise ValueError(
+            f"label {label} is outside the model's {num_classes} classes (valid: 0..{num_classes - 1}, or "
+            f"{IGNORE_INDEX} to ignore a sample); fix the dataset's labels or set num_classes to the class count"
+        )
 
 
 class EpochSampler(Sampler[int]):
