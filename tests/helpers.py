@@ -26,3 +26,20 @@ def learnable_task(num_classes: int = 4, count: int = 16, img_size: int = 32) ->
     colours = 2.0 * torch.randn(num_classes, 3, 1, 1, generator=generator)
     images = 0.3 * torch.randn(count, 3, img_size, img_size, generator=generator) + colours[labels]
     return images, labels
+
+
+def tiny_hf_model(kind: str = "vit", seed: int = 0, **config):
+    """A 2-layer Hugging Face ViT or DINOv2 classifier (hidden 32, 4 heads, 3 labels, 4x4 patch grid), in eval."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    options = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_labels=3)
+    if kind == "vit":
+        model = ViTForImageClassification(
+            ViTConfig(**options, intermediate_size=64, image_size=32, patch_size=8, **config)
+        )
+    else:
+        model = Dinov2ForImageClassification(
+            Dinov2Config(**options, mlp_ratio=2, image_size=28, patch_size=7, **config)
+        )
+    return model.eval()

@@ -270,9 +270,6 @@ def test_errors_specific_to_hugging_face_models():
         fastprompt.apply(tiny_vit(ViTModel), "linear", num_classes=4)
     with pytest.raises(ValueError, match="attention_probs_dropout_prob=0.0"):
         fastprompt.apply(tiny_vit(attention_probs_dropout_prob=0.1), "ept")
-    vpt = fastprompt.apply(tiny_vit(), "vpt", num_tokens=3)
-    with pytest.raises(ValueError, match="without attention_mask"):
-        vpt(images(), attention_mask=torch.arange(TOKENS).expand(2, -1) < 10)  # padding-style mask
     model = fastprompt.apply(tiny_vit(), "ept", prompt_length=3)
     with pytest.raises(ValueError, match="already has method 'ept'"):
         fastprompt.apply(model, "lora")

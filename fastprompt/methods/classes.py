@@ -16,12 +16,22 @@ TorchScript cannot compile these classes (they are made at run time and use Pyth
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["MethodMixin", "TorchScriptUnsupportedError", "patched_class", "rebuild", "restore_class", "swap_class"]
+__all__ = [
+    "InputRequiresGrad",
+    "MethodMixin",
+    "TorchScriptUnsupportedError",
+    "patched_class",
+    "rebuild",
+    "restore_class",
+    "set_input_requires_grad",
+    "swap_class",
+]
 
 
 class TorchScriptUnsupportedError(TypeError):
@@ -65,7 +75,7 @@ def patched_class(mixins: tuple[type, ...], root: type) -> type:
     cls = root
     for count, mixin in enumerate(mixins, start=1):
         namespace = {
-            "__module__": mixin.__module__,
+            "__module__": root.__module__,  # library checks (timm / transformers) keep working; pickling uses rebuild
             "_fastprompt_mixins": mixins[:count],
             "_fastprompt_root": root,
         }
@@ -97,3 +107,30 @@ def restore_class(module: nn.Module, mixin: type) -> nn.Module:
     root = getattr(cls, "_fastprompt_root", cls)
     module.__class__ = patched_class(mixins, root) if mixins else root
     return module
+
+
+class InputRequiresGrad:
+    """Forward hook on the patch embedding: its output requires grad (while `active(model)`, when given).
+
+    Reentrant checkpointing gives no gradient to parameters inside a checkpointed block whose inputs do not require
+    grad, and a frozen backbone's embedding output does not; peft's `enable_input_require_grads` does the same.
+    """
+
+    def __init__(self, active: Callable[[nn.Module], bool] | None = None, model: nn.Module | None = None) -> None:
+        self.active, self.model = active, model
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and torch.is_grad_enabled() and not output.requires_grad:
+            if self.active is None or self.active(self.model):
+                output.requires_grad_(True)
+
+
+def set_input_requires_grad(embedding: nn.Module, enable: bool, **options: Any) -> None:
+    """Install (once) or remove the `InputRequiresGrad` hook on `embedding`."""
+    hooks = embedding._forward_hooks
+    present = [key for key, hook in hooks.items() if isinstance(hook, InputRequiresGrad)]
+    if enable and not present:
+        embedding.register_forward_hook(InputRequiresGrad(**options))
+    elif not enable:
+        for key in present:
+            del hooks[key]

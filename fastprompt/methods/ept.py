@@ -36,7 +36,7 @@ class TokenGrid:
         self.size: tuple[int, int] | None = None
 
     def __call__(self, patch_embed: nn.Module, args: tuple) -> None:
-        if args and isinstance(args[0], torch.Tensor):
+        if args and isinstance(args[0], torch.Tensor) and not isinstance(args[0], torch.fx.Proxy):
             height, width = patch_embed.dynamic_feat_size(tuple(args[0].shape[-2:]))
             self.size = (int(height), int(width))
 
@@ -109,6 +109,36 @@ def materialised_attention(
     return probs @ v, probs
 
 
+@torch.fx.wrap
+def ept_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    attention: str,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The EPT attention core for a prompt already matched to the token grid: `(out, probs or None)`.
+
+    Wrapped for torch.fx, so a traced model makes its choices here at run time (mask or none, one prompt row
+    per token) exactly as the eager model does.
+    """
+    if prompt.shape[0] != q.shape[-2]:
+        raise ValueError(
+            f"EPT prompt has {prompt.shape[0]} rows but the attention got {q.shape[-2]} tokens; EPT needs exactly one "
+            "prompt row per token: run the eager model (a torch.fx-traced one keeps the traced image size) without "
+            "token dropping or extra tokens"
+        )
+    if mask is not None or need_weights:
+        out, probs = materialised_attention(q, k, v, prompt, scale=scale, mask=mask)
+        return out, (probs if need_weights else None)
+    if attention == "official":
+        return ept_attention_reference(q, k, v, prompt, scale=scale), None
+    return sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1), scale=scale), None
+
+
 def prompted_attention(
     attn: nn.Module,
     q: torch.Tensor,
@@ -125,18 +155,15 @@ def prompted_attention(
     `attention="official"`, when a `mask` is given or when the probabilities are asked for (`need_weights`);
     records the patch-wise scaling map while `ept_scales` asks for it.
     """
-    prompt = token_prompt(attn, q.shape[-2])
     state: EPTState = attn.ept
-    if mask is not None or need_weights:
-        out, probs = materialised_attention(q, k, v, prompt, scale=scale, mask=mask)
-        return out, (probs if need_weights else None)
-    if state.scales is not None:
+    if isinstance(q, torch.fx.Proxy):  # symbolic tracing: the grid is the configured one, checked at run time
+        return ept_core(q, k, v, attn.prompt, mask, scale, state.attention, need_weights)
+    prompt = token_prompt(attn, q.shape[-2])
+    if state.scales is not None and mask is None:
         out, scaling = sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1), scale=scale, return_scale=True)
         state.scales.append(scaling.mean(dim=1))
         return out, None
-    if state.attention == "official":
-        return ept_attention_reference(q, k, v, prompt, scale=scale), None
-    return sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1), scale=scale), None
+    return ept_core(q, k, v, prompt, mask, scale, state.attention, need_weights)
 
 
 class EPTMixin(MethodMixin):

@@ -28,7 +28,7 @@ from fastprompt.methods import adapter as adapter_method
 from fastprompt.methods import ept as ept_method
 from fastprompt.methods import lora as lora_method
 from fastprompt.methods import vpt as vpt_method
-from fastprompt.methods.classes import swap_class
+from fastprompt.methods.classes import MethodMixin, set_input_requires_grad, swap_class
 from fastprompt.methods.layout import SUPPORTED, attention_modules, base_model, hf_layers, is_hf_model  # noqa: F401
 from fastprompt.methods.linear import unfreeze_head
 from fastprompt.methods.registry import MethodSpec, check_choice, check_float, check_int, check_layers
@@ -180,19 +180,37 @@ def lora(
     return model
 
 
+def widen_mask(mask: torch.Tensor, prefix: int, count: int) -> torch.Tensor:
+    """An attention mask `[..., N, N]` (or `[..., 1, N]`) for the sequence with `count` prompt tokens after the
+    `prefix` tokens: the prompts attend to and are seen by every token; the real tokens keep their mask."""
+    fill = True if mask.dtype == torch.bool else 0.0
+    for dim in (-1, -2):
+        if mask.shape[dim] == 1:
+            continue
+        shape = list(mask.shape)
+        shape[dim] = count
+        size = mask.shape[dim]
+        head, tail = mask.narrow(dim, 0, prefix), mask.narrow(dim, prefix, size - prefix)
+        mask = torch.cat([head, mask.new_full(shape, fill), tail], dim=dim)
+    return mask
+
+
 class InsertPrompts:
-    """Forward pre-hook of layer `index`: insert (layer 0) or replace (deep VPT) the prompt tokens after CLS."""
+    """Forward pre-hook of layer `index`: insert (layer 0) or replace (deep VPT) the prompt tokens after CLS, and
+    widen an attention mask to the prompted sequence."""
 
     def __init__(self, index: int, vpt: vpt_method.VisualPrompts) -> None:
         self.index, self.vpt = index, vpt
 
     def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        if mask is not None:
-            raise ValueError(
-                "VPT inserts prompt tokens, so a token attention mask cannot apply; call without attention_mask"
-            )
-        return (self.vpt.insert(args[0], self.index, prefix=1), *args[1:]), kwargs
+        x, *rest = args
+        if self.index == 0 or self.vpt.deep:
+            x = self.vpt.insert(x, self.index, prefix=1)
+        if rest and rest[0] is not None:
+            rest[0] = widen_mask(rest[0], 1, self.vpt.num_tokens)
+        if kwargs.get("attention_mask") is not None:
+            kwargs = {**kwargs, "attention_mask": widen_mask(kwargs["attention_mask"], 1, self.vpt.num_tokens)}
+        return (x, *rest), kwargs
 
 
 class RemovePrompts:
@@ -217,7 +235,7 @@ def vpt(model: nn.Module, *, num_tokens: int = 10, deep: bool = True, dropout: f
     count = len(layers) if deep else 1
     prompts = vpt_method.VisualPrompts(count, num_tokens, base.config.hidden_size, height * width, dropout)
     base.vpt = prompts.to(device=ref.device, dtype=ref.dtype)
-    for i, layer in enumerate(layers if deep else layers[:1]):
+    for i, layer in enumerate(layers):  # every layer: a mask needs widening after the prompts are in
         layer.register_forward_pre_hook(InsertPrompts(i, base.vpt), with_kwargs=True)
     base.layernorm.register_forward_pre_hook(RemovePrompts(base.vpt))
     unfreeze_head(model)
@@ -232,6 +250,40 @@ def adapter(model: nn.Module, *, reduction: int = 8) -> nn.Module:
         adapter_method.attach_adapter(layer.mlp, hidden, reduction)
     unfreeze_head(model)
     return model
+
+
+def reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether a Hugging Face model recomputes its layers with reentrant checkpointing."""
+    for layer in hf_layers(model):
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(layer, "gradient_checkpointing", False) and func is not None:
+            return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+    return False
+
+
+class HFPatched(MethodMixin):
+    """A Hugging Face model patched by `fastprompt.apply` (same class name, so `save_pretrained` records it as usual).
+
+    - `gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})` also makes the
+      embedding output require grad, so the method's parameters train (reentrant checkpointing skips parameters
+      of blocks whose inputs need no gradient);
+    - `save_pretrained(folder)` also writes fastprompt's record (`trainable.safetensors` + `trainable.json`), so
+      `fastprompt.load(folder)` gives the patched model back (`from_pretrained` alone gives the unpatched one).
+    """
+
+    method = "fastprompt"
+    prefix = ""
+
+    def _set_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
+        super()._set_gradient_checkpointing(*args, **kwargs)
+        set_input_requires_grad(base_model(self).embeddings, reentrant_checkpointing(self))
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        from fastprompt.serialization import save_trainable
+
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        save_trainable(self, save_directory)
+        return result
 
 
 HF_METHODS: dict[str, Callable[..., nn.Module]] = {"ept": ept, "lora": lora, "vpt": vpt, "adapter": adapter}

@@ -17,7 +17,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from fastprompt.methods.classes import MethodMixin, check_no_mask, swap_class
+from fastprompt.methods import classes
+from fastprompt.methods.classes import MethodMixin, swap_class
 from fastprompt.methods.linear import unfreeze_head
 from fastprompt.methods.registry import check_float, check_int, register_method
 
@@ -31,14 +32,15 @@ class VisualPrompts(nn.Module):
         bound = math.sqrt(6.0 / float(3 * patch_area + dim))  # VPT's Xavier-uniform over the patch fan-in
         nn.init.uniform_(self.prompts, -bound, bound)
         self.dropout = nn.Dropout(dropout)
+        self.layers, self.count = layers, num_tokens  # plain ints: torch.fx traces the parameter's shape
 
     @property
     def deep(self) -> bool:
-        return self.prompts.shape[0] > 1
+        return self.layers > 1
 
     @property
     def num_tokens(self) -> int:
-        return self.prompts.shape[1]
+        return self.count
 
     def insert(self, x: torch.Tensor, index: int, *, prefix: int) -> torch.Tensor:
         """Tokens `x` entering layer `index` with its prompts after the `prefix` tokens: inserted at layer 0,
@@ -92,11 +94,11 @@ class VPTVisionTransformer(MethodMixin):
     def forward_features(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        check_no_mask("VPT", attn_mask, is_causal)
+        classes.check_no_mask("VPT", attn_mask, is_causal)
         return super().forward_features(x)
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        check_no_mask("VPT", kwargs.pop("attn_mask", None))
+        classes.check_no_mask("VPT", kwargs.pop("attn_mask", None))
         return super().forward_intermediates(x, *args, **kwargs)
 
 
