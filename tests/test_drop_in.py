@@ -16,9 +16,9 @@ import sys
 
 import pytest
 import timm
-from timm.models.vision_transformer import Block
 import torch
 from helpers import tiny_hf_model, tiny_vit
+from timm.models.vision_transformer import Block
 
 import fastprompt
 from fastprompt.kernels.reference import ept_attention_reference
