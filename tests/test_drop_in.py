@@ -188,6 +188,29 @@ def test_timm_torchscript_gives_the_patched_outputs_or_one_clear_error(method):
     torch.testing.assert_close(scripted(x), model(x))
 
 
+@pytest.mark.parametrize("method", ["ept", "vpt", "adapter"])
+def test_timm_reentrant_grad_checkpointing_trains_the_method(method):
+    """timm's set_grad_checkpointing with timm's reentrant switch on: the same gradients as without."""
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    x = images()
+    grads = []
+    before = use_reentrant_ckpt()
+    try:
+        set_reentrant_ckpt(True)
+        for checkpointing in (False, True):
+            model = timm_model(method).train()
+            model.set_grad_checkpointing(checkpointing)
+            model(x).square().sum().backward()
+            grads.append({n: p.grad for n, p in trainable(model).items()})
+    finally:
+        set_reentrant_ckpt(before)
+    plain, checkpointed = grads
+    assert not [n for n, g in checkpointed.items() if g is None]
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_timm_unsupported_masks_name_the_method_and_the_alternative():
     with pytest.raises(ValueError, match="EPT does not support is_causal=True.*without is_causal"):
         timm_model("ept").forward_features(images(), is_causal=True)
