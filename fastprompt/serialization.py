@@ -536,7 +536,8 @@ def load(
 
     `backbone`: a model object (plain, or with the method already applied), a local weight file of the recorded
     architecture, a timm model name (timm's pretrained weights), a Hugging Face folder/name, or None for the
-    recorded name. The method is applied with the saved options and number of classes, then `load_trainable`'s
+    recorded name (or, for a patched Hugging Face model's `save_pretrained` folder, that folder). The method is
+    applied with the saved options and number of classes, then `load_trainable`'s
     checks run. A name loads through timm's / Hugging Face's usual cache and download.
     """
     tensors, record = read_trainable(path)
@@ -549,6 +550,9 @@ def load(
         if isinstance(backbone, nn.Module):
             base = backbone
         elif backbone is None or isinstance(backbone, (str, os.PathLike)):
+            library = (record.get("backbone") or {}).get("library")
+            if backbone is None and library == "transformers" and (Path(path) / "config.json").is_file():
+                backbone = path  # a patched model's save_pretrained folder holds its own backbone
             base = _create_backbone(record, backbone)
         else:
             raise TypeError(

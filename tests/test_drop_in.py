@@ -436,7 +436,7 @@ def test_hf_save_pretrained_folder_loads_back_patched(tmp_path, kind, method):
     x = hf_images(kind)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "trainable.safetensors").is_file() and (tmp_path / "config.json").is_file()
-    loaded = fastprompt.load(tmp_path, backbone=tmp_path)
+    loaded = fastprompt.load(tmp_path)  # the folder is the backbone too
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
     plain = type(tiny_hf_model(kind)).from_pretrained(tmp_path)
     assert not torch.allclose(plain(x).logits, model(x).logits)
