@@ -18,6 +18,7 @@ import pytest
 import timm
 import torch
 from helpers import tiny_hf_model, tiny_vit
+from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 import fastprompt
@@ -209,6 +210,19 @@ def test_timm_reentrant_grad_checkpointing_trains_the_method(method):
     assert not [n for n, g in checkpointed.items() if g is None]
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"scale_attn_norm": True}])
+def test_timm_ept_attention_is_timms_attention_when_the_sink_is_empty(variant):
+    """EPTAttention repeats timm's q/k/v and output code: pinned to timm's own Attention.forward (prompts at -inf)."""
+    model = timm_model("ept", **variant)
+    x = torch.randn(2, 17, 32)
+    for block in model.blocks:
+        with torch.no_grad():
+            block.attn.prompt.fill_(-math.inf)
+            if variant.get("scale_attn_norm"):  # a norm that is not the identity
+                torch.nn.init.normal_(block.attn.norm.weight)
+        torch.testing.assert_close(block.attn(x), Attention.forward(block.attn, x), rtol=1e-5, atol=1e-6)
 
 
 def test_timm_unsupported_masks_name_the_method_and_the_alternative():
