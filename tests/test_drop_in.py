@@ -272,6 +272,20 @@ def test_timm_torch_save_deepcopy_and_print(method):
         assert "VPTVisionTransformer" in str(model) and "VPTBlock" in str(model)
 
 
+def test_checkpointed_vpt_pickles_prints_its_policy_and_unwraps():
+    from fastprompt.checkpointing import checkpoint_activations
+
+    model = checkpoint_activations(timm_model("vpt"), "selective", blocks=2).train()
+    x = images()
+    twin = roundtrip(model)
+    assert type(twin.blocks[0]).__name__ == "CheckpointedVPTBlock" and "activation_policy='selective'" in str(twin)
+    model(x).sum().backward()
+    twin(x).sum().backward()
+    torch.testing.assert_close(twin.vpt.prompts.grad, model.vpt.prompts.grad, rtol=0, atol=0)
+    checkpoint_activations(twin, "none")
+    assert type(twin.blocks[0]).__name__ == "VPTBlock" and type(twin.blocks[2]).__name__ == "VPTBlock"
+
+
 @pytest.mark.parametrize("kind", ["vit", "dinov2"])
 @pytest.mark.parametrize("method", METHODS)
 def test_hf_torch_save_deepcopy_and_print(kind, method):
