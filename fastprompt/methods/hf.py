@@ -282,7 +282,8 @@ class HFPatched(MethodMixin):
         from fastprompt.serialization import save_trainable
 
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        save_trainable(self, save_directory)
+        if kwargs.get("is_main_process", True) and any(p.requires_grad for p in self.parameters()):
+            save_trainable(self, save_directory)  # nothing trainable (frozen for inference): HF's files only
         return result
 
 
