@@ -383,6 +383,9 @@ def test_hf_ept_attentions_are_the_official_probabilities(kind):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert model(x).attentions is None or model(x).attentions == ()  # fused path: nothing asked, nothing kept
+    model.set_attn_implementation("eager")
+    model.config.output_attentions = True  # asked through the config instead of the call
+    assert len(model(x).attentions) == 2
 
 
 @pytest.mark.parametrize(("kind", "method"), [c for c in HF_CASES if c[1] != "linear"])

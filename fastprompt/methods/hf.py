@@ -115,8 +115,10 @@ class EPTHFAttention(ept_method.EPTMixin):
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = _qkv_heads(self, hidden_states)
+        # as transformers' capture_outputs decides: the call's flag, else the config's
+        wanted = kwargs.get("output_attentions", getattr(getattr(self, "config", None), "output_attentions", False))
         out, probs = ept_method.prompted_attention(
-            self, q, k, v, scale=self.scaling, mask=attention_mask, need_weights=bool(kwargs.get("output_attentions"))
+            self, q, k, v, scale=self.scaling, mask=attention_mask, need_weights=bool(wanted)
         )
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
         return self.o_proj(out), probs
