@@ -114,6 +114,20 @@ def test_timm_forward_intermediates(method):
     torch.testing.assert_close(output3, output, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("change", ["dynamic_img_size", "set_input_size"])
+def test_timm_vpt_other_image_sizes_resample_the_position_embedding_as_timm(change):
+    """The prompts are prefix tokens, but the position embedding has no rows for them."""
+    kwargs = {"dynamic_img_size": True} if change == "dynamic_img_size" else {}
+    model, reference = timm_model("vpt", **kwargs), tiny_vit(depth=DEPTH, **kwargs).eval()
+    if change == "set_input_size":
+        model.set_input_size(img_size=48)
+        reference.set_input_size(img_size=48)
+        torch.testing.assert_close(model.pos_embed, reference.pos_embed, rtol=0, atol=0)
+    x = images(48)
+    torch.testing.assert_close(model._pos_embed(model.patch_embed(x)), reference._pos_embed(reference.patch_embed(x)))
+    assert model(x).shape == (2, 4)
+
+
 def test_timm_vpt_intermediates_are_the_prompted_blocks_without_prompt_tokens():
     model = timm_model("vpt")
     x = images()

@@ -8,7 +8,9 @@ patch maps without the prompts. See docs/drop-in.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from functools import reduce
 from operator import mul
 from typing import Any
@@ -81,15 +83,25 @@ class VPTVisionTransformer(MethodMixin):
     method = "vpt"
     prefix = "VPT"
 
+    @contextlib.contextmanager
+    def _embedding_prefix(self) -> Iterator[None]:
+        """`num_prefix_tokens` without the prompts while timm resamples the position embedding (no prompt rows)."""
+        count = self.num_prefix_tokens
+        self.num_prefix_tokens = count - self.vpt.num_tokens
+        try:
+            yield
+        finally:
+            self.num_prefix_tokens = count
+
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dynamic_img_size:  # only timm's resampling branch reads num_prefix_tokens
             return super()._pos_embed(x)
-        count = self.num_prefix_tokens
-        self.num_prefix_tokens = count - self.vpt.num_tokens  # the position embedding has no prompt rows
-        try:
+        with self._embedding_prefix():
             return super()._pos_embed(x)
-        finally:
-            self.num_prefix_tokens = count
+
+    def set_input_size(self, *args: Any, **kwargs: Any) -> None:
+        with self._embedding_prefix():
+            super().set_input_size(*args, **kwargs)
 
     def forward_features(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
