@@ -17,7 +17,6 @@ layer, so what a block keeps is its norms' inputs, q/k/v, the attention output a
 from __future__ import annotations
 
 import functools
-import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,13 +24,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from fastprompt.methods.classes import MethodMixin, restore_class, swap_class
 from fastprompt.methods.registry import check_layers
 
 __all__ = ["POLICIES", "activation_plan", "attention_ops", "checkpoint_activations", "is_attention_op"]
 
 POLICIES = ("none", "selective", "full")
 _POLICY_ATTR = "_fastprompt_activation_policy"
-_INNER_ATTR = "_fastprompt_inner_forward"
 
 # Attention ops whose outputs "selective" keeps, by identity (aten namespace): the kernels PyTorch's
 # scaled_dot_product_attention dispatches to, which return the output and its log-sum-exp.
@@ -76,15 +75,25 @@ def _keep_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointP
 _SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
 
 
-def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The forward installed on a checkpointed block: the block's own forward under torch's checkpoint."""
-    inner = getattr(block, _INNER_ATTR) or types.MethodType(type(block).forward, block)
-    if not torch.is_grad_enabled():
-        return inner(*args, **kwargs)
-    options: dict[str, Any] = {"use_reentrant": False}
-    if getattr(block, _POLICY_ATTR) == "selective":
-        options["context_fn"] = _SELECTIVE_CONTEXT
-    return checkpoint(inner, *args, **options, **kwargs)
+class CheckpointedBlock(MethodMixin):
+    """A block whose forward runs under torch's non-reentrant checkpoint (the block's own forward inside)."""
+
+    method = "checkpoint_activations"
+    prefix = "Checkpointed"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inner = super().forward
+        if not torch.is_grad_enabled():
+            return inner(*args, **kwargs)
+        options: dict[str, Any] = {"use_reentrant": False}
+        if getattr(self, _POLICY_ATTR) == "selective":
+            options["context_fn"] = _SELECTIVE_CONTEXT
+        return checkpoint(inner, *args, **options, **kwargs)
+
+    def extra_repr(self) -> str:
+        own = f"activation_policy={getattr(self, _POLICY_ATTR)!r}"
+        rest = super().extra_repr()
+        return f"{rest}, {own}" if rest else own
 
 
 def _model_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
@@ -136,16 +145,16 @@ def checkpoint_activations(
         wrapped = hasattr(block, _POLICY_ATTR)
         if policy == "none":
             if wrapped:
-                inner = getattr(block, _INNER_ATTR)
-                del block.forward
-                if inner is not None:
-                    block.forward = inner
+                restore_class(block, CheckpointedBlock)
                 delattr(block, _POLICY_ATTR)
-                delattr(block, _INNER_ATTR)
             continue
         if not wrapped:
-            setattr(block, _INNER_ATTR, block.__dict__.get("forward"))
-            block.forward = types.MethodType(_checkpointed_forward, block)
+            if "forward" in block.__dict__:
+                raise TypeError(
+                    f"block {index} has a forward bound on the instance, which would bypass the checkpoint; "
+                    "patch blocks by subclassing (as fastprompt's methods do) before checkpoint_activations"
+                )
+            swap_class(block, CheckpointedBlock)
         setattr(block, _POLICY_ATTR, policy)
     return model
 

@@ -8,11 +8,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fastprompt.methods import hf, registry
+from fastprompt.methods.classes import set_input_requires_grad, swap_class
 from fastprompt.methods.registry import available_methods, check_int
 
 __all__ = ["apply", "available_methods", "count_parameters", "merge"]
 
 METHOD_ATTR = "fastprompt_method"
+CLASS_METHODS = ("ept", "vpt", "adapter")  # timm methods installed as classes (not TorchScript-able)
 CONFIG_ATTR = "fastprompt_config"  # {"method", "num_classes", "options"} as given to apply: what rebuilds it
 
 
@@ -25,6 +27,13 @@ def check_vit(model: object) -> VisionTransformer:
             "create one with timm.create_model('vit_base_patch16_224', ...)"
         )
     return model
+
+
+def timm_reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether a timm model recomputes its blocks with reentrant checkpointing (timm's global switch)."""
+    from timm.layers import use_reentrant_ckpt
+
+    return bool(getattr(model, "grad_checkpointing", False)) and use_reentrant_ckpt()
 
 
 def apply(model: nn.Module, method: str, *, num_classes: int | None = None, **options: Any) -> nn.Module:
@@ -62,6 +71,10 @@ def apply(model: nn.Module, method: str, *, num_classes: int | None = None, **op
             reset_classifier(model, num_classes)
             model.requires_grad_(False)
         result = method_fn(model, **options)
+        if hf.is_hf_model(model):
+            swap_class(model, hf.HFPatched)  # reentrant checkpointing and save_pretrained know the method
+        elif spec.name in CLASS_METHODS:  # a hook would stop TorchScript, which the other methods support
+            set_input_requires_grad(model.patch_embed, True, active=timm_reentrant_checkpointing, model=model)
     setattr(result, METHOD_ATTR, spec.name)
     setattr(result, CONFIG_ATTR, {"method": spec.name, "num_classes": num_classes, "options": dict(options)})
     return result

@@ -620,11 +620,11 @@ def load(
 
     `backbone`: a model object (plain, or with the method already applied), a local weight file of the recorded
     architecture, a timm model name (timm's pretrained weights), a Hugging Face folder/name, or None for the
-    recorded name. The method is applied with the saved options and number of classes, then `load_trainable`'s
-    checks run. A name you pass loads through timm's / Hugging Face's usual cache and download. The recorded name
-    (``backbone=None``) was chosen by the file's author: it is fetched from the hub only with
-    ``allow_download=True``; otherwise only the local cache is used (WeightsError, at once, naming what would be
-    fetched).
+    recorded name (or, for a patched Hugging Face model's `save_pretrained` folder, that folder). The method is
+    applied with the saved options and number of classes, then `load_trainable`'s checks run. A name you pass loads
+    through timm's / Hugging Face's usual cache and download. The recorded name (``backbone=None``) was chosen by
+    the file's author: it is fetched from the hub only with ``allow_download=True``; otherwise only the local cache
+    is used (WeightsError, at once, naming what would be fetched).
     """
     tensors, record = read_trainable(path)
     source = _weights_path(path)
@@ -636,6 +636,9 @@ def load(
         if isinstance(backbone, nn.Module):
             base = backbone
         elif backbone is None or isinstance(backbone, (str, os.PathLike)):
+            library = (record.get("backbone") or {}).get("library")
+            if backbone is None and library == "transformers" and (Path(path) / "config.json").is_file():
+                backbone = path  # a patched model's save_pretrained folder holds its own backbone
             base = _create_backbone(record, backbone, allow_download=allow_download, source=source)
         else:
             raise TypeError(

@@ -56,3 +56,20 @@ def write_image_folder(root, classes=("benign", "malignant"), per_class: int = 4
             pixels = rng.normal(90 + 80 * label, 30, (size, size, 3)).clip(0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+def tiny_hf_model(kind: str = "vit", seed: int = 0, **config):
+    """A 2-layer Hugging Face ViT or DINOv2 classifier (hidden 32, 4 heads, 3 labels, 4x4 patch grid), in eval."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    options = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_labels=3)
+    if kind == "vit":
+        model = ViTForImageClassification(
+            ViTConfig(**options, intermediate_size=64, image_size=32, patch_size=8, **config)
+        )
+    else:
+        model = Dinov2ForImageClassification(
+            Dinov2Config(**options, mlp_ratio=2, image_size=28, patch_size=7, **config)
+        )
+    return model.eval()

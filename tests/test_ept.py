@@ -174,8 +174,8 @@ def test_option_errors():
 
 def test_runtime_errors_name_the_problem():
     model = fastprompt.apply(tiny_vit(), "ept", prompt_layers=[0])
-    with pytest.raises(ValueError, match="attn_mask"):
-        model.blocks[0](torch.randn(1, 17, 32), attn_mask=torch.zeros(17, 17))
+    with pytest.raises(ValueError, match="EPT does not support is_causal=True"):
+        model.blocks[0](torch.randn(1, 17, 32), is_causal=True)
     with pytest.raises(ValueError, match="17 rows .* got 20 tokens"):
         model.blocks[0].attn(torch.randn(1, 20, 32))
     with pytest.raises(ValueError, match="no EPT prompts"):

@@ -119,7 +119,7 @@ def test_adapter_starts_as_pretrained_model_and_sits_after_mlp():
     assert isinstance(mlp.adapter, Adapter)
     torch.nn.init.normal_(mlp.adapter.up.weight)
     x = torch.randn(2, 5, D)
-    expected = mlp.adapter(type(mlp).forward(mlp, x))
+    expected = mlp.adapter(reference.blocks[0].mlp(x))  # the unpatched timm Mlp, same weights
     torch.testing.assert_close(mlp(x), expected)
 
 
@@ -138,7 +138,10 @@ def test_vpt_prompts_are_inserted_after_cls_and_removed_before_head():
     features = model.forward_features(torch.randn(1, 3, 32, 32))
     handle.remove()
     assert lengths == [1 + 16 + 3]
-    assert features.shape[1] == 1 + 16
+    # the prompts count as prefix tokens (as timm's register tokens): in the features, not in the pooled head input
+    assert features.shape[1] == 1 + 3 + 16 and model.num_prefix_tokens == 1 + 3
+    pooled = model.forward_head(features, pre_logits=True)
+    torch.testing.assert_close(pooled, features[:, 0])
 
 
 def test_num_classes_resets_trainable_classifier():

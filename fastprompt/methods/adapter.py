@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import types
-
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from fastprompt.methods.classes import MethodMixin, swap_class
 from fastprompt.methods.linear import unfreeze_head
 from fastprompt.methods.registry import check_int, register_method
 
@@ -28,8 +27,15 @@ class Adapter(nn.Module):
         return x + self.up(self.act(self.down(x)))
 
 
-def _mlp_forward_with_adapter(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.adapter(type(self).forward(self, x))
+class AdapterMLP(MethodMixin):
+    """An MLP (timm or Hugging Face) followed by its `adapter`: `adapter(mlp(x))`."""
+
+    method = "adapter"
+    prefix = "Adapter"
+    adapter: Adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(super().forward(x))
 
 
 @register_method("adapter")
@@ -46,4 +52,4 @@ def attach_adapter(mlp: nn.Module, dim: int, reduction: int) -> None:
     """Run an Adapter on `mlp`'s output (on the MLP's device and dtype)."""
     ref = next(mlp.parameters())
     mlp.adapter = Adapter(dim, reduction).to(device=ref.device, dtype=ref.dtype)
-    mlp.forward = types.MethodType(_mlp_forward_with_adapter, mlp)
+    swap_class(mlp, AdapterMLP)

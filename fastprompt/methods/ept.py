@@ -9,7 +9,6 @@ sink and never materialises the B·H·N·(N+P) probabilities (see DESIGN.md, "EP
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,8 @@ from torch import nn
 
 from fastprompt.kernels import sink_attention
 from fastprompt.kernels.reference import ept_attention_reference
+from fastprompt.methods.classes import MethodMixin, swap_class
+from fastprompt.methods.layout import attention_modules
 from fastprompt.methods.linear import unfreeze_head
 from fastprompt.methods.registry import check_choice, check_int, check_layers, register_method
 
@@ -35,7 +36,7 @@ class TokenGrid:
         self.size: tuple[int, int] | None = None
 
     def __call__(self, patch_embed: nn.Module, args: tuple) -> None:
-        if args and isinstance(args[0], torch.Tensor):
+        if args and isinstance(args[0], torch.Tensor) and not isinstance(args[0], torch.fx.Proxy):
             height, width = patch_embed.dynamic_feat_size(tuple(args[0].shape[-2:]))
             self.size = (int(height), int(width))
 
@@ -85,46 +86,130 @@ def token_prompt(attn: Attention, num_tokens: int) -> torch.Tensor:
     return prompt
 
 
+def materialised_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official concat-softmax-slice, materialised: `(out [B, H, N, Dh], probs [B, H, N, N])`.
+
+    `probs` are the attention probabilities over the real tokens after the prompt sink took its share, so each row
+    sums to less than 1. `mask` (broadcast to `[B, H, N, N]`) masks keys as in PyTorch's scaled_dot_product_attention:
+    a bool mask keeps the True entries, a float mask is added to the logits; the prompt columns are never masked.
+    """
+    logits = (q @ k.transpose(-2, -1)).float() * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+    sink = prompt.float().expand(*logits.shape[:-1], prompt.shape[-1])
+    probs = torch.cat([sink, logits], dim=-1).softmax(dim=-1)[..., prompt.shape[-1] :].to(q.dtype)
+    return probs @ v, probs
+
+
+@torch.fx.wrap
+def ept_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    attention: str,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The EPT attention core for a prompt already matched to the token grid: `(out, probs or None)`.
+
+    Wrapped for torch.fx, so a traced model makes its choices here at run time (mask or none, one prompt row
+    per token) exactly as the eager model does.
+    """
+    if prompt.shape[0] != q.shape[-2]:
+        raise ValueError(
+            f"EPT prompt has {prompt.shape[0]} rows but the attention got {q.shape[-2]} tokens; EPT needs exactly one "
+            "prompt row per token: run the eager model (a torch.fx-traced one keeps the traced image size) without "
+            "token dropping or extra tokens"
+        )
+    if mask is not None or need_weights:
+        out, probs = materialised_attention(q, k, v, prompt, scale=scale, mask=mask)
+        return out, (probs if need_weights else None)
+    if attention == "official":
+        return ept_attention_reference(q, k, v, prompt, scale=scale), None
+    return sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1), scale=scale), None
+
+
 def prompted_attention(
-    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
-) -> torch.Tensor:
-    """softmax over [prompt | q kᵀ·scale], prompt columns dropped, times v: `[B, H, N, Dh]` for `attn`'s prompt.
+    attn: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax over [prompt | q kᵀ·scale], prompt columns dropped, times v: `(out [B, H, N, Dh], probs or None)`.
 
     Runs the fused sink attention, or the materialised official formulation when the model was patched with
-    `attention="official"`; records the patch-wise scaling map while `ept_scales` asks for it.
+    `attention="official"`, when a `mask` is given or when the probabilities are asked for (`need_weights`);
+    records the patch-wise scaling map while `ept_scales` asks for it.
     """
-    prompt = token_prompt(attn, q.shape[-2])
     state: EPTState = attn.ept
-    if state.scales is not None:
+    if isinstance(q, torch.fx.Proxy):  # symbolic tracing: the grid is the configured one, checked at run time
+        return ept_core(q, k, v, attn.prompt, mask, scale, state.attention, need_weights)
+    prompt = token_prompt(attn, q.shape[-2])
+    if state.scales is not None and mask is None:
         out, scaling = sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1), scale=scale, return_scale=True)
         state.scales.append(scaling.mean(dim=1))
-        return out
-    if state.attention == "official":
-        return ept_attention_reference(q, k, v, prompt, scale=scale)
-    return sink_attention(q, k, v, torch.logsumexp(prompt, dim=-1), scale=scale)
+        return out, None
+    return ept_core(q, k, v, prompt, mask, scale, state.attention, need_weights)
 
 
-def _ept_attention_forward(
-    self: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-) -> torch.Tensor:
-    """timm's Attention.forward with the prompt sink folded into the softmax."""
-    if attn_mask is not None or is_causal:
+class EPTMixin(MethodMixin):
+    """What every EPT attention (timm or Hugging Face) shows: its prompt shape and attention path."""
+
+    method = "ept"
+    prefix = "EPT"
+    prompt: nn.Parameter
+    ept: EPTState
+
+    def extra_repr(self) -> str:
+        own = f"prompt={tuple(self.prompt.shape)}, attention={self.ept.attention!r}"
+        rest = super().extra_repr()
+        return f"{rest}, {own}" if rest else own
+
+
+@torch.fx.wrap
+def check_not_causal(is_causal: bool) -> None:
+    """Raise for is_causal=True (wrapped for torch.fx, so it runs on the real value)."""
+    if is_causal:
         raise ValueError(
-            "EPT attention takes no attn_mask and is_causal=False: the prompt sink is defined for full attention "
-            "over all tokens; call the model without a mask"
+            "EPT does not support is_causal=True: the prompt sink is defined for full attention over all tokens; "
+            "call the model without is_causal (a key mask through attn_mask is supported)"
         )
-    batch, num_tokens, _ = x.shape
-    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = self.q_norm(q), self.k_norm(k)
-    out = prompted_attention(self, q, k, v, scale=self.scale)
-    x = out.transpose(1, 2).reshape(batch, num_tokens, self.num_heads * self.head_dim)
-    x = self.norm(x)
-    if gate is not None:
-        x = x * gate
-    x = self.proj(x)
-    return self.proj_drop(x)
+
+
+class EPTAttention(EPTMixin):
+    """timm's Attention with the prompt sink folded into the softmax (the attention core; the rest is timm's).
+
+    The q/k/v and output code repeats timm's `Attention.forward`; tests pin it to timm's own output.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        check_not_causal(is_causal)
+        batch, num_tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out, _ = prompted_attention(self, q, k, v, scale=self.scale, mask=attn_mask)
+        x = out.transpose(1, 2).reshape(batch, num_tokens, self.num_heads * self.head_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj(x)
+        return self.proj_drop(x)
 
 
 def init_prompt(prompt: torch.Tensor, init: str) -> None:
@@ -193,7 +278,7 @@ def ept(
     for attn in attns.values():
         state = EPTState(tracker=tracker, grid=grid, prefix_tokens=model.num_prefix_tokens, attention=attention)
         attach_prompt(attn, num_tokens, prompt_length, prompt_init, state)
-        attn.forward = types.MethodType(_ept_attention_forward, attn)
+        swap_class(attn, EPTAttention)
     unfreeze_head(model)
     return model
 
@@ -209,8 +294,6 @@ def attach_prompt(attn: nn.Module, num_tokens: int, prompt_length: int, prompt_i
 
 def prompted_attentions(model: nn.Module) -> dict[int, nn.Module]:
     """The attention modules that carry an EPT prompt, by block index (timm or Hugging Face ViT)."""
-    from fastprompt.methods.hf import attention_modules
-
     return {i: attn for i, attn in attention_modules(model).items() if isinstance(getattr(attn, "ept", None), EPTState)}
 
 

@@ -17,7 +17,6 @@ This module imports `transformers` only when given a Hugging Face model.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,53 +28,12 @@ from fastprompt.methods import adapter as adapter_method
 from fastprompt.methods import ept as ept_method
 from fastprompt.methods import lora as lora_method
 from fastprompt.methods import vpt as vpt_method
+from fastprompt.methods.classes import MethodMixin, set_input_requires_grad, swap_class
+from fastprompt.methods.layout import SUPPORTED, attention_modules, base_model, hf_layers, is_hf_model  # noqa: F401
 from fastprompt.methods.linear import unfreeze_head
 from fastprompt.methods.registry import MethodSpec, check_choice, check_float, check_int, check_layers
 
-SUPPORTED = ("ViTModel", "ViTForImageClassification", "Dinov2Model", "Dinov2ForImageClassification")
 TIMM_ONLY_METHODS = ("partial",)
-
-
-def is_hf_model(model: object) -> bool:
-    """Whether `model` is a module from Hugging Face `transformers` (checked without importing it)."""
-    return isinstance(model, nn.Module) and type(model).__module__.startswith("transformers.")
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The `ViTModel` / `Dinov2Model` inside `model` (the model itself when it is one); a TypeError otherwise."""
-    from transformers import Dinov2ForImageClassification, Dinov2Model, ViTForImageClassification, ViTModel
-
-    if isinstance(model, (ViTModel, Dinov2Model)):
-        return model
-    if isinstance(model, ViTForImageClassification):
-        return model.vit
-    if isinstance(model, Dinov2ForImageClassification):
-        return model.dinov2
-    raise TypeError(
-        f"fastprompt supports the Hugging Face models {', '.join(SUPPORTED)}, got {type(model).__name__}; load one "
-        "with e.g. ViTForImageClassification.from_pretrained(path) or build it from a ViTConfig"
-    )
-
-
-def hf_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer layers of a supported Hugging Face model, in order; a TypeError for an older layout."""
-    base = base_model(model)
-    layers = base.layers if hasattr(base, "layers") else getattr(getattr(base, "encoder", None), "layer", None)
-    if layers is None or not all(hasattr(layer.attention, "q_proj") for layer in layers):
-        import transformers
-
-        raise TypeError(
-            f"{type(base).__name__} from transformers {transformers.__version__} lacks the attention layout fastprompt "
-            "patches (attention.q_proj / k_proj / v_proj / o_proj); install transformers>=5.24 (fastprompt[hf])"
-        )
-    return layers
-
-
-def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """Each block's self-attention module by block index: timm's `blocks[i].attn` or Hugging Face's `attention`."""
-    if is_hf_model(model):
-        return {i: layer.attention for i, layer in enumerate(hf_layers(model))}
-    return {i: block.attn for i, block in enumerate(getattr(model, "blocks", ()))}
 
 
 def _is_dinov2(model: nn.Module) -> bool:
@@ -146,19 +104,24 @@ def _qkv_heads(attn: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tens
     return q, k, v
 
 
-def _ept_attention_forward(
-    self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
-) -> tuple[torch.Tensor, None]:
-    """Hugging Face ViT / DINOv2 self-attention with the EPT prompt sink folded into the softmax."""
-    if attention_mask is not None:
-        raise ValueError(
-            "EPT attention takes no attention_mask: the prompt sink is defined for full attention over all tokens; "
-            "call the model without attention_mask"
+class EPTHFAttention(ept_method.EPTMixin):
+    """Hugging Face ViT / DINOv2 self-attention with the EPT prompt sink folded into the softmax.
+
+    The fused sink attention by default. A call with `output_attentions=True` or an attention mask runs the
+    materialised path instead and returns the probabilities over the real tokens after the sink (rows sum to < 1).
+    """
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = _qkv_heads(self, hidden_states)
+        # as transformers' capture_outputs decides: the call's flag, else the config's
+        wanted = kwargs.get("output_attentions", getattr(getattr(self, "config", None), "output_attentions", False))
+        out, probs = ept_method.prompted_attention(
+            self, q, k, v, scale=self.scaling, mask=attention_mask, need_weights=bool(wanted)
         )
-    q, k, v = _qkv_heads(self, hidden_states)
-    out = ept_method.prompted_attention(self, q, k, v, scale=self.scaling)
-    out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
-    return self.o_proj(out), None
+        out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
+        return self.o_proj(out), probs
 
 
 def ept(
@@ -193,7 +156,7 @@ def ept(
             tracker=tracker, grid=grid, prefix_tokens=1, attention=attention, resample=resample_prompt
         )
         ept_method.attach_prompt(attn, 1 + grid[0] * grid[1], prompt_length, prompt_init, state)
-        attn.forward = types.MethodType(_ept_attention_forward, attn)
+        swap_class(attn, EPTHFAttention)
     unfreeze_head(model)
     return model
 
@@ -219,31 +182,47 @@ def lora(
     return model
 
 
-def _insert_prompts(index: int, vpt: vpt_method.VisualPrompts) -> Callable:
-    """Forward pre-hook of layer `index`: insert (layer 0) or replace (deep VPT) the prompt tokens after CLS."""
-
-    def hook(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        if mask is not None:
-            raise ValueError(
-                "VPT inserts prompt tokens, so a token attention mask cannot apply; call without attention_mask"
-            )
-        x = args[0]
-        prompts = vpt.dropout(vpt.prompts[index if vpt.deep else 0]).to(x.dtype).expand(x.shape[0], -1, -1)
-        rest = x[:, 1:] if index == 0 else x[:, 1 + vpt.num_tokens :]
-        return (torch.cat([x[:, :1], prompts, rest], dim=1), *args[1:]), kwargs
-
-    return hook
+def widen_mask(mask: torch.Tensor, prefix: int, count: int) -> torch.Tensor:
+    """An attention mask `[..., N, N]` (or `[..., 1, N]`) for the sequence with `count` prompt tokens after the
+    `prefix` tokens: the prompts attend to and are seen by every token; the real tokens keep their mask."""
+    fill = True if mask.dtype == torch.bool else 0.0
+    for dim in (-1, -2):
+        if mask.shape[dim] == 1:
+            continue
+        shape = list(mask.shape)
+        shape[dim] = count
+        size = mask.shape[dim]
+        head, tail = mask.narrow(dim, 0, prefix), mask.narrow(dim, prefix, size - prefix)
+        mask = torch.cat([head, mask.new_full(shape, fill), tail], dim=dim)
+    return mask
 
 
-def _remove_prompts(vpt: vpt_method.VisualPrompts) -> Callable:
+class InsertPrompts:
+    """Forward pre-hook of layer `index`: insert (layer 0) or replace (deep VPT) the prompt tokens after CLS, and
+    widen an attention mask to the prompted sequence."""
+
+    def __init__(self, index: int, vpt: vpt_method.VisualPrompts) -> None:
+        self.index, self.vpt = index, vpt
+
+    def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x, *rest = args
+        if self.index == 0 or self.vpt.deep:
+            x = self.vpt.insert(x, self.index, prefix=1)
+        if rest and rest[0] is not None:
+            rest[0] = widen_mask(rest[0], 1, self.vpt.num_tokens)
+        if kwargs.get("attention_mask") is not None:
+            kwargs = {**kwargs, "attention_mask": widen_mask(kwargs["attention_mask"], 1, self.vpt.num_tokens)}
+        return (x, *rest), kwargs
+
+
+class RemovePrompts:
     """Forward pre-hook of the final layer norm: drop the prompt tokens before the head."""
 
-    def hook(norm: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        return (torch.cat([x[:, :1], x[:, 1 + vpt.num_tokens :]], dim=1), *args[1:])
+    def __init__(self, vpt: vpt_method.VisualPrompts) -> None:
+        self.vpt = vpt
 
-    return hook
+    def __call__(self, norm: nn.Module, args: tuple) -> tuple:
+        return (self.vpt.remove(args[0], prefix=1), *args[1:])
 
 
 def vpt(model: nn.Module, *, num_tokens: int = 10, deep: bool = True, dropout: float = 0.0) -> nn.Module:
@@ -258,9 +237,9 @@ def vpt(model: nn.Module, *, num_tokens: int = 10, deep: bool = True, dropout: f
     count = len(layers) if deep else 1
     prompts = vpt_method.VisualPrompts(count, num_tokens, base.config.hidden_size, height * width, dropout)
     base.vpt = prompts.to(device=ref.device, dtype=ref.dtype)
-    for i, layer in enumerate(layers if deep else layers[:1]):
-        layer.register_forward_pre_hook(_insert_prompts(i, base.vpt), with_kwargs=True)
-    base.layernorm.register_forward_pre_hook(_remove_prompts(base.vpt))
+    for i, layer in enumerate(layers):  # every layer: a mask needs widening after the prompts are in
+        layer.register_forward_pre_hook(InsertPrompts(i, base.vpt), with_kwargs=True)
+    base.layernorm.register_forward_pre_hook(RemovePrompts(base.vpt))
     unfreeze_head(model)
     return model
 
@@ -273,6 +252,41 @@ def adapter(model: nn.Module, *, reduction: int = 8) -> nn.Module:
         adapter_method.attach_adapter(layer.mlp, hidden, reduction)
     unfreeze_head(model)
     return model
+
+
+def reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether a Hugging Face model recomputes its layers with reentrant checkpointing."""
+    for layer in hf_layers(model):
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(layer, "gradient_checkpointing", False) and func is not None:
+            return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+    return False
+
+
+class HFPatched(MethodMixin):
+    """A Hugging Face model patched by `fastprompt.apply` (same class name, so `save_pretrained` records it as usual).
+
+    - `gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})` also makes the
+      embedding output require grad, so the method's parameters train (reentrant checkpointing skips parameters
+      of blocks whose inputs need no gradient);
+    - `save_pretrained(folder)` also writes fastprompt's record (`trainable.safetensors` + `trainable.json`), so
+      `fastprompt.load(folder)` gives the patched model back (`from_pretrained` alone gives the unpatched one).
+    """
+
+    method = "fastprompt"
+    prefix = ""
+
+    def _set_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
+        super()._set_gradient_checkpointing(*args, **kwargs)
+        set_input_requires_grad(base_model(self).embeddings, reentrant_checkpointing(self))
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        from fastprompt.serialization import save_trainable
+
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and any(p.requires_grad for p in self.parameters()):
+            save_trainable(self, save_directory)  # nothing trainable (frozen for inference): HF's files only
+        return result
 
 
 HF_METHODS: dict[str, Callable[..., nn.Module]] = {"ept": ept, "lora": lora, "vpt": vpt, "adapter": adapter}
