@@ -121,14 +121,16 @@ def _lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+FUSED_OPTIMIZER_DEVICES = ("cuda", "cpu", "xpu")  # where torch's fused AdamW / SGD kernels run (CPU: torch >= 2.4)
+
+
 def fast_optimizer(cls: type[torch.optim.Optimizer], params: list, **options: Any) -> torch.optim.Optimizer:
-    """`cls(params, fused=True, **options)` where torch has a fused kernel for the parameters (CUDA, and CPU since
-    torch 2.4), else the multi-tensor `foreach=True` one: the same update as the default per-tensor loop, fewer
-    kernel launches and passes over memory."""
-    try:
-        return cls(params, fused=True, **options)
-    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
-        return cls(params, foreach=True, **options)
+    """`cls(params, fused=True, **options)` when every parameter is a floating-point tensor on a device with fused
+    kernels, else the multi-tensor `foreach=True` form: the same update as torch's default per-tensor loop (the
+    CPU's default), with fewer passes over memory."""
+    params = list(params)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in FUSED_OPTIMIZER_DEVICES for p in params)
+    return cls(params, fused=True, **options) if fused else cls(params, foreach=True, **options)
 
 
 class Engine:
