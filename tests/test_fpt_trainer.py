@@ -4,6 +4,8 @@ a `datasets.Dataset`, and the image-size error."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,6 +162,17 @@ def test_cached_features_from_a_datasets_dataset_train_like_the_images(tmp_path)
     assert cached_losses == pytest.approx(plain_losses, abs=1e-4)
     with pytest.raises(RuntimeError, match="released"):
         model(pixel_values=items[0]["pixel_values"][None])  # no reload given: uncached images are refused clearly
+
+    # saved with the backbone released: the file records the real frozen weights and loads into a full model
+    fastprompt.save_trainable(model, tmp_path / "released")
+    fastprompt.save_trainable(plain, tmp_path / "kept")
+    records = [json.loads((tmp_path / name / "trainable.json").read_text()) for name in ("released", "kept")]
+    assert records[0]["backbone"]["frozen"] == records[1]["backbone"]["frozen"]
+    fresh = build_fpt()
+    fastprompt.load_trainable(fresh, tmp_path / "released")
+    for name, value in model.state_dict().items():
+        if name.startswith(("fusion.", "side.")):
+            torch.testing.assert_close(fresh.state_dict()[name], value, atol=0, rtol=0)
 
 
 def test_hf_feature_transform_names_the_missing_column_and_entry(tmp_path):
