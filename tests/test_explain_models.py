@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_vit
+from helpers import tiny_hf_vit, tiny_vit
 from PIL import Image
 
 import fastprompt
@@ -13,18 +13,13 @@ from fastprompt.data import build_transforms, transforms_for_model
 from fastprompt.explain import ATTENTION_KIND, EPT_KIND, FPT_KIND, attention_received, explain_images, explain_maps
 
 transformers = pytest.importorskip("transformers")
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor  # noqa: E402
+from transformers import ViTForImageClassification, ViTImageProcessor  # noqa: E402
 
 IMG, PATCH = 32, 8
 
 
 def hf_vit(**kwargs) -> ViTForImageClassification:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=IMG,
-        patch_size=PATCH, num_labels=3, initializer_range=0.2, **kwargs,
-    )  # fmt: skip
-    return ViTForImageClassification(config).eval()
+    return tiny_hf_vit("ViTForImageClassification", **kwargs)
 
 
 def perturb(model: torch.nn.Module) -> torch.nn.Module:

@@ -9,13 +9,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_hf_vit
 
 import fastprompt
 from fastprompt.data import FeatureCache, hf_feature_transform, preload
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTModel  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments, ViTModel  # noqa: E402
 
 from fastprompt.integrations.trainer import FastpromptTrainer  # noqa: E402
 
@@ -23,13 +24,8 @@ CLASSES, IMG, SIDE, STEPS, BATCH = 3, 32, 16, 3, 4
 
 
 def build_backbone(seed: int = 0) -> ViTModel:
-    """A tiny HF ViT (2 layers, width 32, 4 heads, patch 8); the same weights for the same seed."""
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=IMG,
-        patch_size=8, initializer_range=0.2,
-    )  # fmt: skip
-    return ViTModel(config, add_pooling_layer=False)
+    """The tiny HF ViT of tests/helpers.py; the same weights for the same seed."""
+    return tiny_hf_vit("ViTModel", seed=seed)
 
 
 def build_fpt() -> torch.nn.Module:
