@@ -1,5 +1,6 @@
 """What a trained model looks at, as PNG figures: its prediction, where the evidence for it lies, and the method's
-own internals (EPT's patch-wise scaling map, the tokens FPT keeps).
+own internals (EPT's patch-wise scaling map, the tokens FPT keeps) or, for every other method, the attention each
+patch receives at the last layer. timm and Hugging Face (ViT, DINOv2) backbones alike.
 
 Prediction: the class with the highest probability (softmax; sigmoid for a multi-label run) and that probability.
 Class evidence (`class_evidence`): gradient × input of the predicted class's logit, summed over colour channels
@@ -8,6 +9,9 @@ another class gives another map). EPT: per prompted layer, `σ(lse − g)` avera
 (`fastprompt.methods.ept.ept_scales`) — the share of each patch's attention output kept after the prompt sink
 (1: unchanged, 0: absorbed by the prompts), all layers on one colour scale. FPT / FPT+: per extracted layer, how
 many heads select each token as important (0 … heads), recomputed from the frozen backbone with FPT's kernels.
+Other methods (LoRA, VPT, Adapter, BitFit, linear, ...): the attention each patch receives in the last block,
+`mean_i softmax(q_i kᵀ · scale)_j` over all queries, averaged over heads, from that block's own q and k (adapted
+by LoRA where LoRA is) through the same importance kernel FPT ranks tokens with.
 """
 
 from __future__ import annotations
@@ -22,26 +26,37 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastprompt import kernels
 from fastprompt.data.images import load_image
 from fastprompt.io import atomic_write_bytes
+from fastprompt.methods import hf
 from fastprompt.methods.ept import ept_scales, prompted_layers
-from fastprompt.methods.fpt import FPT
+from fastprompt.methods.fpt import FPT, TimmTap
 from fastprompt.predict import backbone_of, class_probabilities
 
-__all__ = ["class_evidence", "explain_images", "explain_maps", "fpt_token_counts"]
+__all__ = ["attention_received", "class_evidence", "explain_images", "explain_maps", "fpt_token_counts"]
 
 EPT_MEANING = (
     "colour: share of each patch's attention output kept after EPT's prompt sink, σ(lse − g), mean over heads "
     "(1 = unchanged, lower = absorbed by the prompts); one scale for every layer"
 )
 FPT_MEANING = "colour: number of attention heads that keep each token as important (0 … heads)"
+ATTENTION_MEANING = (
+    "colour: attention each patch receives in the last block (softmax row mean over all queries, mean over heads)"
+)
+EPT_KIND, FPT_KIND, ATTENTION_KIND = (
+    "EPT patch-wise scale",
+    "FPT selected tokens (heads keeping each token)",
+    "attention received at the last layer",
+)
+MEANINGS = {EPT_KIND: EPT_MEANING, FPT_KIND: FPT_MEANING, ATTENTION_KIND: ATTENTION_MEANING}
 
 
 def fpt_token_counts(model: FPT, images: torch.Tensor) -> dict[int, torch.Tensor]:
     """Per extracted layer, `[B, N]`: the number of heads that keep each token (prefix tokens included)."""
     indices = model.extract_features(images, return_indices=True)["indices"]  # [B, L, H, k]
-    grid_h, grid_w = model.backbone.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
-    batch, tokens = indices.shape[0], model.backbone.num_prefix_tokens + int(grid_h) * int(grid_w)
+    grid_h, grid_w = model.tap.grid(tuple(images.shape[-2:]))
+    batch, tokens = indices.shape[0], model.tap.num_prefix_tokens + int(grid_h) * int(grid_w)
     counts = {}
     for position, layer in enumerate(model.layers):
         flat = indices[:, position].reshape(batch, -1)
@@ -51,8 +66,65 @@ def fpt_token_counts(model: FPT, images: torch.Tensor) -> dict[int, torch.Tensor
 
 
 def _token_grid(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
-    patch_embed = backbone_of(model).patch_embed
-    return tuple(int(s) for s in patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
+    """The patch grid of `images` in `model`'s backbone: timm, Hugging Face, or an FPT around either."""
+    size = tuple(int(s) for s in images.shape[-2:])
+    if isinstance(model, FPT):
+        return tuple(int(s) for s in model.tap.grid(size))
+    if hf.is_hf_model(model):
+        patch = hf.patch_size(model)
+        return (size[0] // patch[0], size[1] // patch[1])
+    return tuple(int(s) for s in backbone_of(model).patch_embed.dynamic_feat_size(size))
+
+
+def _forward_options(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments a forward at any image size needs: Hugging Face ViT interpolates only when asked."""
+    if hf.is_hf_model(model) and type(hf.base_model(model)).__name__ == "ViTModel":
+        return {"interpolate_pos_encoding": True}
+    return {}
+
+
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """`model`'s logits on `images` (a Hugging Face output's `.logits`)."""
+    out = model(images, **_forward_options(model))
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def attention_received(model: nn.Module, images: torch.Tensor) -> dict[int, torch.Tensor]:
+    """`{last block: [B, N]}`: the attention each token receives there, mean over queries and heads.
+
+    Works for any method on a timm or Hugging Face ViT: the last block's input is captured during one forward
+    (eval mode, no gradients) and its q and k are recomputed by the block's own projections (LoRA included), then
+    scored by `fastprompt.kernels.attention_importance` ('global': softmax row mean; no N×N tensor). Tokens a
+    method inserts (VPT's prompts) are included in N.
+    """
+    if hf.is_hf_model(model):
+        tap = hf.HFTap(model)
+        block = tap.blocks[-1]
+        qkv, scale = tap.qkv, tap.scale(block)
+    else:
+        blocks = getattr(backbone_of(model), "blocks", None)
+        if not blocks:
+            raise TypeError(f"{type(model).__name__} has no transformer blocks to explain; pass a timm or HF ViT")
+        block = blocks[-1]
+        qkv, scale = TimmTap.qkv, block.attn.scale
+    captured: list[torch.Tensor] = []
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(images, **_forward_options(model))
+            _, q, k, _ = qkv(block, captured[0])
+            scores = kernels.attention_importance(q, k, mode="global", scale=scale)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    index = len(hf.hf_layers(model)) - 1 if hf.is_hf_model(model) else len(backbone_of(model).blocks) - 1
+    return {index: scores.mean(dim=1).cpu()}
 
 
 def class_evidence(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -72,7 +144,7 @@ def _logits_and_evidence(
     grid = _token_grid(model, images)
     inputs = images.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(inputs)
+        logits = _logits(model, inputs)
         if target is None:
             target, _ = predictions(logits.detach(), multilabel=multilabel)
         chosen = logits.gather(1, target.to(logits.device).view(-1, 1)).sum()
@@ -83,23 +155,21 @@ def _logits_and_evidence(
 
 
 def explain_maps(model: nn.Module, images: torch.Tensor) -> tuple[str, dict[int, torch.Tensor], float | None]:
-    """(kind, {layer: [B, grid_h, grid_w] map}, fixed maximum or None) for an EPT or FPT model."""
+    """(kind, {layer: [B, grid_h, grid_w] map}, fixed maximum or None) for any fastprompt model.
+
+    EPT: its patch-wise scale per prompted layer; FPT / FPT+: the heads keeping each token per extracted layer;
+    every other method: the attention each patch receives at the last layer (`attention_received`).
+    """
+    vmax: float | None = None
     if isinstance(model, FPT):
-        backbone, kind = model.backbone, "FPT selected tokens (heads keeping each token)"
-        maps = fpt_token_counts(model, images)
-        vmax: float | None = float(backbone.blocks[model.layers[0]].attn.num_heads)
+        kind, maps, vmax = FPT_KIND, fpt_token_counts(model, images), float(model.tap.num_heads)
     elif prompted_layers(model):
-        backbone, kind, vmax = model, "EPT patch-wise scale", None
-        maps = ept_scales(model, images)
+        kind, maps = EPT_KIND, ept_scales(model, images, **_forward_options(model))
     else:
-        method = getattr(model, "fastprompt_method", type(model).__name__)
-        raise ValueError(
-            f"method {method!r} has nothing to explain: `fastprompt explain` draws EPT's patch-wise scaling maps and "
-            "the tokens FPT/FPT+ select; train with --method ept, fpt+ or fpt"
-        )
-    grid = tuple(int(s) for s in backbone.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
-    prefix = backbone.num_prefix_tokens
-    return kind, {layer: m[:, prefix:].reshape(m.shape[0], *grid).float() for layer, m in maps.items()}, vmax
+        kind, maps = ATTENTION_KIND, attention_received(model, images)
+    grid = _token_grid(model, images)
+    patches = grid[0] * grid[1]  # the patch tokens are the last ones (after CLS, registers or VPT prompts)
+    return kind, {layer: m[:, -patches:].reshape(m.shape[0], *grid).float() for layer, m in maps.items()}, vmax
 
 
 def _display(image: torch.Tensor, transform: Any) -> np.ndarray:
@@ -153,7 +223,7 @@ def _figure(
     if maps:
         layer_axes = list(axes.flat[2 : 2 + len(maps)])
         fig.colorbar(shown, ax=layer_axes, fraction=0.03, pad=0.02, label=f"{low:.3g} … {high:.3g}")
-    meaning = FPT_MEANING if kind.startswith("FPT") else EPT_MEANING
+    meaning = MEANINGS[kind]
     fig.suptitle(f"{title}: {kind}\n{meaning}", fontsize=9)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

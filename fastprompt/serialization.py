@@ -88,6 +88,13 @@ def _frozen_record(model: nn.Module) -> dict[str, Any] | None:
     }
 
 
+def frozen_record_of(model: nn.Module) -> dict[str, Any] | None:
+    """The frozen-weights record of `model`: the one it kept (an FPT whose backbone was released), else computed."""
+    kept = getattr(model, "frozen_record", None)
+    record = kept() if callable(kept) else None
+    return record if record is not None else _frozen_record(model)
+
+
 # ---------------------------------------------------------------------------------------------- the record
 
 
@@ -180,7 +187,7 @@ def _make_record(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[
     config = _method_config(model)
     method = config["method"]
     backbone = _backbone_record(_inner_backbone(model, method))
-    backbone["frozen"] = _frozen_record(model)
+    backbone["frozen"] = frozen_record_of(model)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -442,7 +449,7 @@ def _check_backbone(model: nn.Module, record: Mapping[str, Any], source: Path) -
     saved = (record.get("backbone") or {}).get("frozen")
     if not saved:
         return
-    mine = _frozen_record(model)
+    mine = frozen_record_of(model)
     if mine is None:
         return
     if mine["tensors"] == saved["tensors"] and mine["dtypes"] != saved["dtypes"]:  # e.g. a bf16 copy for inference

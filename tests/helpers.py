@@ -73,3 +73,20 @@ def tiny_hf_model(kind: str = "vit", seed: int = 0, **config):
             Dinov2Config(**options, mlp_ratio=2, image_size=28, patch_size=7, **config)
         )
     return model.eval()
+
+
+def tiny_hf_vit(cls_name: str = "ViTModel", seed: int = 0, **config):
+    """A 2-layer Hugging Face ViT (width 32, 4 heads, MLP 64, 32×32 images, patch 8, 3 labels), in eval mode.
+
+    `cls_name` names the transformers class (ViTModel, ViTForImageClassification); `config` overrides ViTConfig.
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    options = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+        patch_size=8, num_labels=3, initializer_range=0.2,
+    )  # fmt: skip
+    model_cls = getattr(transformers, cls_name)
+    extra = {"add_pooling_layer": False} if cls_name == "ViTModel" else {}
+    return model_cls(transformers.ViTConfig(**{**options, **config}), **extra).eval()

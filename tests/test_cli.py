@@ -137,11 +137,16 @@ def test_explain_errors(ept_run, data, tmp_path, capsys):
     argv = ["train", f"--data={data.train}", *TINY, "--method=lora", "--rank=2", *FAST, "--epochs=1"]
     assert main([*argv, f"--output-dir={out}"]) == 0
     image = str(data.val / CLASSES[0] / "0.png")
-    err = run_error(capsys, ["explain", f"--checkpoint={out}", image, f"--output-dir={tmp_path}"])
-    assert "'lora' has nothing to explain" in err
+    assert main(["explain", f"--checkpoint={out}", image, f"--output-dir={tmp_path / 'lora-png'}", "--quiet"]) == 0
+    assert len(list((tmp_path / "lora-png").glob("*.png"))) == 1  # LoRA: the attention received at the last layer
 
 
-def test_fpt_preload_resume_train_from_cache_evaluate_explain(data, tmp_path, capsys):
+def test_fpt_preload_resume_train_from_cache_evaluate_explain(data, tmp_path, capsys, monkeypatch):
+    from fastprompt.methods.fpt import FPT
+
+    released = []
+    release = FPT.release_backbone
+    monkeypatch.setattr(FPT, "release_backbone", lambda self, **kw: released.append(self) or release(self, **kw))
     fpt = ["--method=fpt+", "--option", "side_input_size=16", "layers=[1]"]
     cache = tmp_path / "cache"
     preload = ["preload", f"--data={data.clean}", *TINY, *fpt, f"--cache={cache}", "--quiet"]
@@ -159,6 +164,7 @@ def test_fpt_preload_resume_train_from_cache_evaluate_explain(data, tmp_path, ca
     assert main([*train, f"--output-dir={out}"]) == 0
     assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())  # read, not recomputed
     assert len(list(cache.glob("*/*.safetensors"))) == 10
+    assert len(released) == 1 and released[0].backbone_released  # training from the cache freed the backbone
     cached_metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= cached_metrics["acc"] <= 1.0
 

@@ -1,4 +1,4 @@
-"""`fastprompt explain`: PNG figures of what a trained EPT or FPT model looks at."""
+"""`fastprompt explain`: PNG figures of what a trained model looks at (any method)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ def add_parser(commands: Any) -> None:
     parser = add_command(
         commands,
         "explain",
-        "PNG figures of what a trained EPT or FPT model looks at",
+        "PNG figures of what a trained model looks at",
         "One PNG per image: the image with its predicted class and probability, a class-discriminative map (where "
         "the evidence for that class is), and the method's own internals (EPT's per-layer patch-wise scale, or the "
-        "tokens FPT keeps).",
+        "tokens FPT keeps, or for other methods the attention each patch receives at the last layer).",
     )
     add_run_checkpoint(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to explain")
@@ -27,7 +27,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    """`fastprompt explain`: PNG overlays of EPT scaling maps or FPT selected tokens, one per image."""
+    """`fastprompt explain`: PNG overlays (EPT scales, FPT selected tokens, last-layer attention), one per image."""
     from fastprompt.cli.runs import backbone_of, load_trained
     from fastprompt.data import transforms_for_model
     from fastprompt.explain import explain_images

@@ -302,6 +302,8 @@ def _train(
     if args.cache is not None:
         train_set, val_set = cached_fpt_sets(model, args, (data, train_idx), (val_source, val_idx))
         trained = CachedForward(model)
+        del frozen_state  # it shares the backbone's tensors
+        model.release_backbone()  # training and validation read only the cache: free the frozen weights
     else:
         augment = "fpt" if method in FPT_METHODS else "ept"
         train_tf = transforms_for_model(backbone, args.img_size, train=True, augment=augment)

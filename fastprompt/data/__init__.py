@@ -1,6 +1,6 @@
 """Medical image data: decoding, folder/CSV datasets, high-resolution transforms, few-shot splits."""
 
-from fastprompt.data.cache import FeatureCache, FeatureDataset, preload
+from fastprompt.data.cache import FeatureCache, FeatureDataset, hf_feature_transform, preload
 from fastprompt.data.datasets import (
     ClassMismatchError,
     CsvDataset,
@@ -32,6 +32,7 @@ __all__ = [
     "TransparentImageWarning",
     "UnknownClassWarning",
     "build_transforms",
+    "hf_feature_transform",
     "load_image",
     "make_few_shot_splits",
     "preload",

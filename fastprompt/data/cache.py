@@ -322,3 +322,45 @@ class FeatureDataset(torch.utils.data.Dataset):
         features = self.cache.get_or_compute(self.keys[index], lambda: self._recompute(index), shape)
         item = self.dataset[index]
         return (features, *item) if isinstance(item, (tuple, list)) else (features, item)
+
+
+def hf_feature_transform(
+    cache: FeatureCache,
+    transform: Callable[[dict[str, list]], dict[str, Any]] | None = None,
+    *,
+    key_column: str = "cache_key",
+) -> Callable[[dict[str, list]], dict[str, Any]]:
+    """A batch transform for a Hugging Face `datasets.Dataset` (`set_transform` / `with_transform`) that feeds FPT
+    from the feature cache.
+
+    Each row names its entry in `key_column` (`preload(...).keys`, in dataset order). The transform replaces that
+    column by `keys` and `values` (the cached tensors, in their stored dtype), then applies `transform` to the rest
+    of the batch (e.g. decode and augment the side image into `pixel_values`). FPT's forward takes exactly these
+    columns: train with `TrainingArguments(remove_unused_columns=False)`, as for any `set_transform` dataset.
+    """
+    if not isinstance(cache, FeatureCache):
+        raise TypeError(f"cache must be a fastprompt FeatureCache, got {type(cache).__name__}")
+
+    def apply(batch: dict[str, list]) -> dict[str, Any]:
+        if key_column not in batch:
+            raise KeyError(
+                f"the dataset has no {key_column!r} column (columns: {', '.join(batch)}); add the entry keys of "
+                "preload(...).keys as that column, or pass key_column="
+            )
+        rows = dict(batch)
+        found = []
+        for key in rows.pop(key_column):
+            features = cache.load(key)
+            if features is None:
+                raise RuntimeError(
+                    f"no valid cached features for entry {key} ({cache.path(key)}); run "
+                    "fastprompt.data.preload(model, dataset, cache) for these images first"
+                )
+            found.append(features)
+        if transform is not None:
+            rows = dict(transform(rows))
+        for name in FEATURE_NAMES:
+            rows[name] = [features[name] for features in found]
+        return rows
+
+    return apply

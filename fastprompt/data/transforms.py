@@ -107,30 +107,71 @@ def build_transforms(
 def transforms_for_model(
     model: nn.Module, img_size: int | Sequence[int], *, train: bool, augment: str = "ept", **overrides
 ) -> v2.Compose:
-    """:func:`build_transforms` with mean/std/interpolation from the timm model's pretrained config.
+    """:func:`build_transforms` with mean/std/interpolation from the backbone's pretraining configuration.
 
-    ``model`` may wrap the timm backbone (e.g. an FPT model): the first sub-module with a config is used.
+    A timm model: its ``pretrained_cfg``. A Hugging Face ViT / DINOv2: its image processor, read from the
+    ``preprocessor_config.json`` saved with the model (``config.name_or_path``, offline), else the processor
+    defaults of its model type. ``model`` may wrap the backbone (e.g. an FPT model): the first sub-module with a
+    configuration is used.
 
     ``augment`` picks a recipe from ``AUGMENTATIONS`` for training; ``overrides`` replace any argument.
     """
-    from timm.data import resolve_data_config
-
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}, got {augment!r}")
+    hf_model = next((m for m in model.modules() if type(m).__module__.startswith("transformers.")), None)
     owner = next((m for m in model.modules() if getattr(m, "pretrained_cfg", None)), None)
-    if owner is None:
+    if hf_model is not None:  # first: an FPT around a Hugging Face backbone also holds a (timm) side ViT
+        mean, std, interpolation = hf_normalisation(hf_model)
+    elif owner is not None:
+        from timm.data import resolve_data_config
+
+        config = resolve_data_config({}, model=owner)
+        mean, std, interpolation = config["mean"], config["std"], config.get("interpolation", "bicubic")
+    else:
         raise ValueError(
-            f"{type(model).__name__} carries no timm pretrained_cfg (nor does any sub-module); pass the timm "
-            "backbone, or call build_transforms with the mean/std the backbone was pretrained with"
+            f"{type(model).__name__} carries no timm pretrained_cfg or Hugging Face config (nor does any sub-module); "
+            "pass the backbone, or call build_transforms with the mean/std the backbone was pretrained with"
         )
-    config = resolve_data_config({}, model=owner)
-    interpolation = config.get("interpolation", "bicubic")
     options = {
-        "mean": tuple(config["mean"]),
-        "std": tuple(config["std"]),
+        "mean": tuple(mean),
+        "std": tuple(std),
         "interpolation": interpolation if interpolation in _INTERPOLATIONS else "bicubic",
     }
     if train:
         options.update(AUGMENTATIONS[augment])
     options.update(overrides)
     return build_transforms(img_size, train=train, **options)
+
+
+# Image processor settings of the published checkpoints, for Hugging Face models saved without a processor file
+# (google/vit-*: ViTImageProcessor; facebook/dinov2-*: BitImageProcessor with ImageNet statistics).
+HF_NORMALISATION = {
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"),
+    "dinov2": (IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
+}
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values
+
+
+def hf_normalisation(model: nn.Module) -> tuple[Sequence[float], Sequence[float], str]:
+    """(mean, std, interpolation) of a Hugging Face vision model: its saved image processor, else its type's."""
+    config = model.config
+    source = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "")
+    if source:
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError):
+            processor = None  # saved without preprocessor_config.json, or not on this machine
+        if processor is not None and getattr(processor, "image_mean", None) is not None:
+            resample = getattr(processor, "resample", None)
+            interpolation = _PIL_RESAMPLE.get(int(resample), "bicubic") if resample is not None else "bicubic"
+            return processor.image_mean, processor.image_std, interpolation
+    model_type = getattr(config, "model_type", None)
+    if model_type not in HF_NORMALISATION:
+        raise ValueError(
+            f"no image processor found for the Hugging Face model {type(model).__name__} (model_type "
+            f"{model_type!r}); save its preprocessor_config.json next to config.json, or call build_transforms with "
+            "the mean/std it was pretrained with"
+        )
+    return HF_NORMALISATION[model_type]

@@ -14,6 +14,7 @@ FPT (L = 12, side 224, T = 197): 1,435,589 + 166,752 = 1,602,341 — both as pub
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,6 +89,10 @@ class TimmTap:
         self.num_prefix_tokens = backbone.num_prefix_tokens
         self.image_size = list(backbone.patch_embed.img_size)
         self.name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
+        patch_embed = backbone.patch_embed
+        flexible = getattr(patch_embed, "dynamic_img_pad", False) or not getattr(patch_embed, "strict_img_size", True)
+        self.fixed_size = None if flexible or getattr(backbone, "dynamic_img_size", False) else tuple(self.image_size)
+        self.pads = bool(getattr(patch_embed, "dynamic_img_pad", False))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens entering block 0."""
@@ -188,6 +193,7 @@ class FPT(nn.Module):
             num_classes=num_classes,
         ).to(device=ref.device, dtype=ref.dtype)
         self._weights_digest: tuple[tuple, str] | None = None  # (storage/version fingerprint, digest)
+        self._released: dict[str, Any] | None = None  # set by release_backbone
 
     def train(self, mode: bool = True) -> FPT:
         """Set the trainable parts' mode; the frozen backbone stays in eval mode."""
@@ -202,6 +208,7 @@ class FPT(nn.Module):
         Runs the backbone blocks up to the last extracted layer (no further); what the feature cache stores.
         With `return_indices`, also `indices` `[B, L, H, int(N·ratio)]`: the token index of each selection.
         """
+        self.restore_backbone()
         tap = self.tap
         x = tap.embed(images)
         wanted, last = set(self.layers), self.layers[-1]
@@ -240,12 +247,136 @@ class FPT(nn.Module):
         prompts = self.fusion(features["keys"], features["values"])
         return side_forward(self.side, side_images, prompts)
 
-    def forward(self, images: torch.Tensor, side_images: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits: frozen branch on `images` (full resolution), side branch on `side_images` or resized `images`."""
-        features = self.extract_features(images)
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        side_images: torch.Tensor | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> Any:
+        """Logits: frozen branch on `images` (full resolution), side branch on `side_images` or resized `images`.
+
+        Hugging Face style (what `transformers.Trainer` passes): `pixel_values=` instead of `images`, optional
+        `labels=` (class indices, or multi-hot floats `[B, C]`), and cached frozen-branch features as `keys=` and
+        `values=` (each `[B, L, H, k, Dh]`, e.g. the columns `fastprompt.data.hf_feature_transform` adds); then the
+        result is a `transformers` `ImageClassifierOutput` with `logits` and, given labels, `loss` (cross-entropy,
+        or BCE-with-logits for multi-hot labels), as `ViTForImageClassification` returns. `return_dict` forces
+        either form. The side input is `side_images` when given, else the frozen-branch input resized.
+        """
+        if images is not None and pixel_values is not None:
+            raise ValueError("pass the image as images= (timm style) or pixel_values= (Hugging Face style), not both")
+        source = images if images is not None else pixel_values
+        if (keys is None) != (values is None):
+            raise ValueError("cached features need both keys= and values= (the two tensors the feature cache stores)")
+        if keys is not None:
+            features = {"keys": keys, "values": values}
+            if side_images is None and source is None:
+                raise ValueError(
+                    "with cached keys/values the side network still needs its image: pass pixel_values= (resized to "
+                    f"{self.side_input_size}×{self.side_input_size}) or side_images="
+                )
+        else:
+            if source is None:
+                raise ValueError("FPT needs the image: pass images= (timm style) or pixel_values= (Hugging Face style)")
+            self.check_input(source)
+            features = self.extract_features(source)
         if side_images is None:
-            side_images = self.resize_for_side(images)
-        return self.forward_features_cached(features, side_images)
+            side_images = self.resize_for_side(source)
+        logits = self.forward_features_cached(features, side_images)
+        if return_dict is None:
+            return_dict = pixel_values is not None or labels is not None or keys is not None
+        if not return_dict:
+            return logits
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        from fastprompt.engine.data import auto_loss  # the Engine's loss rule: one definition
+
+        loss = None if labels is None else auto_loss(logits, labels.to(logits.device))
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+    def check_input(self, images: torch.Tensor) -> None:
+        """Raise unless `images` is a `[B, C, H, W]` batch the frozen backbone can take, naming the size it needs."""
+        tap = self.tap
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != tap.in_chans:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"FPT takes images as a [batch, {tap.in_chans}, height, width] tensor, got {shape}")
+        height, width = (int(size) for size in images.shape[-2:])
+        fixed = getattr(tap, "fixed_size", None)
+        if fixed is not None and (height, width) != tuple(fixed):
+            raise ValueError(
+                f"the frozen backbone {tap.name} takes {fixed[0]}×{fixed[1]} images only, got {height}×{width}; "
+                f"resize to {fixed[0]}×{fixed[1]} (or create it with that img_size, or dynamic_img_size=True)"
+            )
+        patch = tap.patch_size
+        if not getattr(tap, "pads", False) and (height % patch or width % patch or min(height, width) < patch):
+            fit = tuple(max(1, round(size / patch)) * patch for size in (height, width))
+            raise ValueError(
+                f"the frozen backbone {tap.name} needs image height and width that are multiples of its patch size "
+                f"{patch}, got {height}×{width}; resize to e.g. {fit[0]}×{fit[1]} (its configured size is "
+                f"{tap.image_size[0]}×{tap.image_size[1]})"
+            )
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> FPT:
+        """`Module.to` and friends, skipping a released backbone (meta tensors have no data to move)."""
+        if self._released is None or not recurse:
+            return super()._apply(fn, recurse)
+        modules = self._modules
+        self._modules = {name: module for name, module in modules.items() if name != "backbone"}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._modules = modules
+
+    @property
+    def backbone_released(self) -> bool:
+        """Whether `release_backbone` freed the frozen weights (and no reload has happened since)."""
+        return self._released is not None
+
+    def release_backbone(self, reload: Callable[[], nn.Module] | None = None) -> None:
+        """Free the frozen backbone's weights: training from the feature cache never runs it.
+
+        The weights become meta tensors (no memory); the weight digest, the feature signature and the record
+        `save_trainable` writes stay those of the real weights, so cache keys and saved files are unchanged. When
+        the frozen branch is needed again (`extract_features`, e.g. validation on uncached images), `reload()` is
+        called for a backbone with the same weights (checked by digest); without `reload` that is an error.
+        """
+        if self._released is not None:
+            return
+        from fastprompt.serialization import frozen_record_of
+
+        record = frozen_record_of(self)  # while the weights exist; what save_trainable / load_trainable compare
+        self._released = {"digest": self.weights_digest(), "record": record, "reload": reload}
+        self.backbone.to("meta")
+
+    def restore_backbone(self) -> None:
+        """Load the released frozen weights back through the `reload` given to `release_backbone`."""
+        released = self._released
+        if released is None:
+            return
+        if released["reload"] is None:
+            raise RuntimeError(
+                "the frozen backbone was released after preloading (FPT.release_backbone) and no reload was given, so "
+                "features of uncached images cannot be computed; preload those images too, or call "
+                "release_backbone(reload=lambda: <create the same backbone>)"
+            )
+        fresh = released["reload"]()
+        self.backbone.load_state_dict(fresh.state_dict(), assign=True)
+        self.backbone.requires_grad_(False).eval().to(next(self.fusion.parameters()).device)
+        self._released, self._weights_digest = None, None
+        if self.weights_digest() != released["digest"]:
+            raise RuntimeError(
+                "the reloaded backbone's weights differ from the released ones (SHA-256 mismatch); reload= must "
+                "create the backbone FPT was built with, with the same weights"
+            )
+        self.tap = backbone_tap(self.backbone)
+
+    def frozen_record(self) -> dict[str, Any] | None:
+        """The frozen-weights record saved files carry, kept from before `release_backbone` (None: not released)."""
+        return None if self._released is None else self._released["record"]
 
     def num_selected_tokens(self, image_size: tuple[int, int] | None = None) -> int:
         """Tokens kept per head and layer, `int(N·token_ratio)`, at `image_size` (default: the backbone's)."""
@@ -257,6 +388,8 @@ class FPT(nn.Module):
 
         Reused until a weight tensor is replaced or modified in place (tracked by storage and version counter).
         """
+        if self._released is not None:
+            return self._released["digest"]
         state = sorted(self.backbone.state_dict().items())
         fingerprint = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state)
         if self._weights_digest is None or self._weights_digest[0] != fingerprint:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -58,18 +57,39 @@ class FusionModule(nn.Module):
         num_prompts = prompts.shape[1]
         queries = queries.view(1, layers, num_prompts, heads, head_dim).transpose(2, 3)
         queries = queries.expand(batch, -1, -1, -1, -1).reshape(batch * layers, heads, num_prompts, head_dim)
-        device = keys.device.type  # under autocast, cast the cached features once, to the autocast dtype
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
-        dtype = torch.get_autocast_dtype(device) if autocast else queries.dtype
-        context = F.scaled_dot_product_attention(
+        dtype = compute_dtype(keys.device.type, queries.dtype)
+        context = cross_attention(
             queries.to(dtype),
-            keys.to(dtype).reshape(batch * layers, heads, count, head_dim),
-            values.to(dtype).reshape(batch * layers, heads, count, head_dim),
+            keys.reshape(batch * layers, heads, count, head_dim),
+            values.reshape(batch * layers, heads, count, head_dim),
+            dtype,
         )
         context = context.transpose(1, 2).reshape(batch, layers, num_prompts, self.embed_dim).to(prompts.dtype)
         if self.query_proj is not None:
             return self.dropout(self.out_proj(context) + prompts)
         return self.dropout(self.out_proj(context + prompts))
+
+
+def compute_dtype(device: str, default: torch.dtype) -> torch.dtype:
+    """The autocast dtype of `device` when autocast is on there, else `default`."""
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
+    return torch.get_autocast_dtype(device) if autocast else default
+
+
+def cross_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """softmax(q kᵀ / √Dh) v per head, `[..., P, Dh]`, computed in `dtype` with the softmax in float32.
+
+    Written as two matrix products rather than `scaled_dot_product_attention`: the keys and values come from the
+    frozen branch or the feature cache and need no gradient, and autograd then computes none (the fused CPU kernel
+    fills zero dK/dV buffers every step, and its backward is slower at these shapes: few queries, ~200 keys).
+    Features already stored in `dtype` are read as they are; others are cast once.
+    """
+    keys, values = keys.to(dtype), values.to(dtype)
+    scores = torch.matmul(queries * queries.shape[-1] ** -0.5, keys.transpose(-1, -2))
+    weights = scores.float().softmax(dim=-1).to(dtype)
+    return torch.matmul(weights, values)
 
 
 def build_side_vit(
