@@ -302,8 +302,6 @@ def _train(
     if args.cache is not None:
         train_set, val_set = cached_fpt_sets(model, args, (data, train_idx), (val_source, val_idx))
         trained = CachedForward(model)
-        del frozen_state  # it shares the backbone's tensors
-        model.release_backbone()  # training and validation read only the cache: free the frozen weights
     else:
         augment = "fpt" if method in FPT_METHODS else "ept"
         train_tf = transforms_for_model(backbone, args.img_size, train=True, augment=augment)
@@ -375,6 +373,9 @@ def _train(
         write_json(out / CONFIG_NAME, config)
     if args.copy_weights:
         copy_weights(Path(args.checkpoint), out / WEIGHTS_DIR, digest)
+    del frozen_state  # it shares the backbone's tensors
+    if args.cache is not None:
+        model.release_backbone()  # training and validation read only the cache: free the frozen weights
     print(
         f"{method} on {args.model}: {trainable:,} trainable of {total:,} parameters; "
         f"{len(train_idx)} training and {len(val_idx)} validation images, {len(data.classes)} classes",
