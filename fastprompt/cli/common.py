@@ -261,6 +261,50 @@ def add_model_args(
     parser.add_argument("--seed", type=int, default=0, help="random seed (initialisation, splits, shuffling)")
 
 
+def crop_scale(text: str) -> tuple[float, float]:
+    """argparse type: `MIN,MAX`, the share of the image a training crop keeps (0 < MIN <= MAX <= 1)."""
+    from fastprompt.augmentations import check_scale
+
+    try:
+        return check_scale(text.replace(" ", "").split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_augment_args(parser: argparse.ArgumentParser) -> None:
+    """--augment PRESET, --hflip/--no-hflip and --crop-scale MIN,MAX (train)."""
+    from fastprompt.augmentations import AUGMENTATIONS, DEFAULT_AUGMENT
+
+    presets = "; ".join(
+        f"{name}: "
+        + ("resize only" if o["scale"] is None else f"crop {o['scale'][0]:g}-{o['scale'][1]:g}")
+        + (f", flip {o['hflip']:g}" if o["hflip"] else ", no flip")
+        + (f", rotate ±{o['rotation']:g}°" if o["rotation"] else "")
+        + (f", brightness/contrast {o['color_jitter']:g}" if o["color_jitter"] else "")
+        for name, o in AUGMENTATIONS.items()
+    )
+    parser.add_argument(
+        "--augment",
+        default=DEFAULT_AUGMENT,
+        choices=tuple(AUGMENTATIONS),
+        metavar="PRESET",
+        help=f"training augmentation preset ({presets}); ept/fpt are the papers' recipes",
+    )
+    parser.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips (p=0.5) on or off; off suits chest X-rays, whose left and right differ "
+        "(default: the preset's)",
+    )
+    parser.add_argument(
+        "--crop-scale",
+        type=crop_scale,
+        metavar="MIN,MAX",
+        help="share of the image area a random training crop keeps, e.g. 0.7,1.0 (default: the preset's)",
+    )
+
+
 def add_run_checkpoint(parser: argparse.ArgumentParser) -> None:
     """--checkpoint RUN: the trained run that evaluate, predict and explain read."""
     parser.add_argument(

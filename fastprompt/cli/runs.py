@@ -142,7 +142,8 @@ def cached_fpt_sets(
 
     backbone = model.backbone
     frozen_tf = transforms_for_model(backbone, args.img_size, train=False)
-    side_train = transforms_for_model(backbone, model.side_input_size, train=True, augment="fpt")
+    augmentation = getattr(args, "augmentation", None) or {"augment": "fpt"}  # train resolves --augment
+    side_train = transforms_for_model(backbone, model.side_input_size, train=True, **augmentation)
     side_eval = transforms_for_model(backbone, model.side_input_size, train=False)
     cache = FeatureCache(args.cache)
     sets = []

@@ -13,6 +13,7 @@ from fastprompt.cli.common import (
     CSV_FORMAT,
     FPT_METHODS,
     UsageError,
+    add_augment_args,
     add_command,
     add_common,
     add_model_args,
@@ -60,6 +61,7 @@ def add_parser(commands: Any) -> None:
         "--shots", type=positive_int, help="train on K images per class, drawn with --seed (default: all images)"
     )
     add_model_args(parser)
+    add_augment_args(parser)
     parser.add_argument("--epochs", type=positive_int, default=20, help="passes over the training images")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per micro-batch")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (cosine schedule)")
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import fastprompt
+    from fastprompt.augmentations import resolve_augmentation
     from fastprompt.cli.runs import (
         CachedForward,
         TransformedSubset,
@@ -129,6 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_backbone,
     )
     from fastprompt.data import make_few_shot_splits, train_val_split, transforms_for_model, write_unreadable
+    from fastprompt.data.transforms import describe_transforms
     from fastprompt.engine import Engine, TrainingInterrupted
 
     method = check_method(args.method)
@@ -188,12 +192,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         weights = {"source": "file", "file": str(Path(args.checkpoint).resolve()), "sha256": digest}
 
+    args.augmentation = resolve_augmentation(args.augment, hflip=args.hflip, scale=args.crop_scale)
+    train_size = model.side_input_size if args.cache is not None else args.img_size  # FPT's side branch is augmented
+    train_tf = transforms_for_model(backbone, train_size, train=True, **args.augmentation)
+    augmentation = {**args.augmentation, "pipeline": describe_transforms(train_tf)}
     if args.cache is not None:
         train_set, val_set = cached_fpt_sets(model, args, (data, train_idx), (val_source, val_idx))
         trained = CachedForward(model)
     else:
-        augment = "fpt" if method in FPT_METHODS else "ept"
-        train_tf = transforms_for_model(backbone, args.img_size, train=True, augment=augment)
         eval_tf = transforms_for_model(backbone, args.img_size, train=False)
         train_set, val_set = (
             TransformedSubset(data, train_idx, train_tf),
@@ -236,6 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_size": len(train_idx),
         "val_size": len(val_idx),
         "cache": str(Path(args.cache).resolve()) if args.cache is not None else None,
+        "augmentation": augmentation,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "engine": engine_options,
