@@ -169,7 +169,8 @@ def run_row(
         return measure(variant, resolution, args, device, policy)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)  # read by glibc when the fork server starts
     context = multiprocessing.get_context("forkserver")  # a server that never ran torch: forking it is safe
-    context.set_forkserver_preload(["benchmarks.models", "timm"])
+    # fastprompt first: its import installs the torchvision repair (fastprompt._compat) before timm imports torchvision
+    context.set_forkserver_preload(["fastprompt", "benchmarks.models", "timm"])
     target = importlib.import_module("benchmarks.memory").measure  # picklable by name even when run as __main__
     with context.Pool(1, maxtasksperchild=1) as pool:
         return pool.apply(target, (variant, resolution, args, device, policy))

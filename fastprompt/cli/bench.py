@@ -19,6 +19,20 @@ def benchmarks_root() -> Path | None:
     return None
 
 
+def make_importable(root: Path) -> None:
+    """Put `root` (the folder holding benchmarks/) on this process's sys.path and on PYTHONPATH for the processes
+    a suite starts: a multiprocessing fork server ignores the parent's sys.path (Python 3.11 passes it and drops it),
+    so from any other working directory it could not import `benchmarks` and failed on its first task."""
+    import os
+
+    folder = str(root)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if folder not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*paths, folder])
+
+
 def suite_summaries(root: Path | None) -> dict[str, str]:
     """Suite name -> the first line of its docstring, for the modules of `root/benchmarks` that define main()."""
     suites: dict[str, str] = {}
@@ -61,8 +75,8 @@ def run(args: argparse.Namespace) -> Any:
     import pkgutil
 
     root = benchmarks_root()
-    if root is not None and str(root) not in sys.path:
-        sys.path.append(str(root))
+    if root is not None:
+        make_importable(root)
     try:
         benchmarks = importlib.import_module("benchmarks")
     except ImportError:

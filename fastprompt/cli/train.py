@@ -29,6 +29,7 @@ from fastprompt.cli.common import (
     positive_int,
     write_json,
 )
+from fastprompt.cli.config import CONFIG_FLAG, RESOLVED_CONFIG, write_settings
 
 
 def add_parser(commands: Any) -> None:
@@ -37,8 +38,15 @@ def add_parser(commands: Any) -> None:
         commands,
         "train",
         "train a method on an image folder or CSV list",
-        f"{CSV_FORMAT}\n\nThe run folder (--output-dir) gets config.json, metrics.json, metrics.jsonl, curves.png and "
-        "checkpoints/{best,last}.pt. Ctrl-C saves a checkpoint mid-epoch and prints the --resume command.",
+        f"{CSV_FORMAT}\n\nThe run folder (--output-dir) gets config.yaml (the resolved flags), config.json, "
+        "metrics.json, metrics.jsonl, curves.png and checkpoints/{best,last}.pt. Ctrl-C saves a checkpoint mid-epoch and prints the --resume command.",
+    )
+    parser.add_argument(
+        CONFIG_FLAG,
+        metavar="FILE",
+        help="YAML or TOML file of train flags (keys: the flag names, e.g. batch-size: 16); flags given on the "
+        f"command line override it. Every run writes its resolved flags to RUN/{RESOLVED_CONFIG}, which repeats "
+        "the run: fastprompt train --config RUN/config.yaml --output-dir NEW",
     )
     parser.add_argument(
         "--data",
@@ -248,6 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "engine": engine_options,
     }
     write_json(out / CONFIG_NAME, config)
+    write_settings(out / RESOLVED_CONFIG, args.settings)
     print(
         f"{method} on {args.model}: {trainable:,} trainable of {total:,} parameters; "
         f"{len(train_idx)} training and {len(val_idx)} validation images, {len(data.classes)} classes",
