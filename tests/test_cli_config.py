@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from test_cli import FAST, TINY, write_folder
+from test_cli import write_folder
 
 from fastprompt.cli import main
 
@@ -60,8 +60,9 @@ def test_yaml_config_trains_flags_override_and_the_run_config_repeats_it(folder,
 
 def test_toml_config_and_defaults(folder, tmp_path):
     config = tmp_path / "train.toml"
-    lines = [f'{key} = {json.dumps(value)}' for key, value in tiny_settings(folder).items() if key != "model_kwargs"]
-    config.write_text("\n".join(lines) + '\nmodel-kwargs = ["depth=2", "embed_dim=32", "num_heads=2", "patch_size=8"]\n')
+    lines = [f"{key} = {json.dumps(value)}" for key, value in tiny_settings(folder).items() if key != "model_kwargs"]
+    lines.append('model-kwargs = ["depth=2", "embed_dim=32", "num_heads=2", "patch_size=8"]')
+    config.write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     assert main(["train", f"--config={config}", f"--output-dir={out}"]) == 0
     run = json.loads((out / "config.json").read_text())
@@ -76,7 +77,7 @@ def test_toml_config_and_defaults(folder, tmp_path):
         ("lr = -1\n", ".toml", "key 'lr' has value -1, which is not allowed: must be a number greater than 0"),
         ("augment: strong\n", ".yaml", "key 'augment' has value 'strong'; allowed: one of none, light, standard"),
         ("pretrained: 1\n", ".yaml", "key 'pretrained' has value 1; allowed: true or false"),
-        ("crop-scale: [0.9, 0.2]\n", ".yaml", "key 'crop-scale' has value [0.9, 0.2], which is not allowed: crop scale"),
+        ("crop-scale: [0.9, 0.2]\n", ".yaml", "'crop-scale' has value [0.9, 0.2], which is not allowed: crop scale"),
         ("- lr\n", ".yaml", "must hold a mapping of flag: value, got a list"),
         ("lr: [1\n", ".yaml", "cannot be parsed"),
     ],

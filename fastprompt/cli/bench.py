@@ -21,8 +21,10 @@ def benchmarks_root() -> Path | None:
 
 def make_importable(root: Path) -> None:
     """Put `root` (the folder holding benchmarks/) on this process's sys.path and on PYTHONPATH for the processes
-    a suite starts: a multiprocessing fork server ignores the parent's sys.path (Python 3.11 passes it and drops it),
-    so from any other working directory it could not import `benchmarks` and failed on its first task."""
+    a suite starts. A multiprocessing fork server preloads its modules without the parent's sys.path (Python 3.11
+    passes it and drops it): outside the repository root `benchmarks.models` failed to preload, timm was imported
+    without fastprompt's torchvision repair, and the server died on its first task (benchmarks.memory now also
+    preloads fastprompt first)."""
     import os
 
     folder = str(root)

@@ -39,7 +39,8 @@ def add_parser(commands: Any) -> None:
         "train",
         "train a method on an image folder or CSV list",
         f"{CSV_FORMAT}\n\nThe run folder (--output-dir) gets config.yaml (the resolved flags), config.json, "
-        "metrics.json, metrics.jsonl, curves.png and checkpoints/{best,last}.pt. Ctrl-C saves a checkpoint mid-epoch and prints the --resume command.",
+        "metrics.json, metrics.jsonl, curves.png and checkpoints/{best,last}.pt. Ctrl-C saves a checkpoint mid-epoch "
+        "and prints the --resume command.",
     )
     parser.add_argument(
         CONFIG_FLAG,
