@@ -166,18 +166,11 @@ def patch_size_of(backbone: nn.Module) -> int:
     return int(max(backbone.patch_embed.patch_size))
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether one short request to the Hugging Face hub gets any answer (offline mode counts as unreachable)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers (`fastprompt.models.hub_reachable`: one ≤ 3 s probe per process)."""
+    from fastprompt.models import hub_reachable as probe
 
-    if constants.is_offline_mode():
-        return False
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception:  # DNS, connection, proxy, TLS: any failure means a download would only retry and fail
-        return False
-    return True
+    return probe()
 
 
 def use_offline_hub() -> None:
@@ -199,7 +192,7 @@ def make_backbone(
     elif pretrained:
         print(
             f"loading timm's pretrained weights for {name} (local cache or the Hugging Face hub; without internet, "
-            "use --checkpoint FILE)",
+            "use --weights FILE)",
             file=sys.stderr,
         )
     return create_backbone(name, img_size=img_size, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs)
