@@ -85,3 +85,27 @@ def test_bench_runs_outside_the_repository_and_never_overwrites(tmp_path):
 def test_in_process_preflight_names_the_flag(tmp_path, capsys):
     assert main(["train", f"--data={tmp_path / 'x'}", "--model=m", f"--output-dir={tmp_path}/run"]) == 2
     assert textwrap.shorten(capsys.readouterr().err, 200).startswith(f"fastprompt train: error: --data {tmp_path}")
+
+
+def test_a_mistyped_method_option_is_hinted_as_the_command_line_flag(tmp_path, capsys):
+    argv = ["train", f"--data={tmp_path}", "--model=m", "--method=ept", f"--output-dir={tmp_path}/run"]
+    assert main([*argv, "--option", "promt_length=5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unknown option(s) ['promt_length'] for method 'ept' (did you mean --prompt-length?)" in error
+    assert "--option prompt_init=VALUE" in error and "prompt_length=" not in error.split("valid options:")[1]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "explain"])
+def test_checkpoint_flags_one_meaning_each(command):
+    from fastprompt.cli import build_parser
+
+    extra = {
+        "evaluate": ["--data=d"],
+        "predict": ["--data", "d", "--output=p.csv"],
+        "explain": ["x.png", "--output-dir=o"],
+    }
+    for flag in ("--run", "--checkpoint"):  # the trained run (folder or .pt); --checkpoint is the older name
+        assert build_parser().parse_args([command, flag, "runs/a", *extra[command]]).checkpoint == "runs/a"
+    for flag in ("--weights", "--checkpoint"):  # train: the backbone's weight file
+        args = build_parser().parse_args(["train", "--data=d", "--model=m", "--output-dir=o", flag, "w.safetensors"])
+        assert args.checkpoint == "w.safetensors"

@@ -109,9 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{command.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     args.argv = argv  # for the exact --resume command after an interrupt
-    if _accepts_config(command):
-        args.settings = resolved_settings(command, args)
     try:
+        if _accepts_config(command):
+            args.settings = resolved_settings(command, args)  # also checks --model-kwargs / --option key=value
         check_arguments(args)
     except UsageError as err:
         if getattr(args, "debug", False):

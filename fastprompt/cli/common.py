@@ -68,6 +68,24 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def check_method_options(method: str, options: dict[str, Any]) -> None:
+    """A UsageError for options the method does not take, spelled as command-line flags (--prompt-length, or
+    --option key=VALUE), with the closest valid one."""
+    import difflib
+
+    from fastprompt.methods.registry import get_method
+
+    spec = get_method(method)
+    unknown = sorted(set(options) - set(spec.options))
+    if not unknown:
+        return
+    spelled = lambda name: METHOD_FLAGS.get(name, f"--option {name}=VALUE")
+    close = [c for key in unknown for c in difflib.get_close_matches(key, spec.options, n=1, cutoff=0.6)]
+    hint = f" (did you mean {' or '.join(spelled(name) for name in dict.fromkeys(close))}?)" if close else ""
+    valid = ", ".join(spelled(name) for name in spec.options) or "none (it has no options)"
+    raise UsageError(f"unknown option(s) {unknown} for method {spec.name!r}{hint}; valid options: {valid}")
+
+
 def check_method(name: str) -> str:
     """The registered method name, or a UsageError listing the valid ones."""
     from fastprompt.methods.registry import get_method
@@ -228,10 +246,12 @@ def add_model_args(
         "--pretrained", action="store_true", help="timm's pretrained weights (local cache or the Hugging Face hub)"
     )
     weights.add_argument(
+        "--weights",
         "--checkpoint",
+        dest="checkpoint",
         metavar="FILE",
-        help="local weight file (safetensors/PyTorch state_dict) loaded through timm (default: random init "
-        "unless --pretrained)",
+        help="local backbone weight file (safetensors/PyTorch state_dict) loaded through timm; --checkpoint is the "
+        "older name (default: random init unless --pretrained)",
     )
     parser.add_argument(
         "--model-kwargs",
@@ -306,12 +326,15 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_checkpoint(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint RUN: the trained run that evaluate, predict and explain read."""
+    """--run RUN (or --checkpoint RUN): the trained run that evaluate, predict and explain read."""
     parser.add_argument(
+        "--run",
         "--checkpoint",
+        dest="checkpoint",
         required=True,
         metavar="RUN",
-        help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
+        help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files; "
+        "--checkpoint is the older name",
     )
 
 

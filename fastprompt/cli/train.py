@@ -18,6 +18,7 @@ from fastprompt.cli.common import (
     add_common,
     add_model_args,
     check_method,
+    check_method_options,
     flatten,
     format_metrics,
     fraction,
@@ -47,7 +48,7 @@ def add_parser(commands: Any) -> None:
         metavar="FILE",
         help="YAML or TOML file of train flags (keys: the flag names, e.g. batch-size: 16); flags given on the "
         f"command line override it. Every run writes its resolved flags to RUN/{RESOLVED_CONFIG}, which repeats "
-        "the run: fastprompt train --config RUN/config.yaml --output-dir NEW",
+        "the run: fastprompt train --config RUN/config.yaml --output-dir NEW (default: none)",
     )
     parser.add_argument(
         "--data",
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.cache is not None and method not in FPT_METHODS:
         raise UsageError(f"--cache holds FPT frozen-branch features; use it with --method fpt+ or fpt, not {method!r}")
     options = method_options(args)
+    check_method_options(method, options)
     model_kwargs = parse_key_values(flatten(args.model_kwargs), "--model-kwargs")
     out = Path(args.output_dir)
     if not args.resume and (out / "checkpoints" / "last.pt").is_file():
