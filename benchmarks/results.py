@@ -23,6 +23,7 @@ from fastprompt.io import atomic_write_bytes
 SCHEMA = "fastprompt-bench/1"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = RESULTS_DIR.parent.parent
+MARKDOWN = REPO_ROOT / "docs" / "benchmarks.md"  # the page whose results block benchmarks.report renders
 REQUIRED_KEYS = (
     "schema",
     "suite",
