@@ -76,8 +76,8 @@ class _Images(Dataset):
 
         try:
             return index, self.transform(load_image(self.paths[index])), None
-        except CorruptImageError as err:
-            return index, None, str(err)
+        except CorruptImageError as err:  # also an image too large to decode (PIL's decompression-bomb guard)
+            return index, None, err.reason
 
 
 def _collate(items: list[tuple[int, Any, str | None]]) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
@@ -101,8 +101,9 @@ def predict_images(
     `run`: a `fastprompt train` run folder or checkpoint file (its best checkpoint), or a
     `fastprompt.serialization.LoadedRun`. Returns one dict per decodable image, in input order: ``path``,
     ``predicted`` (class name; for a multi-label run the names with probability >= 0.5 joined by ``;``),
-    ``probability`` (of the predicted class; multi-label: the highest) and ``prob_<class>`` for every class.
-    Unreadable images get no row and are all named in one SkippedImageWarning.
+    ``probability`` (of the predicted class; multi-label: the highest), ``prob_<class>`` for every class and
+    ``error``: empty, or why the image could not be read (too large to decode, corrupt, not an image); such rows
+    have an empty prediction and no probabilities, and are all named in one SkippedImageWarning.
     """
     from fastprompt.data import SkippedImageWarning, transforms_for_model
     from fastprompt.serialization import load_run
@@ -131,11 +132,16 @@ def predict_images(
                 probabilities.update(zip(indices, probs.cpu()))
             bar.update(len(indices) + len(errors))
     if unreadable:
-        listed = "; ".join(unreadable[index] for index in sorted(unreadable))
+        listed = "; ".join(f"{paths[index]}: {unreadable[index]}" for index in sorted(unreadable))
         warnings.warn(f"{len(unreadable)} image(s) could not be read and have no prediction: {listed}",
                       SkippedImageWarning, stacklevel=2)  # fmt: skip
     rows = []
-    for index in sorted(probabilities):
+    for index in range(len(paths)):
+        if index in unreadable:
+            row = {"path": str(paths[index].resolve()), "predicted": "", "probability": None}
+            row.update({f"{PROBABILITY_PREFIX}{name}": None for name in classes})
+            rows.append({**row, "error": unreadable[index]})
+            continue
         probs = probabilities[index]
         if multilabel:
             chosen = [name for name, p in zip(classes, probs.tolist()) if p >= 0.5]
@@ -145,7 +151,7 @@ def predict_images(
             predicted, probability = classes[best], float(probs[best])
         row = {"path": str(paths[index].resolve()), "predicted": predicted, "probability": probability}
         row.update({f"{PROBABILITY_PREFIX}{name}": float(p) for name, p in zip(classes, probs.tolist())})
-        rows.append(row)
+        rows.append({**row, "error": ""})
     return rows
 
 
