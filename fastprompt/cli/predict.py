@@ -24,7 +24,8 @@ def add_parser(commands: Any) -> None:
         "predict",
         "predict the class of new images with a trained run",
         "Writes one CSV row per image: path, predicted (the class name; multi-label: the names with probability "
-        ">= 0.5, joined by ';'), probability (of the predicted class) and prob_<class> for every class. The same "
+        ">= 0.5, joined by ';'), probability (of the predicted class), prob_<class> for every class and error (empty, "
+        "or why the image could not be decoded; such rows have no prediction). The same "
         "rows come from Python: fastprompt.predict_images(RUN, DATA).",
     )
     add_run_checkpoint(parser)
