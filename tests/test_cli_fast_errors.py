@@ -109,3 +109,29 @@ def test_checkpoint_flags_one_meaning_each(command):
     for flag in ("--weights", "--checkpoint"):  # train: the backbone's weight file
         args = build_parser().parse_args(["train", "--data=d", "--model=m", "--output-dir=o", flag, "w.safetensors"])
         assert args.checkpoint == "w.safetensors"
+
+
+def test_bench_memory_help_is_fast_and_imports_no_torch(tmp_path):
+    code = (
+        "import sys, time\nstart = time.perf_counter()\nfrom fastprompt.cli import main\n"
+        "code = main(['bench', 'memory', '--help'])\n"
+        "print('RESULT', code, 'torch' in sys.modules, round(time.perf_counter() - start, 3))\n"
+    )
+    best = None
+    for _ in range(3):  # best of 3: the whole interpreter counts, on a shared machine
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        seconds = time.perf_counter() - start
+        best = seconds if best is None else min(best, seconds)
+    assert "--resolutions" in result.stdout and "--hf-model" in result.stdout, result.stderr
+    assert result.stdout.split("RESULT")[1].split()[:2] == ["0", "False"]  # exit 0, torch never imported
+    assert best < 2.0, f"bench memory --help took {best:.2f} s"
+
+
+def test_bench_options_agree_with_the_modules_they_stand_in_for():
+    from benchmarks import memory, models, options
+    from fastprompt.checkpointing import POLICIES
+
+    assert options.POLICIES == POLICIES and sorted(options.PRECISION_NAMES) == sorted(models.PRECISIONS)
+    args = memory.parse_args(["--resolutions", "32", "--budget", "1GB"])
+    assert (args.resolutions, args.budget, args.isolate, args.checkpointing) == ([32], "1GB", True, ["none"])

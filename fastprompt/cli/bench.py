@@ -71,6 +71,24 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(handler=run)
 
 
+def suite_help(suite: str, argv: list[str]) -> int | None:
+    """Print a suite's --help from `benchmarks.options.<suite>_parser` (no torch import); None when it has none."""
+    import importlib
+
+    try:
+        options = importlib.import_module("benchmarks.options")
+    except ImportError:
+        return None
+    build = getattr(options, f"{suite}_parser", None)
+    if build is None:
+        return None
+    try:
+        build().parse_args(argv)
+    except SystemExit as exit_:  # --help prints and exits 0
+        return exit_.code if isinstance(exit_.code, int) else 0
+    return 0
+
+
 def run(args: argparse.Namespace) -> Any:
     """`fastprompt bench SUITE ARGS...`: run `benchmarks.SUITE`'s main with the remaining arguments."""
     import importlib
@@ -79,6 +97,10 @@ def run(args: argparse.Namespace) -> Any:
     root = benchmarks_root()
     if root is not None:
         make_importable(root)
+    if {"-h", "--help"} & set(args.args) and root is not None:
+        helped = suite_help(args.suite, list(args.args))
+        if helped is not None:
+            return helped
     try:
         benchmarks = importlib.import_module("benchmarks")
     except ImportError:

@@ -30,7 +30,7 @@ from fastprompt.cli.common import (
     positive_int,
     write_json,
 )
-from fastprompt.cli.config import CONFIG_FLAG, RESOLVED_CONFIG, write_settings
+from fastprompt.cli.config import CONFIG_FLAG, RESOLVED_CONFIG, resolved_settings, write_settings
 
 
 def add_parser(commands: Any) -> None:
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "engine": engine_options,
     }
     write_json(out / CONFIG_NAME, config)
-    write_settings(out / RESOLVED_CONFIG, args.settings)
+    write_settings(out / RESOLVED_CONFIG, getattr(args, "settings", None) or settings_of(args))
     print(
         f"{method} on {args.model}: {trainable:,} trainable of {total:,} parameters; "
         f"{len(train_idx)} training and {len(val_idx)} validation images, {len(data.classes)} classes",
@@ -286,6 +286,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 WEIGHTS_DIR = "weights"
 UNREADABLE_FILE = "unreadable.csv"
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The train settings of a namespace built without the command line (e.g. by `fastprompt demo`)."""
+    commands = argparse.ArgumentParser().add_subparsers()
+    add_parser(commands)
+    return resolved_settings(commands.choices["train"], args)
 
 
 def check_weights_file(args: argparse.Namespace, out: Path) -> str | None:
