@@ -1,15 +1,19 @@
 """The `fastprompt` command line: train, evaluate, predict, preload, bench, explain and demo.
 
-A training run directory (``--output-dir``) holds ``config.json`` (everything needed to rebuild the model),
+A training run directory (``--output-dir``) holds ``config.yaml`` (every train flag of the run, resolved: ``train
+--config RUN/config.yaml`` repeats it), ``config.json`` (everything needed to rebuild the model),
 ``metrics.json`` (final validation metrics), the Engine's ``metrics.jsonl``, ``curves.png`` and
 ``checkpoints/{best,last}.pt``, ``unreadable.csv`` (every image that could not be read, if any), and, for a
 randomly initialised backbone, ``backbone.safetensors`` (its frozen weights, which checkpoints do not hold); with
-``--copy-weights``, ``weights/<file>`` (the --checkpoint file; otherwise its path and SHA-256 are recorded).
+``--copy-weights``, ``weights/<file>`` (the --weights file; otherwise its path and SHA-256 are recorded).
+``--weights FILE`` (train, preload) is a backbone weight file and ``--run RUN`` (evaluate, predict, explain) a run
+folder or one of its checkpoints; ``--checkpoint`` is the older name of both.
 ``metrics.json`` is measured with the model as it ends training (the ``last`` checkpoint); ``evaluate`` takes
 either checkpoint. FPT methods can train from the feature cache (``--cache DIR``, filled by ``preload`` or on the
 fly): the frozen branch then runs once per image. Without ``--val`` a stratified ``--val-fraction`` of ``--data``
 (20 % by default, per class, fixed by ``--seed``) is held out for validation. Mistakes a user can fix end with one
-message and exit code 2; ``--debug`` shows the traceback. Each command lives in its own module (parser and work
+message and exit code 2 (paths and method names are checked before torch is imported, `preflight`); ``--debug``
+shows the traceback. Each command lives in its own module (parser and work
 together); `common` holds what --help needs (no torch), `runs` the helpers the commands share once they run.
 """
 

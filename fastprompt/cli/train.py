@@ -108,7 +108,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--copy-weights",
         action="store_true",
-        help="copy the --checkpoint FILE into RUN/weights/ (evaluate and explain then read the copy; by default the "
+        help="copy the --weights FILE into RUN/weights/ (evaluate and explain then read the copy; by default the "
         "run records the file's path and SHA-256 and checks it on every load)",
     )
     parser.add_argument(
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "another --output-dir"
         )
     if args.copy_weights and args.checkpoint is None:
-        raise UsageError("--copy-weights copies the --checkpoint FILE into the run; pass --checkpoint FILE with it")
+        raise UsageError("--copy-weights copies the --weights FILE into the run; pass --weights FILE with it")
     digest = check_weights_file(args, out)
     data = open_dataset(args.data)  # data mistakes (a train/val/test root, one class) before any model is built
     val_data = None
