@@ -67,7 +67,10 @@ def test_toml_config_and_defaults(folder, tmp_path):
     assert main(["train", f"--config={config}", f"--output-dir={out}"]) == 0
     run = json.loads((out / "config.json").read_text())
     assert run["model_kwargs"]["depth"] == 2 and run["engine"]["lr"] == 0.01
-    assert run["augmentation"]["augment"] == "standard"  # the default preset, recorded
+    augmentation = run["augmentation"]  # the default preset, recorded with its resolved pipeline: no flips
+    assert augmentation["augment"] == "standard" and augmentation["hflip"] == 0.0 and augmentation["scale"] == [0.7, 1]
+    assert any(step.startswith("RandomResizedCrop(") for step in augmentation["pipeline"])
+    assert not any("Flip" in step for step in augmentation["pipeline"])
 
 
 @pytest.mark.parametrize(
