@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks import budget, harness, models, results
+from benchmarks import budget, harness, models, options, results
 from fastprompt import count_parameters
 from fastprompt.engine.activation import LiveBytes
 from fastprompt.profiling import saved_tensor_bytes
@@ -169,7 +169,8 @@ def run_row(
         return measure(variant, resolution, args, device, policy)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)  # read by glibc when the fork server starts
     context = multiprocessing.get_context("forkserver")  # a server that never ran torch: forking it is safe
-    context.set_forkserver_preload(["benchmarks.models", "timm"])
+    # fastprompt first: its import installs the torchvision repair (fastprompt._compat) before timm imports torchvision
+    context.set_forkserver_preload(["fastprompt", "benchmarks.models", "timm"])
     target = importlib.import_module("benchmarks.memory").measure  # picklable by name even when run as __main__
     with context.Pool(1, maxtasksperchild=1) as pool:
         return pool.apply(target, (variant, resolution, args, device, policy))
@@ -238,28 +239,7 @@ def output_stem(args: argparse.Namespace) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of the memory suite."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
-    models.add_row_arguments(parser, resolutions=[224, 512])
-    parser.add_argument("--budget", help="memory budget, e.g. 24GB: report the largest batch that fits")
-    parser.add_argument("--budget-limit", type=int, default=4096, help="largest batch the budget search tries")
-    parser.add_argument(
-        "--no-isolate",
-        dest="isolate",
-        action="store_false",
-        help="CPU: measure every row in this process (faster start; later rows' peak RSS may include earlier heap)",
-    )
-    parser.add_argument(
-        "--hf-model",
-        choices=sorted(models.HF_ARCHITECTURES),
-        help="also measure this Hugging Face ViT (random weights, run at each resolution) with --hf-methods",
-    )
-    parser.add_argument("--hf-methods", nargs="+", default=["ept", "lora", "fpt+"], help="method labels for --hf-model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="result JSON file, or a folder for <device>/<name>.json (default: ./benchmark-results/)",
-    )
+    parser = options.memory_parser()  # torch-free, so that `fastprompt bench memory --help` answers at once
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")

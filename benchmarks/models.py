@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastprompt
-from fastprompt.checkpointing import POLICIES, checkpoint_activations
+from benchmarks.options import HF_ARCHITECTURES, add_row_arguments  # noqa: F401  (the suites' shared options)
+from fastprompt.checkpointing import checkpoint_activations
 from fastprompt.methods import registry
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -75,13 +75,6 @@ def select_variants(labels: list[str] | None) -> list[Variant]:
 
 
 HF_PREFIX = "hf:"  # a model name with this prefix is a Hugging Face architecture below (random weights)
-HF_ARCHITECTURES = {  # ViTConfig overrides; ViTConfig's defaults are ViT-B/16
-    "vit-base-patch16-224": {"image_size": 224},
-    "vit-base-patch16-384": {"image_size": 384},  # google/vit-base-patch16-384, FPT's official backbone
-    "vit-large-patch16-384": dict(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=384
-    ),
-}
 
 
 class HFLogits(nn.Module):
@@ -132,25 +125,6 @@ def build_model(
         backbone.set_grad_checkpointing(True)
     model = fastprompt.apply(backbone, variant.method, num_classes=num_classes, **variant.options)
     return model.to(device).train()
-
-
-def add_row_arguments(parser: argparse.ArgumentParser, *, resolutions: list[int]) -> None:
-    """The options that choose a suite's rows (model, resolutions, methods, batch, precision, checkpointing)."""
-    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=resolutions)
-    parser.add_argument("--methods", nargs="+", help="method labels (default: every registered method)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--num-classes", type=int, default=5)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="timm's whole-model block checkpointing")
-    parser.add_argument(
-        "--checkpointing",
-        nargs="+",
-        choices=POLICIES,
-        default=["none"],
-        help="fastprompt.checkpoint_activations policies: a row per method, resolution and policy",
-    )
 
 
 def model_for(variant: Variant, resolution: int, args: Any, device: torch.device, policy: str = "none") -> nn.Module:

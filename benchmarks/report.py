@@ -1,4 +1,4 @@
-"""Render the README's result tables and the PNG plots from the committed JSON files under benchmarks/results/.
+"""Render the result tables (docs/benchmarks.md) and the PNG plots from the committed JSON under benchmarks/results/.
 
 python -m benchmarks.report                      # committed result files only
 python -m benchmarks.report --allow-uncommitted  # preview with files not yet committed
@@ -93,7 +93,7 @@ def group_by(rows: Iterable[dict], fields: tuple[str, ...]) -> dict[tuple, list[
 
 
 def sources_line(rows: list[dict], base: Path) -> str:
-    """An italic line naming the result files a table came from (paths relative to `base`, the README's folder)."""
+    """An italic line naming the result files a table came from (paths relative to `base`, the page.s folder)."""
     names = sorted({os.path.relpath(row["source"], base) for row in rows})
     return "_Source: " + ", ".join(f"`{name}`" for name in names) + "_"
 
@@ -362,7 +362,7 @@ KERNEL_KEY = ("op", "impl", "n", "d", "batch", "heads", "dtype", "pass")
 
 
 def render_markdown(records: list[tuple[Path, dict]], base: Path, plots: list[Path]) -> str:
-    """The README block between the markers."""
+    """The results block between the markers (of docs/benchmarks.md)."""
     memory = policy_labels(latest_rows(records, "memory", MEMORY_KEY))
     throughput = policy_labels(latest_rows(records, "throughput", THROUGHPUT_KEY))
     kernels = latest_rows(records, "kernels", KERNEL_KEY)
@@ -449,7 +449,14 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=results.RESULTS_DIR)
-    parser.add_argument("--readme", type=Path, default=results.REPO_ROOT / "README.md")
+    parser.add_argument(
+        "--markdown",
+        "--readme",
+        dest="readme",
+        type=Path,
+        default=results.MARKDOWN,
+        help="markdown file whose results block is replaced (default: docs/benchmarks.md; the README links to it)",
+    )
     parser.add_argument("--plots", type=Path, default=results.RESULTS_DIR / "plots")
     parser.add_argument("--allow-uncommitted", action="store_true", help="also read result files git does not track")
     args = parser.parse_args(argv)

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
+from fastprompt.cli.common import unused_path
 from fastprompt.io import atomic_write_bytes
 
 SCHEMA = "fastprompt-bench/1"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = RESULTS_DIR.parent.parent
+MARKDOWN = REPO_ROOT / "docs" / "benchmarks.md"  # the page whose results block benchmarks.report renders
 REQUIRED_KEYS = (
     "schema",
     "suite",
@@ -175,13 +177,14 @@ def save_suite_run(
     suite: str, device: torch.device | str, args: Any, rows: list[dict[str, Any]], notes: list[str], stem: str
 ) -> Path:
     """Write a suite run (config: its command-line `args` less `output`) to `args.output`: a .json file, or a folder
-    that gets <device>/<stem>.json (e.g. benchmarks/results); by default ./benchmark-results/<device>/<stem>.json."""
+    that gets <device>/<stem>.json (e.g. benchmarks/results); by default ./benchmark-results/<device>/<stem>.json.
+    An existing file is never replaced: the run goes to <stem>-2.json, -3, ... (the report takes the newest)."""
     config = {key: value for key, value in vars(args).items() if key != "output"}
     record = run_record(suite, device, config, rows, notes)
     output = args.output
     if output is None or Path(output).suffix.lower() != ".json":
         output = default_path(record, stem, output)
-    path = write_record(record, output)
+    path = write_record(record, unused_path(Path(output)))  # never overwrite: <stem>-2.json, -3, ... (newest wins)
     print(f"wrote {path}")
     return path
 

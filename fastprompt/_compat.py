@@ -4,7 +4,14 @@ timm imports torchvision. PyPI's torchvision wheels are CUDA builds whose compil
 operators fail to register against a CPU-only torch with
 ``RuntimeError: operator torchvision::nms does not exist``. fastprompt never uses
 torchvision's detection ops, so in exactly that case it defines the two missing
-operator schemas, warns once, and imports again. Every other import error propagates.
+operator schemas and imports again. Every other import error propagates.
+
+The repair is silent by default: on these CPU machines the mismatch is expected, not a fault. PyPI is the only
+registry set-up can reach, and PyPI's only torchvision for torch 2.13 (0.28.0) is the CUDA build
+``0.28.0+cu130`` (checked with ``pip download --no-deps torchvision==0.28.0``: its ``version.py`` says
+``+cu130`` and it bundles libcudart), so no matching CPU torchvision can be installed, and a warning on every
+command would only teach users to ignore warnings. The repair is logged at DEBUG on the ``fastprompt`` logger;
+set ``FASTPROMPT_TORCHVISION_WARNING=1`` to get it as a ``TorchvisionMismatchWarning`` instead.
 
 `import fastprompt` does not import torch (the command line answers ``--help`` at once), so the
 repair cannot run eagerly: `install_torchvision_repair` puts a finder on ``sys.meta_path`` that
@@ -16,12 +23,15 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import logging
+import os
 import sys
 import warnings
 from types import ModuleType
 from typing import Any
 
 _MISSING_OP = "operator torchvision::"
+WARNING_ENV = "FASTPROMPT_TORCHVISION_WARNING"
 _SCHEMAS = {
     "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor",
@@ -76,13 +86,15 @@ class _RepairingLoader(importlib.abc.Loader):
                 delattr(module, name)  # the failed run's names: the second run starts from a fresh namespace
             _define_missing_schemas()
             self._loader.exec_module(module)
-            warnings.warn(
+            message = (
                 f"torchvision {getattr(module, '__version__', '?')} was built for another torch ({err}); fastprompt "
                 "defined the missing detection-op schemas so that timm imports. Detection ops (nms) will not run. "
-                "To fix, install the torchvision that matches your torch.",
-                TorchvisionMismatchWarning,
-                stacklevel=2,
+                "To fix, install the torchvision that matches your torch."
             )
+            if os.environ.get(WARNING_ENV, "") not in ("", "0"):
+                warnings.warn(message, TorchvisionMismatchWarning, stacklevel=2)
+            else:  # expected on CPU machines (see the module docstring); visible with logging at DEBUG
+                logging.getLogger("fastprompt").debug(message)
 
 
 class _TorchvisionRepairFinder(importlib.abc.MetaPathFinder):

@@ -21,7 +21,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["create_backbone", "network_errors"]
+__all__ = ["create_backbone", "hub_reachable", "network_errors", "offline_hub"]
 
 RESERVED_KWARGS = ("img_size", "pretrained", "pretrained_cfg_overlay", "num_classes", "dynamic_img_size")
 _TIMM_BUILDER_LOGGER = "timm.models._builder"
@@ -160,15 +160,69 @@ def _weights_location(name: str) -> str:
     return f"see timm's pretrained_cfg of {name}"
 
 
-def _load_hub(name: str, build: dict[str, Any]) -> VisionTransformer:
-    """Build `name` with its hub weights; a clear error when they cannot be downloaded."""
+HUB_PROBE_SECONDS = 3.0
+_HUB_PROBE: dict[str, bool] = {}  # endpoint -> reachable, probed once per process
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hugging Face hub answers one short request (False in offline mode); probed once per process.
+
+    Without a network, huggingface_hub retries each file for about a minute before failing; this probe takes at
+    most `timeout` seconds, and its answer is kept for the rest of the process.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
+        return False
+    endpoint = constants.ENDPOINT
+    if endpoint not in _HUB_PROBE:
+        try:
+            get_session().head(endpoint, timeout=timeout)
+            _HUB_PROBE[endpoint] = True
+        except Exception:  # DNS, connection, proxy, TLS: any failure means a download would only retry and fail
+            _HUB_PROBE[endpoint] = False
+    return _HUB_PROBE[endpoint]
+
+
+@contextmanager
+def offline_hub() -> Iterator[None]:
+    """huggingface_hub in offline mode (local cache only) inside the block, restored after it."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub.is_offline_mode()
     try:
-        return timm.create_model(name, pretrained=True, **build)
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def offline_advice(name: str) -> str:
+    """How to use `name`'s pretrained weights without a network."""
+    return (
+        f"without internet access, download the weights elsewhere ({_weights_location(name)}) and pass the local "
+        "file: --weights FILE on the command line, create_backbone(..., checkpoint=FILE) or "
+        "fastprompt.load(..., backbone=FILE) in Python, or timm's "
+        f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file=FILE)); weights already in "
+        "the Hugging Face cache load with HF_HUB_OFFLINE=1"
+    )
+
+
+def _load_hub(name: str, build: dict[str, Any]) -> VisionTransformer:
+    """Build `name` with its hub weights; when the hub does not answer a ≤ 3 s probe, from the local cache only
+    (no minute of retries); a clear error with offline advice when the weights cannot be had."""
+    reachable = hub_reachable()
+    try:
+        if reachable:
+            return timm.create_model(name, pretrained=True, **build)
+        with offline_hub():
+            return timm.create_model(name, pretrained=True, **build)
     except network_errors() as err:
+        why = "the Hugging Face hub did not answer" if not reachable else "the download failed"
         raise ValueError(
-            f"could not download the pretrained weights of {name!r} ({type(err).__name__}: {str(err)[:200]}); "
-            f"without internet access, download the weights elsewhere ({_weights_location(name)}) and pass "
-            "--checkpoint FILE instead of --pretrained"
+            f"could not load the pretrained weights of {name!r}: {why} and they are not in the local cache "
+            f"({type(err).__name__}); {offline_advice(name)}"
         ) from None
     except RuntimeError as err:
         if "No pretrained weights exist" not in str(err):

@@ -65,7 +65,7 @@ def image_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
 class _Images(Dataset):
     """(index, transformed image, None) for admitted files; (index, None, (kind, reason)) for the others.
 
-    kind is "unreadable" (no row) or "too small" (train's admission rule: a row without a score).
+    kind is "unreadable" or "too small" (train's admission rule); either gives a row without a score.
     """
 
     def __init__(self, paths: Sequence[Path], transform: Any, patch: int) -> None:
@@ -79,8 +79,8 @@ class _Images(Dataset):
 
         try:
             image = load_image(self.paths[index])
-        except CorruptImageError as err:
-            return index, None, ("unreadable", str(err))
+        except CorruptImageError as err:  # also an image too large to decode (PIL's decompression-bomb guard)
+            return index, None, ("unreadable", err.reason)
         reason = too_small(image_size(image), self.patch)
         if reason is not None:
             return index, None, ("too small", reason)
@@ -111,12 +111,12 @@ def predict_images(
     `run`: a `fastprompt train` run folder or checkpoint file (its best checkpoint), or a
     `fastprompt.serialization.LoadedRun`. Returns one dict per decodable image, in input order: ``path``,
     ``predicted`` (class name; for a multi-label run the names with probability >= 0.5 joined by ``;``),
-    ``probability`` (of the predicted class; multi-label: the highest) and ``prob_<class>`` for every class.
-    Unreadable images get no row and are all named in one SkippedImageWarning. Images train would not admit
-    (smaller than one patch) get a row without a prediction (empty ``predicted``, ``probability`` and
-    ``prob_<class>`` None) and their reason in a ``skipped`` column, which every row then has. With
-    `positive_class` (a class name of a single-label run; default: the run's recorded one) rows also hold
-    ``positive_class`` and ``positive_probability``, the probability of that class.
+    ``probability`` (of the predicted class; multi-label: the highest), ``prob_<class>`` for every class and
+    ``error``: empty, or why the image has no prediction: it could not be read (too large to decode, corrupt, not
+    an image) or train would not admit it (smaller than one patch). Such rows have an empty prediction and no
+    probabilities, and are named in a SkippedImageWarning. With `positive_class` (a class name of a single-label
+    run; default: the run's recorded one) rows also hold ``positive_class`` and ``positive_probability``, the
+    probability of that class.
     """
     from fastprompt.data import SkippedImageWarning, transforms_for_model
     from fastprompt.serialization import load_run
@@ -154,24 +154,25 @@ def predict_images(
                 probabilities.update(zip(indices, probs.cpu()))
             bar.update(len(indices) + len(errors))
     if unreadable:
-        listed = "; ".join(unreadable[index] for index in sorted(unreadable))
+        listed = "; ".join(f"{paths[index]}: {unreadable[index]}" for index in sorted(unreadable))
         warnings.warn(f"{len(unreadable)} image(s) could not be read and have no prediction: {listed}",
                       SkippedImageWarning, stacklevel=2)  # fmt: skip
     if refused:
         warnings.warn(
             f"{len(refused)} image(s) are too small for the model (train leaves such images out); their rows have "
-            "no prediction and say why in the 'skipped' column",
+            "no prediction and say why in the 'error' column",
             SkippedImageWarning,
             stacklevel=2,
         )
     rows = []
-    for index in sorted([*probabilities, *refused]):
-        if index in refused:
+    for index in range(len(paths)):
+        reason = unreadable.get(index, refused.get(index))
+        if reason is not None:
             row = {"path": str(paths[index].resolve()), "predicted": "", "probability": None}
             row.update({f"{PROBABILITY_PREFIX}{name}": None for name in classes})
             if positive_class is not None:
                 row.update(positive_class=positive_class, positive_probability=None)
-            rows.append({**row, "skipped": refused[index]})
+            rows.append({**row, "error": reason})
             continue
         probs = probabilities[index]
         if multilabel:
@@ -184,7 +185,7 @@ def predict_images(
         row.update({f"{PROBABILITY_PREFIX}{name}": float(p) for name, p in zip(classes, probs.tolist())})
         if positive_class is not None:
             row.update(positive_class=positive_class, positive_probability=float(probs[classes.index(positive_class)]))
-        rows.append({**row, "skipped": ""} if refused else row)
+        rows.append({**row, "error": ""})
     return rows
 
 

@@ -270,7 +270,7 @@ def test_pretrained_without_network(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(_builder, "load_state_dict_from_url", offline)
     argv = ["train", f"--data={data.clean}", *TINY, "--pretrained", "--method=linear", *FAST]
     err = run_error(capsys, [*argv, f"--output-dir={tmp_path}"])
-    assert "could not download the pretrained weights" in err and "--checkpoint FILE" in err
+    assert "could not load the pretrained weights" in err and "--weights FILE" in err
 
 
 def test_pretrained_with_an_unreachable_hub_fails_at_once(data, tmp_path, capsys, monkeypatch):
@@ -290,8 +290,8 @@ def test_pretrained_with_an_unreachable_hub_fails_at_once(data, tmp_path, capsys
     err = run_error(capsys, [*argv, f"--output-dir={tmp_path / 'run'}"])
     elapsed = time.perf_counter() - started
     errors = [line for line in err.splitlines() if "error" in line]
-    assert len(errors) == 1 and "could not download the pretrained weights" in errors[0]
-    assert "--checkpoint FILE" in errors[0]
+    assert len(errors) == 1 and "could not load the pretrained weights" in errors[0]
+    assert "--weights FILE" in errors[0]
     assert sleeps == [], f"the hub retried {len(sleeps)} times"
     assert not (tmp_path / "run").exists()
     print(f"--pretrained without a network: failed in {elapsed:.2f} s")
@@ -321,7 +321,7 @@ def test_a_pretrained_run_read_without_a_network_fails_at_once(ept_run, data, tm
         "explain": ["explain", f"--checkpoint={run}", image, f"--output-dir={tmp_path / 'png'}"],
     }[command]
     err = run_error(capsys, argv)
-    assert "could not download the pretrained weights" in err
+    assert "could not load the pretrained weights" in err
     assert sleeps == [], f"the hub retried {len(sleeps)} times"
 
 

@@ -83,8 +83,8 @@ def test_bench_help_lists_the_suites(capsys):
 
 def test_preload_offers_only_the_options_preload_uses():
     flags = {flag for action in subcommands()["preload"]._actions for flag in action.option_strings}
-    expected = {"-h", "--help", "--data", "--model", "--pretrained", "--checkpoint", "--model-kwargs", "--img-size"}
-    expected |= {"--method", "--token-ratio", "--option", "--seed", "--cache", "--batch-size", "--dtype"}
+    expected = {"-h", "--help", "--data", "--model", "--pretrained", "--weights", "--checkpoint", "--model-kwargs"}
+    expected |= {"--img-size", "--method", "--token-ratio", "--option", "--seed", "--cache", "--batch-size", "--dtype"}
     assert flags == expected | {"--debug", "--quiet"}
 
 

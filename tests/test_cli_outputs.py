@@ -77,11 +77,16 @@ def test_predict_writes_a_row_per_image_and_matches_the_python_function(trained,
     with open(output, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == [
-        "path", "predicted", "probability", "prob_benign", "prob_malignant", "positive_class", "positive_probability"
+        "path", "predicted", "probability", "prob_benign", "prob_malignant", "positive_class", "positive_probability",
+        "error",
     ]  # fmt: skip
+    assert [row["path"] for row in rows] == [str(path.resolve()) for path in [*images, broken]]
+    failed = rows.pop()  # the unreadable image has a row: no prediction, and why
+    assert failed["predicted"] == failed["probability"] == failed["prob_benign"] == failed["positive_probability"] == ""
+    assert "cannot identify image file" in failed["error"], failed  # why it has no prediction
+    assert all(row["error"] == "" for row in rows)
     assert all(row["positive_class"] == "malignant" and row["positive_probability"] == row["prob_malignant"]
                for row in rows)  # fmt: skip
-    assert [row["path"] for row in rows] == [str(path.resolve()) for path in images]
 
     run = fastprompt.load_run(out)  # an independent forward pass of one image
     transform = transforms_for_model(run.model, run.config["img_size"], train=False)
@@ -95,8 +100,26 @@ def test_predict_writes_a_row_per_image_and_matches_the_python_function(trained,
 
     with pytest.warns(UserWarning, match="broken.png"):
         python_rows = fastprompt.predict_images(out, [*images, broken], progress=False)
+    assert python_rows[-1]["probability"] is None and python_rows[-1]["error"] == failed["error"]
+    python_rows = python_rows[:-1]
     assert [{k: str(v) for k, v in row.items()} for row in python_rows] == rows  # the same rows from Python
     assert main(argv) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_images_too_large_to_decode_get_a_row_with_the_error(trained, monkeypatch):
+    from PIL import Image
+
+    _, out, val = trained
+    images = sorted(val.rglob("*.png"))[:3]
+    with Image.open(images[0]) as first:
+        pixels = first.width * first.height
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels // 3)  # PIL refuses images over twice this
+    with pytest.warns(UserWarning, match="3 image"):
+        rows = fastprompt.predict_images(out, images, progress=False)
+    assert [row["path"] for row in rows] == [str(path.resolve()) for path in images]
+    for row in rows:
+        assert row["predicted"] == "" and row["probability"] is None
+        assert "decompression bomb" in row["error"].lower() and "MAX_IMAGE_PIXELS" in row["error"]
 
 
 def test_class_evidence_is_per_patch_and_depends_on_image_and_class(trained):

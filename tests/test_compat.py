@@ -3,20 +3,28 @@ error is hidden; `import fastprompt` itself imports neither torch nor torchvisio
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from fastprompt._compat import WARNING_ENV
 
-def run_python(code: str, path: str | None = None) -> subprocess.CompletedProcess:
+
+def run_python(code: str, path: str | None = None, *, warn: bool = True) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter; `warn` asks for the mismatch warning (silent by default, see _compat)."""
     env_path = f"import sys; sys.path.insert(0, {path!r});" if path else ""
+    env = {k: v for k, v in os.environ.items() if k != WARNING_ENV}
+    if warn:
+        env[WARNING_ENV] = "1"
     return subprocess.run(
         [sys.executable, "-W", "always", "-c", env_path + textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
 
 
@@ -37,6 +45,18 @@ def test_mismatched_torchvision_imports_with_one_warning():
     assert "ok" in result.stdout
     assert result.stderr.count("TorchvisionMismatchWarning") == 1
     assert "install the torchvision that matches your torch" in result.stderr
+
+
+def test_mismatch_repair_is_silent_by_default_and_logged_at_debug():
+    plain = run_python("import torchvision")
+    if "torchvision::nms does not exist" not in plain.stderr:
+        pytest.skip("this environment's torchvision matches its torch; nothing to repair")
+    quiet = run_python("import fastprompt, timm; print('ok')", warn=False)
+    assert quiet.returncode == 0 and "ok" in quiet.stdout, quiet.stderr
+    assert "torchvision" not in quiet.stderr  # nothing printed, by default
+    code = "import logging; logging.basicConfig(level=logging.DEBUG); import fastprompt, timm"
+    debug = run_python(code, warn=False)
+    assert "built for another torch" in debug.stderr and "TorchvisionMismatchWarning" not in debug.stderr
 
 
 # A torchvision whose import fails like the CUDA wheel on CPU torch until the two schemas exist: a submodule is

@@ -176,6 +176,38 @@ def test_interrupted_preload_resumes_where_it_stopped(tmp_path, capsys):
     assert f"{report.bytes_per_image:,.0f} bytes per image" in capsys.readouterr().out
 
 
+def test_preload_progress_counts_only_images_done(tmp_path, monkeypatch):
+    from fastprompt.data import cache as cache_module
+
+    positions, written = [], []  # at every bar update: the bar's count and the entries on disk
+
+    class Bar:  # records what tqdm would show
+        def __init__(self, total=None, **kwargs):
+            self.total, self.n = total, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, step):
+            self.n += step
+            positions.append(self.n)
+            written.append(len(cache.entries()))
+
+        def set_postfix(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(cache_module, "tqdm", Bar)
+    cache = FeatureCache(tmp_path)
+    preload(tiny_fpt(), Images(count=7), cache, batch_size=3, progress=False)
+    assert positions[-1] == 7 and positions == written  # never ahead of the features written (batches of 3)
+    positions.clear()
+    report = preload(tiny_fpt(), Images(count=7), cache, batch_size=3, progress=False)
+    assert report.skipped == 7 and positions == list(range(1, 8))  # cached images count one by one
+
+
 def test_preload_by_file_loads_only_missing_images(tmp_path):
     cache, model = FeatureCache(tmp_path / "cache"), tiny_fpt()
     dataset = Images(count=4)

@@ -75,7 +75,7 @@ def test_pretrained_without_network_says_use_checkpoint(monkeypatch):
     monkeypatch.setattr(_builder, "load_state_dict_from_hf", offline)
     monkeypatch.setattr(_builder, "load_state_dict_from_url", offline)
     with pytest.raises(
-        ValueError, match=r"could not download.*huggingface.co/timm/vit_tiny_patch16_224\.augreg.*--checkpoint FILE"
+        ValueError, match=r"could not load.*huggingface.co/timm/vit_tiny_patch16_224\.augreg.*--weights FILE"
     ):
         create_backbone(NAME, img_size=32, pretrained=True, **TINY)
 

@@ -1,5 +1,5 @@
 """Committed results stay in sync: every committed result file loads in the suite schema, names the script in this
-repository that wrote it and comes from a clean tree; the README's results section is what `python -m
+repository that wrote it and comes from a clean tree; docs/benchmarks.md's results section is what `python -m
 benchmarks.report` renders from them; the recorded commit and dirty flag are right from a git worktree too."""
 
 from __future__ import annotations
@@ -109,23 +109,23 @@ def test_the_dirty_list_names_only_committed_dirty_files():
 
 
 @needs_git
-def test_readme_results_section_is_what_the_report_renders():
-    """`python -m benchmarks.report` over the committed files gives exactly the README's section between the
+def test_benchmarks_page_results_section_is_what_the_report_renders():
+    """`python -m benchmarks.report` over the committed files gives exactly docs/benchmarks.md's section between the
     markers (plots named as the report names them, rendered here into a scratch folder)."""
     records, _ = report.load_results(results.RESULTS_DIR, committed_only=True)
     with tempfile.TemporaryDirectory() as scratch:
         written = report.render_plots(records, Path(scratch))
     plots = [results.RESULTS_DIR / "plots" / path.name for path in written]
-    readme = results.REPO_ROOT / "README.md"
+    readme = results.MARKDOWN
     expected = report.render_markdown(records, readme.parent, plots)
     text = readme.read_text(encoding="utf-8")
-    assert text.count(report.START) == 1 and text.count(report.END) == 1, "README needs one pair of result markers"
+    assert text.count(report.START) == 1 and text.count(report.END) == 1, f"{readme} needs one pair of result markers"
     current = text.split(report.START, 1)[1].split(report.END, 1)[0].strip("\n")
     if current != expected:
         diff = "".join(
-            difflib.unified_diff(current.splitlines(True), expected.splitlines(True), "README.md", "benchmarks.report")
+            difflib.unified_diff(current.splitlines(True), expected.splitlines(True), readme.name, "benchmarks.report")
         )
-        pytest.fail(f"README's results section is out of date; run python -m benchmarks.report\n{diff[:6000]}")
+        pytest.fail(f"{readme.name}'s results section is out of date; run python -m benchmarks.report\n{diff[:6000]}")
     missing = [path.name for path in plots if not path.is_file()]
     assert not missing, f"plots the README shows are not committed: {missing}; run python -m benchmarks.report"
     committed = {Path(name).name for name in git("ls-files", "--", "plots", cwd=results.RESULTS_DIR).split()}

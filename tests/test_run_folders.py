@@ -526,10 +526,10 @@ def test_predict_gives_a_tiny_image_a_row_with_the_reason_and_no_score(trained, 
     with pytest.warns(UserWarning, match="1 image"):
         rows = fastprompt.predict_images(trained["run"], [normal, tiny], progress=False)
     assert [Path(row["path"]).name for row in rows] == [normal.name, "tiny.png"]
-    assert rows[0]["skipped"] == "" and isinstance(rows[0]["probability"], float)
+    assert rows[0]["error"] == "" and isinstance(rows[0]["probability"], float)
     assert rows[1]["predicted"] == "" and rows[1]["probability"] is None
     assert rows[1]["prob_benign"] is None and rows[1]["prob_malignant"] is None
-    assert rows[1]["skipped"] == "1x1 pixels, smaller than one 8-pixel patch"
+    assert rows[1]["error"] == "1x1 pixels, smaller than one 8-pixel patch"
 
 
 def test_the_training_summary_says_a_best_checkpoint_is_missing_not_that_no_metric_was_finite(tmp_path):

@@ -1,15 +1,19 @@
 """The `fastprompt` command line: train, evaluate, predict, preload, bench, explain and demo.
 
-A training run directory (``--output-dir``) holds ``config.json`` (everything needed to rebuild the model),
+A training run directory (``--output-dir``) holds ``config.yaml`` (every train flag of the run, resolved: ``train
+--config RUN/config.yaml`` repeats it), ``config.json`` (everything needed to rebuild the model),
 ``metrics.json`` (final validation metrics), the Engine's ``metrics.jsonl``, ``curves.png`` and
 ``checkpoints/{best,last}.pt``, ``unreadable.csv`` (every image that could not be read, if any), and, for a
 randomly initialised backbone, ``backbone.safetensors`` (its frozen weights, which checkpoints do not hold); with
-``--copy-weights``, ``weights/<file>`` (the --checkpoint file; otherwise its path and SHA-256 are recorded).
+``--copy-weights``, ``weights/<file>`` (the --weights file; otherwise its path and SHA-256 are recorded).
+``--weights FILE`` (train, preload) is a backbone weight file and ``--run RUN`` (evaluate, predict, explain) a run
+folder or one of its checkpoints; ``--checkpoint`` is the older name of both.
 ``metrics.json`` is measured with the model as it ends training (the ``last`` checkpoint); ``evaluate`` takes
 either checkpoint. FPT methods can train from the feature cache (``--cache DIR``, filled by ``preload`` or on the
 fly): the frozen branch then runs once per image. Without ``--val`` a stratified ``--val-fraction`` of ``--data``
 (20 % by default, per class, fixed by ``--seed``) is held out for validation. Mistakes a user can fix end with one
-message and exit code 2; ``--debug`` shows the traceback. Each command lives in its own module (parser and work
+message and exit code 2 (paths and method names are checked before torch is imported, `preflight`); ``--debug``
+shows the traceback. Each command lives in its own module (parser and work
 together); `common` holds what --help needs (no torch), `runs` the helpers the commands share once they run.
 """
 
@@ -25,6 +29,8 @@ from typing import Any
 import fastprompt
 from fastprompt.cli import bench, demo, evaluate, explain, predict, preload, train
 from fastprompt.cli.common import EXIT_FAILURE, EXIT_USAGE, Parser, UsageError
+from fastprompt.cli.config import CONFIG_FLAG, expand_config, resolved_settings
+from fastprompt.cli.preflight import check_arguments
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -100,14 +106,46 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: Any, *
     _write(f"fastprompt: warning: {text}")
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser | None:
+    """The subcommand's parser named in `argv` (its first non-option word), or None."""
+    name = next((arg for arg in argv if not arg.startswith("-")), None)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices.get(name) if name is not None else None
+
+
+def _accepts_config(parser: argparse.ArgumentParser | None) -> bool:
+    return parser is not None and any(CONFIG_FLAG in action.option_strings for action in parser._actions)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `fastprompt` console script; returns the exit code."""
+    """Entry point of the `fastprompt` console script; returns the exit code.
+
+    Before the command runs (and imports torch), `--config FILE` is expanded into flags and the arguments are
+    checked as far as no torch is needed (`fastprompt.cli.preflight`): such mistakes answer in well under a second.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    command = _command_parser(parser, argv)
     try:
-        args = build_parser().parse_args(argv)
+        if _accepts_config(command):
+            position = argv.index(command.prog.split()[-1])
+            argv = [*argv[: position + 1], *expand_config(command, argv[position + 1 :])]
+        args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or a flag argparse rejected (it printed why)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    except UsageError as err:  # a config file's unknown key or bad value
+        print(f"{command.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     args.argv = argv  # for the exact --resume command after an interrupt
+    try:
+        if _accepts_config(command):
+            args.settings = resolved_settings(command, args)  # also checks --model-kwargs / --option key=value
+        check_arguments(args)
+    except UsageError as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"fastprompt {args.command}: error: {err}", file=sys.stderr)  # torch not imported yet: no tqdm.write
+        return EXIT_USAGE
     _SHOWN_WARNINGS.clear()
     try:
         with warnings.catch_warnings():

@@ -19,6 +19,22 @@ def benchmarks_root() -> Path | None:
     return None
 
 
+def make_importable(root: Path) -> None:
+    """Put `root` (the folder holding benchmarks/) on this process's sys.path and on PYTHONPATH for the processes
+    a suite starts. A multiprocessing fork server preloads its modules without the parent's sys.path (Python 3.11
+    passes it and drops it): outside the repository root `benchmarks.models` failed to preload, timm was imported
+    without fastprompt's torchvision repair, and the server died on its first task (benchmarks.memory now also
+    preloads fastprompt first)."""
+    import os
+
+    folder = str(root)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if folder not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*paths, folder])
+
+
 def suite_summaries(root: Path | None) -> dict[str, str]:
     """Suite name -> the first line of its docstring, for the modules of `root/benchmarks` that define main()."""
     suites: dict[str, str] = {}
@@ -55,14 +71,36 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(handler=run)
 
 
+def suite_help(suite: str, argv: list[str]) -> int | None:
+    """Print a suite's --help from `benchmarks.options.<suite>_parser` (no torch import); None when it has none."""
+    import importlib
+
+    try:
+        options = importlib.import_module("benchmarks.options")
+    except ImportError:
+        return None
+    build = getattr(options, f"{suite}_parser", None)
+    if build is None:
+        return None
+    try:
+        build().parse_args(argv)
+    except SystemExit as exit_:  # --help prints and exits 0
+        return exit_.code if isinstance(exit_.code, int) else 0
+    return 0
+
+
 def run(args: argparse.Namespace) -> Any:
     """`fastprompt bench SUITE ARGS...`: run `benchmarks.SUITE`'s main with the remaining arguments."""
     import importlib
     import pkgutil
 
     root = benchmarks_root()
-    if root is not None and str(root) not in sys.path:
-        sys.path.append(str(root))
+    if root is not None:
+        make_importable(root)
+    if {"-h", "--help"} & set(args.args) and root is not None:
+        helped = suite_help(args.suite, list(args.args))
+        if helped is not None:
+            return helped
     try:
         benchmarks = importlib.import_module("benchmarks")
     except ImportError:

@@ -68,6 +68,24 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def check_method_options(method: str, options: dict[str, Any]) -> None:
+    """A UsageError for options the method does not take, spelled as command-line flags (--prompt-length, or
+    --option key=VALUE), with the closest valid one."""
+    import difflib
+
+    from fastprompt.methods.registry import get_method
+
+    spec = get_method(method)
+    unknown = sorted(set(options) - set(spec.options))
+    if not unknown:
+        return
+    spelled = lambda name: METHOD_FLAGS.get(name, f"--option {name}=VALUE")
+    close = [c for key in unknown for c in difflib.get_close_matches(key, spec.options, n=1, cutoff=0.6)]
+    hint = f" (did you mean {' or '.join(spelled(name) for name in dict.fromkeys(close))}?)" if close else ""
+    valid = ", ".join(spelled(name) for name in spec.options) or "none (it has no options)"
+    raise UsageError(f"unknown option(s) {unknown} for method {spec.name!r}{hint}; valid options: {valid}")
+
+
 def check_method(name: str) -> str:
     """The registered method name, or a UsageError listing the valid ones."""
     from fastprompt.methods.registry import get_method
@@ -230,10 +248,12 @@ def add_model_args(
         "--pretrained", action="store_true", help="timm's pretrained weights (local cache or the Hugging Face hub)"
     )
     weights.add_argument(
+        "--weights",
         "--checkpoint",
+        dest="checkpoint",
         metavar="FILE",
-        help="local weight file (safetensors/PyTorch state_dict) loaded through timm (default: random init "
-        "unless --pretrained)",
+        help="local backbone weight file (safetensors/PyTorch state_dict) loaded through timm; --checkpoint is the "
+        "older name (default: random init unless --pretrained)",
     )
     parser.add_argument(
         "--model-kwargs",
@@ -263,13 +283,60 @@ def add_model_args(
     parser.add_argument("--seed", type=int, default=0, help="random seed (initialisation, splits, shuffling)")
 
 
-def add_run_checkpoint(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint RUN: the trained run that evaluate, predict and explain read."""
+def crop_scale(text: str) -> tuple[float, float]:
+    """argparse type: `MIN,MAX`, the share of the image a training crop keeps (0 < MIN <= MAX <= 1)."""
+    from fastprompt.augmentations import check_scale
+
+    try:
+        return check_scale(text.replace(" ", "").split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_augment_args(parser: argparse.ArgumentParser) -> None:
+    """--augment PRESET, --hflip/--no-hflip and --crop-scale MIN,MAX (train)."""
+    from fastprompt.augmentations import AUGMENTATIONS, DEFAULT_AUGMENT
+
+    presets = "; ".join(
+        f"{name}: "
+        + ("resize only" if o["scale"] is None else f"crop {o['scale'][0]:g}-{o['scale'][1]:g}")
+        + (f", flip {o['hflip']:g}" if o["hflip"] else ", no flip")
+        + (f", rotate ±{o['rotation']:g}°" if o["rotation"] else "")
+        + (f", brightness/contrast {o['color_jitter']:g}" if o["color_jitter"] else "")
+        for name, o in AUGMENTATIONS.items()
+    )
     parser.add_argument(
+        "--augment",
+        default=DEFAULT_AUGMENT,
+        choices=tuple(AUGMENTATIONS),
+        metavar="PRESET",
+        help=f"training augmentation preset ({presets}); ept/fpt are the papers' recipes",
+    )
+    parser.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips (p=0.5) on or off; off suits chest X-rays, whose left and right differ "
+        "(default: the preset's)",
+    )
+    parser.add_argument(
+        "--crop-scale",
+        type=crop_scale,
+        metavar="MIN,MAX",
+        help="share of the image area a random training crop keeps, e.g. 0.7,1.0 (default: the preset's)",
+    )
+
+
+def add_run_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """--run RUN (or --checkpoint RUN): the trained run that evaluate, predict and explain read."""
+    parser.add_argument(
+        "--run",
         "--checkpoint",
+        dest="checkpoint",
         required=True,
         metavar="RUN",
-        help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files",
+        help="a `fastprompt train` run folder (its best checkpoint) or one of its checkpoints/*.pt files; "
+        "--checkpoint is the older name",
     )
     add_trust_checkpoint(parser)
 

@@ -26,9 +26,10 @@ def add_parser(commands: Any) -> None:
         "predict",
         "predict the class of new images with a trained run",
         "Writes one CSV row per image: path, predicted (the class name; multi-label: the names with probability "
-        ">= 0.5, joined by ';'), probability (of the predicted class), prob_<class> for every class, and for a "
-        "single-label run with a positive class positive_class and positive_probability. The same rows come from "
-        "Python: fastprompt.predict_images(RUN, DATA).",
+        ">= 0.5, joined by ';'), probability (of the predicted class), prob_<class> for every class, for a "
+        "single-label run with a positive class positive_class and positive_probability, and error (empty, or why "
+        "the image has no prediction: it could not be decoded or is smaller than one patch). The same rows come "
+        "from Python: fastprompt.predict_images(RUN, DATA).",
     )
     add_run_checkpoint(parser)
     parser.add_argument(

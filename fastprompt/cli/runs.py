@@ -144,7 +144,8 @@ def cached_fpt_sets(
 
     backbone = model.backbone
     frozen_tf = transforms_for_model(backbone, args.img_size, train=False)
-    side_train = transforms_for_model(backbone, model.side_input_size, train=True, augment="fpt")
+    augmentation = getattr(args, "augmentation", None) or {"augment": "fpt"}  # train resolves --augment
+    side_train = transforms_for_model(backbone, model.side_input_size, train=True, **augmentation)
     side_eval = transforms_for_model(backbone, model.side_input_size, train=False)
     cache = FeatureCache(args.cache)
     sets = []
@@ -167,18 +168,11 @@ def patch_size_of(backbone: nn.Module) -> int:
     return int(max(backbone.patch_embed.patch_size))
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether one short request to the Hugging Face hub gets any answer (offline mode counts as unreachable)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers (`fastprompt.models.hub_reachable`: one ≤ 3 s probe per process)."""
+    from fastprompt.models import hub_reachable as probe
 
-    if constants.is_offline_mode():
-        return False
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception:  # DNS, connection, proxy, TLS: any failure means a download would only retry and fail
-        return False
-    return True
+    return probe()
 
 
 def use_offline_hub() -> None:
@@ -200,7 +194,7 @@ def make_backbone(
     elif pretrained:
         print(
             f"loading timm's pretrained weights for {name} (local cache or the Hugging Face hub; without internet, "
-            "use --checkpoint FILE)",
+            "use --weights FILE)",
             file=sys.stderr,
         )
     return create_backbone(name, img_size=img_size, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs)

@@ -13,12 +13,14 @@ from fastprompt.cli.common import (
     CSV_FORMAT,
     FPT_METHODS,
     UsageError,
+    add_augment_args,
     add_command,
     add_common,
     add_model_args,
     add_positive_class,
     add_trust_checkpoint,
     check_method,
+    check_method_options,
     flatten,
     format_metrics,
     fraction,
@@ -31,6 +33,7 @@ from fastprompt.cli.common import (
     positive_int,
     write_json,
 )
+from fastprompt.cli.config import CONFIG_FLAG, RESOLVED_CONFIG, resolved_settings, write_settings
 
 
 def add_parser(commands: Any) -> None:
@@ -39,8 +42,16 @@ def add_parser(commands: Any) -> None:
         commands,
         "train",
         "train a method on an image folder or CSV list",
-        f"{CSV_FORMAT}\n\nThe run folder (--output-dir) gets config.json, metrics.json, metrics.jsonl, curves.png and "
-        "checkpoints/{best,last}.pt. Ctrl-C saves a checkpoint mid-epoch and prints the --resume command.",
+        f"{CSV_FORMAT}\n\nThe run folder (--output-dir) gets config.yaml (the resolved flags), config.json, "
+        "metrics.json, metrics.jsonl, curves.png and checkpoints/{best,last}.pt. Ctrl-C saves a checkpoint mid-epoch "
+        "and prints the --resume command.",
+    )
+    parser.add_argument(
+        CONFIG_FLAG,
+        metavar="FILE",
+        help="YAML or TOML file of train flags (keys: the flag names, e.g. batch-size: 16); flags given on the "
+        f"command line override it. Every run writes its resolved flags to RUN/{RESOLVED_CONFIG}, which repeats "
+        "the run: fastprompt train --config RUN/config.yaml --output-dir NEW (default: none)",
     )
     parser.add_argument(
         "--data",
@@ -63,6 +74,7 @@ def add_parser(commands: Any) -> None:
         "--shots", type=positive_int, help="train on K images per class, drawn with --seed (default: all images)"
     )
     add_model_args(parser)
+    add_augment_args(parser)
     parser.add_argument("--epochs", type=positive_int, default=20, help="passes over the training images")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per micro-batch")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (cosine schedule)")
@@ -99,7 +111,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--copy-weights",
         action="store_true",
-        help="copy the --checkpoint FILE into RUN/weights/ (evaluate and explain then read the copy; by default the "
+        help="copy the --weights FILE into RUN/weights/ (evaluate and explain then read the copy; by default the "
         "run records the file's path and SHA-256 and checks it on every load)",
     )
     parser.add_argument(
@@ -190,6 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.cache is not None and method not in FPT_METHODS:
         raise UsageError(f"--cache holds FPT frozen-branch features; use it with --method fpt+ or fpt, not {method!r}")
     options = method_options(args)
+    check_method_options(method, options)
     loggers = flatten(args.logger) or ["csv"]
     if "tensorboard" in loggers:
         from fastprompt.engine.report import check_loggers
@@ -201,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_kwargs = parse_key_values(flatten(args.model_kwargs), "--model-kwargs")
     out = Path(args.output_dir)
     if args.copy_weights and args.checkpoint is None:
-        raise UsageError("--copy-weights copies the --checkpoint FILE into the run; pass --checkpoint FILE with it")
+        raise UsageError("--copy-weights copies the --weights FILE into the run; pass --weights FILE with it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file; pass a folder (new or a run folder)")
     with run_lock(out):  # one writer per run folder, from the first check to the last write
@@ -221,6 +234,7 @@ def _train(
     import torch
 
     import fastprompt
+    from fastprompt.augmentations import resolve_augmentation
     from fastprompt.cli.runs import (
         CachedForward,
         TransformedSubset,
@@ -233,6 +247,7 @@ def _train(
         save_backbone,
     )
     from fastprompt.data import make_few_shot_splits, train_val_split, transforms_for_model, write_unreadable
+    from fastprompt.data.transforms import describe_transforms
     from fastprompt.engine import Engine, TrainingInterrupted
     from fastprompt.io import sha256_file
 
@@ -299,12 +314,15 @@ def _train(
         weights["copied_from"] = str(Path(args.checkpoint).resolve())
     else:
         weights = {"source": "file", "file": str(Path(args.checkpoint).resolve()), "sha256": digest}
+
+    args.augmentation = resolve_augmentation(args.augment, hflip=args.hflip, scale=args.crop_scale)
+    train_size = model.side_input_size if args.cache is not None else args.img_size  # FPT's side branch is augmented
+    train_tf = transforms_for_model(backbone, train_size, train=True, **args.augmentation)
+    augmentation = {**args.augmentation, "pipeline": describe_transforms(train_tf)}
     if args.cache is not None:
         train_set, val_set = cached_fpt_sets(model, args, (data, train_idx), (val_source, val_idx))
         trained = CachedForward(model)
     else:
-        augment = "fpt" if method in FPT_METHODS else "ept"
-        train_tf = transforms_for_model(backbone, args.img_size, train=True, augment=augment)
         eval_tf = transforms_for_model(backbone, args.img_size, train=False)
         train_set, val_set = (
             TransformedSubset(data, train_idx, train_tf),
@@ -355,6 +373,7 @@ def _train(
         "train_size": len(train_idx),
         "val_size": len(val_idx),
         "cache": str(Path(args.cache).resolve()) if args.cache is not None else None,
+        "augmentation": augmentation,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "engine": engine_options,
@@ -371,6 +390,7 @@ def _train(
             save_backbone(frozen_state, saved_backbone)
             weights["sha256"] = sha256_file(saved_backbone)
         write_json(out / CONFIG_NAME, config)
+        write_settings(out / RESOLVED_CONFIG, getattr(args, "settings", None) or settings_of(args))
     if args.copy_weights:
         copy_weights(Path(args.checkpoint), out / WEIGHTS_DIR, digest)
     del frozen_state  # it shares the backbone's tensors
@@ -500,6 +520,13 @@ def record_resume(out: Path, changes: dict[str, list[Any]], epoch: int, argv: li
     }
     with open(out / RESUME_HISTORY, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The train settings of a namespace built without the command line (e.g. by `fastprompt demo`)."""
+    commands = argparse.ArgumentParser().add_subparsers()
+    add_parser(commands)
+    return resolved_settings(commands.choices["train"], args)
 
 
 def check_weights_file(args: argparse.Namespace, out: Path) -> str | None:

@@ -257,6 +257,7 @@ def preload(
         for row, (key, _) in enumerate(pending):
             cache.save(key, {name: features[name][row] for name in FEATURE_NAMES})
         report.computed += len(pending)
+        bar.update(len(pending))  # the bar counts images done: a queued image counts once its features are written
         pending.clear()
 
     bar = tqdm(total=_total(data), desc="preload", unit="img", disable=not progress)
@@ -265,11 +266,11 @@ def preload(
             report.keys.append(key)
             if cache.load(key, shape) is not None:
                 report.skipped += 1
+                bar.update(1)
             else:
                 pending.append((key, load_image()))
                 if len(pending) == batch_size:
                     flush()
-            bar.update(1)
             bar.set_postfix(computed=report.computed, skipped=report.skipped)
         if pending:
             flush()

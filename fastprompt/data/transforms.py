@@ -1,7 +1,9 @@
 """High-resolution train/eval transforms on torchvision.transforms.v2, normalised like the backbone's pretraining.
 
 Inputs are what :func:`fastprompt.data.load_image` returns (PIL RGB or a float ``[3, H, W]`` tensor in [0, 1]);
-outputs are float32 ``[3, H, W]`` tensors. ``AUGMENTATIONS`` holds the published training recipes.
+outputs are float32 ``[3, H, W]`` tensors. ``AUGMENTATIONS`` (from :mod:`fastprompt.augmentations`) holds the named
+training presets: ``none``, ``light``, ``standard`` (no flips; the command line's default) and the published ``ept`` and
+``fpt`` recipes.
 """
 
 from __future__ import annotations
@@ -12,15 +14,12 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from fastprompt.augmentations import AUGMENTATIONS
+
+__all__ = ["AUGMENTATIONS", "build_transforms", "describe_transforms", "transforms_for_model"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-AUGMENTATIONS: dict[str, dict] = {
-    # EPT (Zu et al.): RandomResizedCrop(scale 0.08-1, bicubic) + horizontal flip 0.5
-    "ept": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": 0.0},
-    # FPT/FPT+ side branch (Huang et al.): RandomResizedCrop(scale 0.8-1, ratio 0.7-1.3), flip, brightness/contrast 0.2
-    "fpt": {"scale": (0.8, 1.0), "ratio": (0.7, 1.3), "hflip": 0.5, "color_jitter": 0.2},
-}
 
 _INTERPOLATIONS = {
     "nearest": v2.InterpolationMode.NEAREST,
@@ -54,15 +53,17 @@ def build_transforms(
     train: bool,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    scale: Sequence[float] = (0.08, 1.0),
+    scale: Sequence[float] | None = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
     vflip: float = 0.0,
     color_jitter: float = 0.0,
+    rotation: float = 0.0,
     interpolation: str = "bicubic",
     crop_pct: float | None = None,
 ) -> v2.Compose:
-    """Train: RandomResizedCrop + flips + brightness/contrast jitter; eval: resize (+ center crop) — then normalise.
+    """Train: RandomResizedCrop (or a plain resize when ``scale`` is None) + rotation (up to ``rotation`` degrees)
+    + flips + brightness/contrast jitter; eval: resize (+ center crop) — then normalise.
 
     ``crop_pct`` (eval only) resizes to ``size / crop_pct`` and center-crops ``size``; ``None`` resizes straight
     to ``img_size`` (whole image, as medical evaluation usually wants).
@@ -75,15 +76,22 @@ def build_transforms(
         raise ValueError(f"mean and std need 3 values (RGB) with std > 0, got mean={mean!r}, std={std!r}")
     steps: list[nn.Module] = [v2.ToImage()]
     if train:
-        steps.append(
-            v2.RandomResizedCrop(
-                size,
-                scale=_check_range("scale", scale, 0.0),
-                ratio=_check_range("ratio", ratio, 0.0),
-                interpolation=mode,
-                antialias=True,
+        if scale is None:
+            steps.append(v2.Resize(size, interpolation=mode, antialias=True))
+        else:
+            steps.append(
+                v2.RandomResizedCrop(
+                    size,
+                    scale=_check_range("scale", scale, 0.0),
+                    ratio=_check_range("ratio", ratio, 0.0),
+                    interpolation=mode,
+                    antialias=True,
+                )
             )
-        )
+        if not 0.0 <= rotation <= 180.0:
+            raise ValueError(f"rotation must be a number of degrees in [0, 180], got {rotation!r}")
+        if rotation:
+            steps.append(v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR))
         if _check_probability("hflip", hflip) > 0:
             steps.append(v2.RandomHorizontalFlip(hflip))
         if _check_probability("vflip", vflip) > 0:
@@ -102,6 +110,11 @@ def build_transforms(
         steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter))
     steps += [v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
     return v2.Compose(steps)
+
+
+def describe_transforms(transform: v2.Compose) -> list[str]:
+    """The pipeline as one line per step (torchvision's own repr), for run configs and logs."""
+    return [" ".join(repr(step).split()) for step in transform.transforms]
 
 
 def transforms_for_model(
