@@ -38,6 +38,7 @@ def test_yaml_config_trains_flags_override_and_the_run_config_repeats_it(folder,
     config = tmp_path / "train.yaml"
     file_kwargs = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "mlp_ratio": 2.0}
     settings = {**tiny_settings(folder), "epochs": 5, "seed": 3, "hflip": True, "model_kwargs": file_kwargs}
+    settings.update({"logger": ["csv"], "class-weights": [1.0, 2.0]})  # a list flag with choices, a typed list
     config.write_text(yaml.safe_dump(settings))
     first = tmp_path / "first"
     flags = ["--epochs=1", "--no-hflip", "--model-kwargs", "depth=2", "embed_dim=32", "num_heads=2", "patch_size=8"]
@@ -46,6 +47,7 @@ def test_yaml_config_trains_flags_override_and_the_run_config_repeats_it(folder,
     assert settings["epochs"] == 1 and settings["seed"] == 3  # the command line wins; the file fills the rest
     assert settings["hflip"] is False  # a flag replaces the file's value entirely (no mlp_ratio from the file):
     assert settings["model-kwargs"] == {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
+    assert settings["logger"] == ["csv"] and settings["class-weights"] == [1.0, 2.0]
     run = json.loads((first / "config.json").read_text())
     assert run["engine"]["epochs"] == 1 and run["augmentation"]["hflip"] == 0.0
     assert not any("Flip" in step for step in run["augmentation"]["pipeline"])
@@ -81,6 +83,7 @@ def test_toml_config_and_defaults(folder, tmp_path):
         ("augment: strong\n", ".yaml", "key 'augment' has value 'strong'; allowed: one of none, light, standard"),
         ("pretrained: 1\n", ".yaml", "key 'pretrained' has value 1; allowed: true or false"),
         ("crop-scale: [0.9, 0.2]\n", ".yaml", "'crop-scale' has value [0.9, 0.2], which is not allowed: crop scale"),
+        ("logger: [csv, wandb]\n", ".yaml", "'logger' has value ['csv', 'wandb']; allowed: a list of one of csv,"),
         ("- lr\n", ".yaml", "must hold a mapping of flag: value, got a list"),
         ("lr: [1\n", ".yaml", "cannot be parsed"),
     ],

@@ -101,6 +101,11 @@ def _tokens(key: str, value: Any, action: argparse.Action, where: str) -> list[s
         if not isinstance(value, bool):
             raise UsageError(f"{where}: key {key!r} has value {value!r}; allowed: true or false")
         return [flag] if value != action.default else []
+    if action.nargs in ("+", "*") and action.choices is not None:  # --logger csv tensorboard
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or any(item not in action.choices for item in items):
+            raise UsageError(f"{where}: key {key!r} has value {value!r}; allowed: a list of {_allowed(action)}")
+        return [flag, *items]
     if action.nargs in ("+", "*"):  # --model-kwargs / --option KEY=VALUE ...
         if isinstance(value, dict):
             items = [f"{name}={item!r}" for name, item in value.items()]
@@ -167,7 +172,9 @@ def resolved_settings(parser: argparse.ArgumentParser, args: argparse.Namespace)
         if action.dest in _NOT_RECORDED:
             continue
         value = getattr(args, action.dest, None)
-        if action.nargs in ("+", "*"):
+        if action.nargs in ("+", "*") and action.choices is not None:
+            value = flatten(value) or None
+        elif action.nargs in ("+", "*"):
             value = parse_key_values(flatten(value), _flag(action)) or None
         elif isinstance(value, tuple):
             value = list(value)
