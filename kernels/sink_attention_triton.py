@@ -1,4 +1,7 @@
-"""Triton kernels for sink attention: a forward seeded with the sink and a two-kernel flash backward.
+"""Triton kernels for sink attention: a forward seeded with the sink and FlashAttention-2's fused backward.
+
+The backward is one kernel (5 products and 1 exp2 per tile, dq through fp32 atomic adds) by default, and the
+atomic-free two-kernel pass (dK/dV, then dQ) in deterministic mode.
 
 Imported only when Triton is used (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). All kernels take
 explicit strides, mask every tail (tokens and the head dimension padded to a power of two) and keep row statistics
@@ -35,6 +38,11 @@ SPACES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "backward": {
         2: [(64, 64, 4, 2), (64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
         4: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 1)],
+    },
+    # the fused backward (BLOCK_N keys per program are the M side of Sᵀ = K Qᵀ and dPᵀ = V dOᵀ)
+    "backward_fused": {
+        2: [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+        4: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (64, 64, 8, 1)],
     },
 }
 # Deterministic mode: the first of these that fits, for every kernel, dtype and head dim (the block sizes set the
@@ -174,8 +182,11 @@ def program_tile(N, BLOCK: tl.constexpr):
 
 @triton.jit
 def _tile_ptrs(base, idx, dims, stride_n, stride_d):
-    """`base` plus the offsets of the [len(idx), len(dims)] tile of rows `idx` and columns `dims`."""
-    return base + idx[:, None] * stride_n + dims[None, :] * stride_d
+    """`base` plus the offsets of the [len(idx), len(dims)] tile of rows `idx` and columns `dims`.
+
+    Row offsets are 64-bit: N × stride passes 2**31 at about 932k tokens of ViT-B's packed qkv (row stride 2304).
+    """
+    return base + idx.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d
 
 
 @triton.jit
@@ -350,10 +361,102 @@ def _dq_kernel(
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+@triton.jit
+def _backward_tile(
+    dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, start, dims, key_ok, dim_ok, ragged_keys,
+    stride_qm, stride_qd, stride_dm, stride_dd, stride_cm, stride_cd, N_Q, qk_scale,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, RAGGED_ROWS: tl.constexpr,
+):  # fmt: skip
+    """One Q tile of the fused backward, transposed (keys are rows): 5 products and 1 exp2.
+
+    Sᵀ = K Qᵀ, P'ᵀ = exp2(Sᵀ·qk_scale − lse'·log2e) (one FMA and one exp2 per element), dV += P'ᵀ dO, dPᵀ = V dOᵀ,
+    dSᵀ = P'ᵀ ⊙ (dPᵀ − Δ), dK += dSᵀ Q, and dQ += dS K added atomically to the fp32 buffer. Rows past N_Q (only in
+    the RAGGED_ROWS tile) load as zeros, so they add nothing anywhere; padded keys are zeroed only in the program
+    whose key tile is ragged (a padded key's logit is 0, whose exp2 can overflow against a very negative lse').
+    """
+    rows = start + tl.arange(0, BLOCK_M)
+    if RAGGED_ROWS:
+        row_ok = rows < N_Q
+        tile_ok = row_ok[:, None] & dim_ok[None, :]
+        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    else:
+        tile_ok = dim_ok[None, :]
+        lse = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+    q = _load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
+    do = _load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    p_t = tl.exp2(s_t * qk_scale - (lse * LOG2E_C)[None, :])
+    if ragged_keys:
+        p_t = tl.where(key_ok[:, None], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(ds_t, q, input_precision=PRECISION)
+    dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
+    tl.atomic_add(_tile_ptrs(dq_base, rows, dims, stride_cm, stride_cd), dq, mask=tile_ok,
+                  sem="relaxed")  # fmt: skip
+    return dk, dv
+
+
+@triton.jit
+def _backward_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_cb, stride_ch, stride_cm, stride_cd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    H, N_Q, N_K, D, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fused single-pass backward (FlashAttention-2's): one program per (batch·head, key tile), looping over Q tiles.
+
+    DQ is an fp32 accumulator (strides stride_c*) that the programs add to atomically, scaled and cast afterwards;
+    DK and DV share the strides stride_g*. Only the last Q tile is masked.
+    """
+    pid_bh, first = program_tile(N_K, BLOCK_N)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    keys = first + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < N_K
+    dim_ok = dims < D
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = _load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
+    v = _load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
+    ragged_keys = first + BLOCK_N > N_K
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_db + h * stride_dh
+    dq_base = DQ + b * stride_cb + h * stride_ch
+    stat_base = pid_bh.to(tl.int64) * N_Q
+    full = (N_Q // BLOCK_M) * BLOCK_M
+    for start in range(0, full, BLOCK_M):
+        dk, dv = _backward_tile(
+            dk, dv, k, v, q_base, do_base, dq_base, LSE + stat_base, DELTA + stat_base, start, dims, key_ok, dim_ok,
+            ragged_keys, stride_qm, stride_qd, stride_dm, stride_dd, stride_cm, stride_cd, N_Q, qk_scale,
+            BLOCK_M, PRECISION, False,
+        )  # fmt: skip
+    if full < N_Q:
+        dk, dv = _backward_tile(
+            dk, dv, k, v, q_base, do_base, dq_base, LSE + stat_base, DELTA + stat_base, full, dims, key_ok, dim_ok,
+            ragged_keys, stride_qm, stride_qd, stride_dm, stride_dd, stride_cm, stride_cd, N_Q, qk_scale,
+            BLOCK_M, PRECISION, True,
+        )  # fmt: skip
+    offsets = _tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
+    tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
 KEY = ["N_Q", "N_K", "BLOCK_D"]
 _forward = autotuned(_forward_kernel, SPACES["forward"], KEY)
 _dkdv = autotuned(_dkdv_kernel, SPACES["backward"], KEY)
 _dq = autotuned(_dq_kernel, SPACES["backward"], KEY)
+_backward_fused = autotuned(_backward_kernel, SPACES["backward_fused"], KEY)
 
 
 def tile_grid(programs_per_row: int, tokens: int, block: str):
@@ -399,15 +502,26 @@ def backward(
     delta: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv): the flash-attention backward with the sink-aware normaliser lse' and Δ (fp32 [B, H, N])."""
+    """(dq, dk, dv): the flash-attention backward with the sink-aware normaliser lse' and Δ (fp32 [B, H, N]).
+
+    By default one fused kernel (`_backward_kernel`: 5 products, 1 exp2 per tile, dq through fp32 atomics);
+    in deterministic mode (`dispatch.deterministic()`) the two-kernel path, dK/dV then dQ, which has no atomics and
+    so sums in the same order on every run.
+    """
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     lse, delta = lse.contiguous(), delta.contiguous()
-    dq, dk, dv = _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
+    dk, dv = _like_heads_last(k), _like_heads_last(v)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     sizes = (heads, n_q, n_k, dim, scale, scale * LOG2E)
     options = dict(BLOCK_D=block_d(dim), PRECISION=precision(q))
     grid = tile_grid(batch * heads, n_k, "BLOCK_N")
+    if not deterministic():
+        dq = torch.zeros(batch, n_q, heads, dim, dtype=torch.float32, device=q.device).transpose(1, 2)
+        args = (q, k, v, dout, lse, delta, dq, dk, dv, *common, *dq.stride(), *dk.stride(), *sizes)
+        launch(_backward_fused, grid, *args, **options)
+        return dq.mul_(scale).to(q.dtype), dk, dv
+    dq = _like_heads_last(q)
     launch(_dkdv, grid, q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *sizes, **options)
     grid = tile_grid(batch * heads, n_q, "BLOCK_M")
     launch(_dq, grid, q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes, **options)
