@@ -181,7 +181,7 @@ def program_tile(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tile_ptrs(base, idx, dims, stride_n, stride_d):
+def tile_ptrs(base, idx, dims, stride_n, stride_d):
     """`base` plus the offsets of the [len(idx), len(dims)] tile of rows `idx` and columns `dims`.
 
     Row offsets are 64-bit: N × stride passes 2**31 at about 932k tokens of ViT-B's packed qkv (row stride 2304).
@@ -190,9 +190,9 @@ def _tile_ptrs(base, idx, dims, stride_n, stride_d):
 
 
 @triton.jit
-def _load_tile(base, idx, dims, stride_n, stride_d, mask):
+def load_tile(base, idx, dims, stride_n, stride_d, mask):
     """The strided tile at rows `idx`, columns `dims`; zero where `mask` is false (ragged tails, padded D)."""
-    return tl.load(_tile_ptrs(base, idx, dims, stride_n, stride_d), mask=mask, other=0.0)
+    return tl.load(tile_ptrs(base, idx, dims, stride_n, stride_d), mask=mask, other=0.0)
 
 
 @triton.jit
@@ -214,7 +214,7 @@ def _forward_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
     dim_ok = dims < D
-    q = _load_tile(
+    q = load_tile(
         Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, row_ok[:, None] & dim_ok[None, :]
     )
     sink = tl.load(G + b * stride_gb + h * stride_gh + rows * stride_gm, mask=row_ok, other=0.0).to(tl.float32)
@@ -228,20 +228,20 @@ def _forward_kernel(
         keys = start + cols
         key_ok = keys < N_K
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = _load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
+        k = load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         alpha = tl.where(new_max == row_max, 1.0, tl.exp2(row_max - new_max))
         p = tl.exp2(s - new_max[:, None])
         key_mass = key_mass * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
+        v = load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = new_max
     sink_mass = tl.where(sink == row_max, 1.0, tl.exp2(sink - row_max))
     total = key_mass + sink_mass
     out = acc / total[:, None]
-    o_ptrs = _tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od)
+    o_ptrs = tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     stat = pid_bh.to(tl.int64) * N_Q + rows
     tl.store(LSE + stat, (row_max + tl.log2(total)) * LN2_C, mask=row_ok)
@@ -263,8 +263,8 @@ def _delta_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
     mask = row_ok[:, None] & (dims < D)[None, :]
-    o = _load_tile(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od, mask)
-    do = _load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, mask)
+    o = load_tile(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od, mask)
+    do = load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + rows, delta, mask=row_ok)
 
@@ -298,8 +298,8 @@ def _dkdv_kernel(
     key_ok = keys < N_K
     dim_ok = dims < D
     kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = _load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
-    v = _load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
+    k = load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
+    v = load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -309,14 +309,14 @@ def _dkdv_kernel(
         rows = start + rows0
         row_ok = rows < N_Q
         tile_ok = row_ok[:, None] & dim_ok[None, :]
-        q = _load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
-        do = _load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
+        q = load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
+        do = load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
         lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0) * LOG2E_C
         delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
         p, ds = _tile_grads(q, k, v, do, lse, delta, row_ok[:, None] & key_ok[None, :], qk_scale, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    offsets = _tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
+    offsets = tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
     tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -341,8 +341,8 @@ def _dq_kernel(
     row_ok = rows < N_Q
     dim_ok = dims < D
     q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, q_mask)
-    do = _load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, q_mask)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, q_mask)
+    do = load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, q_mask)
     stat = pid_bh.to(tl.int64) * N_Q + rows
     lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * LOG2E_C
     delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
@@ -353,11 +353,11 @@ def _dq_kernel(
         keys = start + cols
         key_ok = keys < N_K
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = _load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
-        v = _load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
+        k = load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
+        v = load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
         _, ds = _tile_grads(q, k, v, do, lse, delta, key_ok[None, :], qk_scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq_ptrs = _tile_ptrs(DQ + b * stride_gb + h * stride_gh, rows, dims, stride_gm, stride_gd)
+    dq_ptrs = tile_ptrs(DQ + b * stride_gb + h * stride_gh, rows, dims, stride_gm, stride_gd)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -384,8 +384,8 @@ def _backward_tile(
         tile_ok = dim_ok[None, :]
         lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
-    q = _load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
-    do = _load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
+    q = load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
+    do = load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
     p_t = tl.exp2(s_t * qk_scale - (lse * LOG2E_C)[None, :])
     if ragged_keys:
@@ -395,8 +395,7 @@ def _backward_tile(
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk += tl.dot(ds_t, q, input_precision=PRECISION)
     dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
-    tl.atomic_add(_tile_ptrs(dq_base, rows, dims, stride_cm, stride_cd), dq, mask=tile_ok,
-                  sem="relaxed")  # fmt: skip
+    tl.atomic_add(tile_ptrs(dq_base, rows, dims, stride_cm, stride_cd), dq, mask=tile_ok, sem="relaxed")
     return dk, dv
 
 
@@ -425,8 +424,8 @@ def _backward_kernel(
     key_ok = keys < N_K
     dim_ok = dims < D
     kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = _load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
-    v = _load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
+    k = load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
+    v = load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
     ragged_keys = first + BLOCK_N > N_K
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -447,7 +446,7 @@ def _backward_kernel(
             ragged_keys, stride_qm, stride_qd, stride_dm, stride_dd, stride_cm, stride_cd, N_Q, qk_scale,
             BLOCK_M, PRECISION, True,
         )  # fmt: skip
-    offsets = _tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
+    offsets = tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
     tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
