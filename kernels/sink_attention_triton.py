@@ -39,9 +39,11 @@ SPACES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         2: [(64, 64, 4, 2), (64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
         4: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 1)],
     },
-    # the fused backward (BLOCK_N keys per program are the M side of Sᵀ = K Qᵀ and dPᵀ = V dOᵀ)
+    # The fused backward: BLOCK_N keys per program are the M side of Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, dV and dK, BLOCK_M
+    # query rows that of dQ, so 16-bit tiles keep both at 64 or more (wgmma). Configs that spill registers (128-row
+    # tiles at head dim 128) are pruned at launch; 64×64 with 8 warps is spill-free at both head dims.
     "backward_fused": {
-        2: [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+        2: [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)],
         4: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (64, 64, 8, 1)],
     },
 }
@@ -70,19 +72,29 @@ def _device_shared_memory(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
+def _spills(compiled) -> int:
+    """Register spills of a compiled kernel: Triton's `n_spills` (local memory per thread, stack frame included, in
+    4-byte words, as the driver reports it); 0 where it cannot say."""
+    with contextlib.suppress(AttributeError):
+        compiled._init_handles()  # loads the cubin (a GPU) and reads its attributes, n_spills among them
+    return int(getattr(compiled, "n_spills", 0) or 0)
+
+
 def _fitting(kernel, configs, args: tuple, kwargs: dict) -> list[tuple[triton.Config, int]]:
-    """(config, shared bytes) of the `configs` whose compiled `kernel` fits the device of args[0].
+    """(config, spill bytes) of the `configs` whose compiled `kernel` fits the device of args[0], spill-free first.
 
     Compiles each config for these very arguments (Triton's `warmup`: the launch's specialisation, cached, nothing
-    runs), so the figure is the compiler's own, not an estimate. The autotuner compiles these configs anyway.
+    runs), so the figures are the compiler's own, not estimates. The autotuner compiles these configs anyway. If
+    every fitting config spills registers (fp32 at large head dims), only the least-spilling ones are returned.
     """
     limit = shared_memory_limit(args[0].device)
     fit = []
     for config in configs:
         compiled = kernel.warmup(*args, **kwargs, **config.all_kwargs())
         if compiled.metadata.shared <= limit:
-            fit.append((config, compiled.metadata.shared))
-    return fit
+            fit.append((config, _spills(compiled)))
+    least = min((spills for _, spills in fit), default=0)
+    return [(config, spills) for config, spills in fit if spills == least]
 
 
 def _no_config_fits(kernel, args: tuple, kwargs: dict) -> RuntimeError:
@@ -98,7 +110,8 @@ def autotuned(kernel, space: dict[int, list[tuple[int, int, int, int]]], key: li
     """`kernel` autotuned over `space` (configs by element size of the first argument), pruned to what fits.
 
     Under the interpreter, one small config (it cannot benchmark). On a GPU, the launch keeps the configs listed for
-    q's element size whose compiled shared memory fits the device, and raises a clear error if none does.
+    q's element size whose compiled shared memory fits the device and that spill no registers (or, where all spill,
+    those that spill least), and raises a clear error if none fits.
     """
     if interpreting():
         return triton.autotune(configs=[_INTERPRETER_CONFIG], key=key)(kernel)
@@ -123,7 +136,8 @@ _DETERMINISTIC_CHOICE: dict[tuple, triton.Config] = {}
 
 
 def deterministic_config(kernel, grid, *args, **kwargs) -> triton.Config:
-    """The first config of DETERMINISTIC_ORDER whose compiled `kernel` fits the device, for these arguments.
+    """The first config of DETERMINISTIC_ORDER whose compiled `kernel` fits the device and spills no registers, for
+    these arguments (where every fitting config spills: the first of those that spill least).
 
     Chosen once per (kernel, dtype, padded head dim, device) and kept for the process, so every launch of a case
     sums in the same order.
@@ -131,12 +145,10 @@ def deterministic_config(kernel, grid, *args, **kwargs) -> triton.Config:
     q = args[0]
     case = (kernel, q.dtype, kwargs.get("BLOCK_D"), q.device)
     if case not in _DETERMINISTIC_CHOICE:
-        for shape in DETERMINISTIC_ORDER:
-            if _fitting(kernel, [_config(shape)], args, {"grid": grid, **kwargs}):
-                _DETERMINISTIC_CHOICE[case] = _config(shape)
-                break
-        else:
+        fit = _fitting(kernel, [_config(shape) for shape in DETERMINISTIC_ORDER], args, {"grid": grid, **kwargs})
+        if not fit:
             raise _no_config_fits(kernel, args, kwargs)
+        _DETERMINISTIC_CHOICE[case] = fit[0][0]
     return _DETERMINISTIC_CHOICE[case]
 
 
