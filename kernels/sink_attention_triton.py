@@ -30,7 +30,9 @@ LN2_C: tl.constexpr = tl.constexpr(math.log(2.0))
 # 64 rows wherever they are the M side of a tl.dot, so that every product is a Hopper wgmma (an M of 32 falls back to
 # mma.sync). fp32 tiles hold twice the bytes, so fp32 gets smaller tiles and fewer stages: at head dim 128 the
 # 16-bit configs would need up to 524 KB of shared memory in fp32. What does not fit the device is pruned at launch.
-SPACES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+Shapes = list[tuple[int, int, int, int]]
+Space = dict[int, Shapes | dict[int, Shapes]]  # by element size; optionally by padded head dim below that
+SPACES: dict[str, Space] = {
     "forward": {
         2: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4)],
         4: [(64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 1), (32, 32, 4, 1)],
@@ -42,9 +44,16 @@ SPACES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     # The fused backward: BLOCK_N keys per program are the M side of Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, dV and dK, BLOCK_M
     # query rows that of dQ, so 16-bit tiles keep both at 64 or more (wgmma). Configs that spill registers (128-row
     # tiles at head dim 128) are pruned at launch; 64×64 with 8 warps is spill-free at both head dims.
+    # Listed by padded head dim (the smallest key at least BLOCK_D). Compiled for sm_90 (tests/sm90_kernels.py):
+    # at 64, 128-key tiles spill; at 128 the dK and dV accumulators fill the registers and only 64×64 with one stage
+    # and 32×64 with 8 warps (an M of 32: mma.sync for dQ) are spill-free. fp32 (3×TF32) spills in every tile that
+    # fits (72 B per thread at best at head dim 64, about 1 KB at 128): the pruning takes the least-spilling one.
     "backward_fused": {
-        2: [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)],
-        4: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (64, 64, 8, 1)],
+        2: {
+            64: [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
+            128: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 64, 4, 2), (32, 64, 8, 2), (32, 64, 4, 1)],
+        },
+        4: [(32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1), (32, 64, 4, 2)],
     },
 }
 # Deterministic mode: the first of these that fits, for every kernel, dtype and head dim (the block sizes set the
@@ -106,20 +115,31 @@ def _no_config_fits(kernel, args: tuple, kwargs: dict) -> RuntimeError:
     )
 
 
-def autotuned(kernel, space: dict[int, list[tuple[int, int, int, int]]], key: list[str]):
+def space_shapes(space: Space, element_size: int, head_dim: int | None = None) -> Shapes:
+    """The (BLOCK_M, BLOCK_N, warps, stages) `space` lists for this element size and padded head dim (every head
+    dim's, when `head_dim` is None)."""
+    shapes = space[element_size]
+    if not isinstance(shapes, dict):
+        return shapes
+    if head_dim is None:
+        return [shape for listed in shapes.values() for shape in listed]
+    return next(listed for limit, listed in sorted(shapes.items()) if head_dim <= limit)
+
+
+def autotuned(kernel, space: Space, key: list[str]):
     """`kernel` autotuned over `space` (configs by element size of the first argument), pruned to what fits.
 
     Under the interpreter, one small config (it cannot benchmark). On a GPU, the launch keeps the configs listed for
-    q's element size whose compiled shared memory fits the device and that spill no registers (or, where all spill,
-    those that spill least), and raises a clear error if none fits.
+    q's element size (and padded head dim, where the space says) whose compiled shared memory fits the device and
+    that spill no registers (or, where all spill, those that spill least), and raises a clear error if none fits.
     """
     if interpreting():
         return triton.autotune(configs=[_INTERPRETER_CONFIG], key=key)(kernel)
-    shapes = list(dict.fromkeys(shape for shapes in space.values() for shape in shapes))
+    shapes = list(dict.fromkeys(shape for size in space for shape in space_shapes(space, size)))
 
     def prune(configs, named_args, **kwargs):
         args = tuple(named_args.values())
-        wanted = set(space[args[0].element_size()])
+        wanted = set(space_shapes(space, args[0].element_size(), kwargs.get("BLOCK_D")))
         launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         candidates = [config for config in configs if _shape(config) in wanted]
         fit = [config for config, _ in _fitting(kernel, candidates, args, {"grid": kwargs["grid"], **launch})]
