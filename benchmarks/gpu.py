@@ -2,6 +2,7 @@
 
 python -m benchmarks.gpu --out DIR             # on an H100/H200 with its preinstalled torch, triton, timm: ≤ 8 min
 python -m benchmarks.gpu --out DIR --commit SHA  # a copied tree without .git: record the clean commit it is
+FASTPROMPT_COMMIT=SHA python -m benchmarks.gpu --out DIR  # the same through the environment
 python -m benchmarks.gpu --out DIR --dry-run   # what it would run (touches no GPU)
 
 Run from the repository root with `PYTHONPATH=.`: no install is needed (this module maps the checkout's `kernels/`
@@ -9,6 +10,11 @@ to `fastprompt.kernels`, as the package's `package-dir` does). Each part runs in
 box, so a failure, hang or slowness in one still leaves every other part's result file; the last file written,
 gpu_check.json, holds each part's status and the comparison with the goals of issue 3 (and issue 4's frozen
 forward), which is also printed at the end. Copy the files under benchmarks/results/cuda/ for `benchmarks.report`.
+
+Every result file is rewritten as each of its rows completes (kernels.json after every timed row, the determinism
+and frozen-forward files after each check, gpu_tests.json after each test), so a part stopped at its time box
+keeps the rows it finished. Without .git the commit comes from --commit or $FASTPROMPT_COMMIT (neither is needed
+in a git checkout); the children write it into every file from their first row.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -193,6 +200,17 @@ def frozen_forward_part(profile: dict[str, Any], out: Path) -> None:
         "materialised reference": lambda: materialised_features(model, images),
     }
     rows, selected = [], {}
+    notes = [
+        "time: median of one frozen-branch forward (layers up to the last extracted one) under no_grad and autocast",
+        "selected_index_agreement: share of equal sorted top-k indices (low-precision near-ties may swap tokens)",
+    ]
+    config = {**cfg, "precision": profile["precision"], "method": "fpt+"}
+
+    record = results.run_record("frozen_forward", device, config, rows, notes)  # holds `rows` itself
+
+    def save() -> None:  # after every row: a part stopped at its box keeps what it measured
+        results.write_record(record, out / "frozen_forward.json")
+
     for impl, fn in impls.items():
         with torch.no_grad(), models.autocast(device, profile["precision"]):
             row = {"impl": impl, "model": cfg["model"], "resolution": cfg["resolution"], "batch_size": cfg["batch"]}
@@ -206,16 +224,12 @@ def frozen_forward_part(profile: dict[str, Any], out: Path) -> None:
                 selected[impl] = fn()["indices"]
             row["time_seconds"] = harness.time_fn(fn, device, warmup=cfg["warmup"], repeats=cfg["repeats"]).as_dict()
         rows.append(row)
+        save()
     fused, reference = selected.values()
     agree = float((fused.sort(dim=-1).values == reference.sort(dim=-1).values).float().mean())
     speedup = rows[1]["time_seconds"]["median"] / rows[0]["time_seconds"]["median"]
     rows.append({"impl": "summary", "speedup": speedup, "selected_index_agreement": agree})
-    notes = [
-        "time: median of one frozen-branch forward (layers up to the last extracted one) under no_grad and autocast",
-        "selected_index_agreement: share of equal sorted top-k indices (low-precision near-ties may swap tokens)",
-    ]
-    config = {**cfg, "precision": profile["precision"], "method": "fpt+"}
-    results.write_record(results.run_record("frozen_forward", device, config, rows, notes), out / "frozen_forward.json")
+    save()
     print(
         f"frozen forward: fused {rows[0]['time_seconds']['median'] * 1e3:.1f} ms, reference "
         f"{rows[1]['time_seconds']['median'] * 1e3:.1f} ms, speed-up {speedup:.2f}×, index agreement {agree:.4f}"
@@ -257,6 +271,13 @@ def determinism_part(profile: dict[str, Any], out: Path) -> None:
     cfg = profile["determinism"]
     device = harness.device_or_exit(profile["device"])
     rows = []
+    config = {
+        **cfg,
+        "precision": profile["precision"],
+        "FASTPROMPT_DETERMINISTIC": os.environ.get("FASTPROMPT_DETERMINISTIC"),
+    }
+    notes = ["two runs in one process after fastprompt.engine.core.enable_determinism(); torch.equal on every tensor"]
+    record = results.run_record("determinism", device, config, rows, notes)  # holds `rows` itself
     for check, run in (
         ("kernels", lambda: _kernel_run(cfg, device)),
         ("ept_training", lambda: _training_run(cfg, profile, device)),
@@ -266,13 +287,7 @@ def determinism_part(profile: dict[str, Any], out: Path) -> None:
         diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(first, second))
         rows.append({"check": check, "bit_identical": same, "max_abs_difference": diff, "tensors": len(first)})
         print(f"determinism {check}: bit-identical {same} (max |difference| {diff:g} over {len(first)} tensors)")
-    config = {
-        **cfg,
-        "precision": profile["precision"],
-        "FASTPROMPT_DETERMINISTIC": os.environ.get("FASTPROMPT_DETERMINISTIC"),
-    }
-    notes = ["two runs in one process after fastprompt.engine.core.enable_determinism(); torch.equal on every tensor"]
-    results.write_record(results.run_record("determinism", device, config, rows, notes), out / "determinism.json")
+        results.write_record(record, out / "determinism.json")  # after each check
 
 
 _OUTCOME = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
@@ -307,29 +322,50 @@ def gpu_test_files(paths: list[str]) -> list[str]:
 
 
 def gpu_tests_part(profile: dict[str, Any], out: Path, box_seconds: float = 180.0) -> None:
-    """`pytest -m gpu` over the test suite, in a child process stopped at its time box; every finished test's
-    outcome is recorded even when the box runs out."""
+    """`pytest -m gpu` over the test suite, in a child process stopped at its time box. gpu_tests.json is rewritten
+    after every test that finishes, so the outcomes so far survive even if this process is killed too."""
     cfg = profile["gpu_tests"]
     command = [sys.executable, "-c", "import benchmarks.gpu, pytest, sys; sys.exit(pytest.main(sys.argv[1:]))"]
     command += ["-m", "gpu", "-v", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
     command += gpu_test_files(cfg["paths"])
     start = time.perf_counter()
+    lines: list[str] = []
+    record = results.run_record("gpu_tests", profile["device"], {**cfg, "box_seconds": box_seconds}, [])
+
+    def save(code: int | None, timed_out: bool) -> dict[str, int]:
+        rows = parse_pytest_lines("\n".join(lines))
+        counts = {o: sum(row["outcome"] == o for row in rows) for o in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
+        record["rows"] = rows
+        record["notes"] = [line for line in lines if line.startswith(("FAILED", "ERROR"))][:50]
+        record["summary"] = {
+            "returncode": code,
+            "timed_out": timed_out,
+            "seconds": time.perf_counter() - start,
+            **counts,
+        }
+        results.write_record(record, out / "gpu_tests.json")
+        return counts
+
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped = threading.Event()
+
+    def stop() -> None:  # the time box: kill the child, which closes its output and ends the loop below
+        stopped.set()
+        child.kill()
+
+    timer = threading.Timer(box_seconds, stop)
+    timer.start()
     try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=box_seconds)
-        text, code, timed_out = done.stdout + done.stderr, done.returncode, False
-    except subprocess.TimeoutExpired as expired:
-        text = _text(expired.stdout) + _text(expired.stderr)
-        code, timed_out = None, True
-    rows = parse_pytest_lines(text)
-    failures = [line for line in text.splitlines() if line.startswith(("FAILED", "ERROR"))][:50]
-    counts = {
-        outcome: sum(row["outcome"] == outcome for row in rows) for outcome in ("PASSED", "FAILED", "SKIPPED", "ERROR")
-    }
-    summary = {"returncode": code, "timed_out": timed_out, "seconds": time.perf_counter() - start, **counts}
-    record = results.run_record("gpu_tests", profile["device"], {**cfg, "box_seconds": box_seconds}, rows, failures)
-    record["summary"] = summary
-    results.write_record(record, out / "gpu_tests.json")
-    print(text[-6000:])
+        for line in child.stdout:
+            lines.append(line.rstrip("\n"))
+            if _OUTCOME.match(line.strip()):
+                save(None, False)
+    finally:
+        timer.cancel()
+    code = child.wait()
+    timed_out = stopped.is_set()
+    counts = save(None if timed_out else code, timed_out)
+    print("\n".join(lines)[-6000:])
     print(f"gpu tests: {counts} returncode {code}{' (stopped at its time box)' if timed_out else ''}")
 
 
@@ -546,6 +582,20 @@ def stamp_commit(out: Path, commit: str) -> list[Path]:
     return stamped
 
 
+def resolve_commit(given: str | None) -> str | None:
+    """The commit to record where git cannot tell: --commit, else $FASTPROMPT_COMMIT (checked like --commit), else
+    None (a git checkout needs neither: each record reads its own)."""
+    if given:
+        return given
+    told = os.environ.get(results.COMMIT_ENV)
+    if not told:
+        return None
+    try:
+        return _commit(told)
+    except argparse.ArgumentTypeError as error:
+        raise SystemExit(f"${results.COMMIT_ENV}: {error}") from None
+
+
 def _commit(text: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{40}", text):
         raise argparse.ArgumentTypeError(f"--commit takes the full 40-digit hex SHA (git rev-parse HEAD), got {text!r}")
@@ -617,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
         dry_run(args)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    commit = resolve_commit(args.commit)
+    if commit:  # a copied tree: the children's results.git_commit() falls back to it when git has no answer
+        os.environ[results.COMMIT_ENV] = commit
     start = time.perf_counter()
     statuses = []
     for part, box in plan(args):
@@ -631,8 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     record = results.run_record("gpu_check", device, {"profile": args.profile, "parts": args.parts}, statuses + goals)
     record["goals"] = GOALS
     results.write_record(record, args.out / "gpu_check.json")
-    if args.commit:
-        stamp_commit(args.out, args.commit)
+    if commit:
+        stamp_commit(args.out, commit)
     print_goals(goals, statuses, args.profile)
     print(
         f"\nwrote {args.out}/*.json in {time.perf_counter() - start:.0f} s; "

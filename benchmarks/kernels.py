@@ -1,16 +1,22 @@
-"""Attention kernels against SDPA, xformers and the materialised references: time, TFLOP/s and peak memory.
+"""Attention kernels against SDPA, flash-attn, xformers and the materialised references: time, TFLOP/s, peak memory.
 
 python -m benchmarks.kernels                    # CPU: tiny sizes, fp32 — a functional check, not a speed claim
 python -m benchmarks.kernels --device cuda      # N in {197, 577, 1025, 2305, 4097}, D in {64, 128}, bf16
+
+sink_attention runs twice: with its default fused backward and in deterministic mode (FASTPROMPT_DETERMINISTIC=1:
+the two-kernel backward and fixed block configs). Each timed row carries its ratio to SDPA flash at the same shape and
+pass, and the result file is rewritten after every row, so a run stopped at a time limit keeps the rows it finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -55,17 +61,63 @@ def load_xformers() -> tuple[Callable | None, str | None]:
     return memory_efficient_attention, None
 
 
+def load_flash_attn() -> tuple[Callable | None, str | None]:
+    """(flash_attn.flash_attn_func, None), or (None, why) when flash-attn is missing."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as error:
+        return None, f"flash-attn not installed ({error})"
+    return flash_attn_func, None
+
+
+@contextlib.contextmanager
+def deterministic_mode() -> Iterator[None]:
+    """FASTPROMPT_DETERMINISTIC=1 for the duration (the kernels read it at each launch), then the previous value."""
+    before = os.environ.get("FASTPROMPT_DETERMINISTIC")
+    os.environ["FASTPROMPT_DETERMINISTIC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FASTPROMPT_DETERMINISTIC"]
+        else:
+            os.environ["FASTPROMPT_DETERMINISTIC"] = before
+
+
+def sink_attention_impl(fp_kernels, deterministic: bool) -> Callable[[Inputs], torch.Tensor]:
+    """sink_attention with the EPT sink; `deterministic`: forward (here) and backward (`forward_backward` reads the
+    function's `deterministic` mark) in deterministic mode."""
+
+    def run(x: Inputs) -> torch.Tensor:
+        with deterministic_mode() if deterministic else contextlib.nullcontext():
+            return fp_kernels.sink_attention(x["q"], x["k"], x["v"], ept_sink(x["prompt"]))
+
+    run.deterministic = deterministic
+    return run
+
+
 def attention_impls(device: torch.device) -> dict[str, Callable[[Inputs], torch.Tensor] | str]:
-    """Attention implementations by name (a string where one is unavailable: the reason)."""
+    """Attention implementations by name (a string where one is unavailable: the reason), SDPA flash first: every
+    other row's ratio refers to it."""
     fp_kernels, why = load_fastprompt_kernels()
     reference = importlib.import_module("fastprompt.kernels.reference") if fp_kernels else None
     impls: dict[str, Callable[[Inputs], torch.Tensor] | str] = {}
-    if fp_kernels is not None and hasattr(fp_kernels, "sink_attention"):
-        impls["sink_attention"] = lambda x: fp_kernels.sink_attention(x["q"], x["k"], x["v"], ept_sink(x["prompt"]))
-    else:
-        impls["sink_attention"] = why or "fastprompt.kernels has no sink_attention yet"
     for name, backend in SDPA_BACKENDS.items():
         impls[name] = sdpa_with(backend)
+    if fp_kernels is not None and hasattr(fp_kernels, "sink_attention"):
+        impls["sink_attention"] = sink_attention_impl(fp_kernels, deterministic=False)
+        impls["sink_attention_deterministic"] = sink_attention_impl(fp_kernels, deterministic=True)
+    else:
+        impls["sink_attention"] = impls["sink_attention_deterministic"] = why or "no sink_attention yet"
+    flash_attn, why_f = load_flash_attn()
+    if flash_attn is None:
+        impls["flash_attn"] = why_f
+    elif device.type != "cuda":
+        impls["flash_attn"] = "flash-attn has no CPU kernels"
+    else:
+        impls["flash_attn"] = lambda x: flash_attn(
+            x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2)
+        ).transpose(1, 2)
     xformers_attention, why_x = load_xformers()
     if xformers_attention is None:
         impls["xformers"] = why_x
@@ -132,13 +184,16 @@ def ept_sink(prompt: torch.Tensor) -> torch.Tensor:
 
 
 def forward_backward(fn: Callable[[Inputs], torch.Tensor], inputs: Inputs) -> Callable[[], object]:
-    """A closure running `fn` forward and backward (gradients for every leaf that requires them)."""
+    """A closure running `fn` forward and backward (gradients for every leaf that requires them); an `fn` marked
+    `deterministic` runs its backward in deterministic mode too."""
     leaves = [t for t in inputs.values() if t.requires_grad]
     grad_out = torch.randn_like(inputs["q"])
+    mode = deterministic_mode if getattr(fn, "deterministic", False) else contextlib.nullcontext
 
     def run() -> object:
         out = fn(inputs)
-        return torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+        with mode():
+            return torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
 
     return run
 
@@ -239,20 +294,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_flash_ratio(row: dict, rows: list[dict]) -> None:
+    """row["vs_sdpa_flash"]: its median time over SDPA flash's at the same op, shape and pass (when both are timed)."""
+    if "time_seconds" not in row:
+        return
+    for other in [*rows, row]:
+        same = all(other.get(key) == row.get(key) for key in ("op", "n", "d", "batch", "heads", "dtype", "pass"))
+        if same and other["impl"] == "sdpa_flash" and "time_seconds" in other:
+            row["vs_sdpa_flash"] = row["time_seconds"]["median"] / other["time_seconds"]["median"]
+
+
+def output_path(args: argparse.Namespace, record: dict, stem: str) -> Path:
+    """args.output when it names a .json file, else <args.output or ./benchmark-results>/<device>/<stem>.json."""
+    if args.output is not None and Path(args.output).suffix.lower() == ".json":
+        return Path(args.output)
+    return results.default_path(record, stem, args.output)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    """Run the kernel suite, print its rows and write the result JSON; return the JSON path."""
+    """Run the kernel suite, print its rows and write the result JSON after every row; return the JSON path."""
     args = parse_args(argv)
     device = harness.device_or_exit(args.device)
-    rows = []
-    print(f"{'op':<10} {'impl':<34} {'N':>5} {'D':>4} {'pass':<8} {'ms':>9} {'TFLOP/s':>9}", flush=True)
+    rows: list[dict] = []
+    notes = suite_notes(args, device)
+    config = {key: value for key, value in vars(args).items() if key != "output"}
+    stem = f"kernels_{args.dtype}_n{'-'.join(map(str, args.ns))}_d{'-'.join(map(str, args.head_dims))}"
+    record = results.run_record("kernels", device, config, rows, notes)  # provenance read once, rows added below
+    path = output_path(args, record, stem)
+    print(f"{'op':<10} {'impl':<34} {'N':>5} {'D':>4} {'pass':<8} {'ms':>9} {'TFLOP/s':>9} {'/flash':>7}", flush=True)
     for op, impl, fn, kind, n, d in tqdm(cases(args, device), desc="kernels", file=sys.stderr):
         row = run_case(op, impl, fn, kind, n, d, args, device)
+        add_flash_ratio(row, rows)
         rows.append(row)
+        results.write_record(record, path)  # row by row: `record` holds the `rows` list itself
         if "skipped" in row:
             tqdm.write(f"{op:<10} {impl:<34} {n:>5} {d:>4} {kind:<8} skipped: {row['skipped']}")
         else:
             ms = 1e3 * row["time_seconds"]["median"]
-            tqdm.write(f"{op:<10} {impl:<34} {n:>5} {d:>4} {kind:<8} {ms:>9.3f} {row['tflops']:>9.5f}")
+            ratio = f"{row['vs_sdpa_flash']:>7.3f}" if "vs_sdpa_flash" in row else ""
+            tqdm.write(f"{op:<10} {impl:<34} {n:>5} {d:>4} {kind:<8} {ms:>9.3f} {row['tflops']:>9.5f} {ratio}")
+    print(f"wrote {path}")
+    return path
+
+
+def suite_notes(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The notes every kernels record carries: how it timed and counted."""
     notes = [
         f"timing: {args.warmup} warm-up calls, {args.repeats} timed calls, median and IQR; "
         + ("CUDA events" if device.type == "cuda" else "time.perf_counter"),
@@ -261,10 +347,14 @@ def main(argv: list[str] | None = None) -> Path:
         f"importance: global mean attention received, then top int(N·{SELECT_RATIO}) tokens per head; forward only",
         f"ept_reference: official-style materialised attention with a [N, {PROMPT_LENGTH}] prompt",
     ]
+    notes += [
+        "vs_sdpa_flash: median time / SDPA flash's median at the same shape and pass",
+        "sink_attention: default fused backward (fp32 atomic dQ); sink_attention_deterministic: "
+        "FASTPROMPT_DETERMINISTIC=1 (two-kernel backward, fixed block configs)",
+    ]
     if device.type != "cuda":
         notes.append("CPU run: tiny sizes in fp32 — checks the harness and the code paths, not a speed claim")
-    stem = f"kernels_{args.dtype}_n{'-'.join(map(str, args.ns))}_d{'-'.join(map(str, args.head_dims))}"
-    return results.save_suite_run("kernels", device, args, rows, notes, stem)
+    return notes
 
 
 if __name__ == "__main__":

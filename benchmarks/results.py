@@ -37,6 +37,7 @@ REQUIRED_KEYS = (
     "rows",
 )
 VERSIONED_PACKAGES = ("torch", "timm", "triton", "numpy", "xformers", "deepspeed")
+COMMIT_ENV = "FASTPROMPT_COMMIT"  # the clean commit a tree without .git is (benchmarks.gpu --commit sets it)
 
 
 def device_name(device: torch.device | str) -> str:
@@ -67,7 +68,8 @@ def library_versions() -> dict[str, str | None]:
 
 def git_commit() -> dict[str, Any]:
     """The repository's HEAD commit and whether the work tree had uncommitted changes (outside benchmarks/results/,
-    which holds outputs: writing one result must not mark the next run of the same checkout dirty).
+    which holds outputs: writing one result must not mark the next run of the same checkout dirty). Without git
+    (a copied tree), the commit named by $FASTPROMPT_COMMIT, taken as clean.
 
     Also dirty when a loaded fastprompt/benchmarks module comes from outside this tree (e.g. a run from a git
     worktree whose `fastprompt.kernels` the editable install of another checkout supplies): the commit would not
@@ -83,8 +85,9 @@ def git_commit() -> dict[str, Any]:
         outputs = f":(exclude){RESULTS_DIR.relative_to(REPO_ROOT).as_posix()}"
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", outputs)
         commit, dirty = git("rev-parse", "HEAD"), bool(changed)
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+    except (OSError, subprocess.SubprocessError):  # no git, or a copied tree without .git: the commit it was told
+        told = os.environ.get(COMMIT_ENV) or None
+        return {"commit": told, "dirty": False if told else None}
     foreign = modules_outside(REPO_ROOT)
     if foreign:
         warnings.warn(

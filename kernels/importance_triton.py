@@ -2,7 +2,8 @@
 
 Pass 1 (_row_lse_kernel) gives each program BLOCK_M query rows and runs the online log-sum-exp over all keys.
 Pass 2 (_column_mass_kernel) gives each program BLOCK_N keys and sums exp(s − lse) over all query rows, so every
-output element has one owner: no atomics, deterministic. Pointer arithmetic and masks only; logits in log2 units.
+output element has one owner: no atomics, deterministic. Pointer arithmetic and masks only (tiles through
+sink_attention_triton's `load_tile`, whose row offsets are 64-bit); logits in log2 units.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastprompt.kernels.sink_attention_triton import (
     autotuned,
     block_d,
     launch,
+    load_tile,
     precision,
     program_tile,
     tile_grid,
@@ -72,16 +74,15 @@ def _row_lse_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < ROWS
     mask_d = offs_d < D
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    q = load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, mask_m[:, None] & mask_d[None, :])
     k_base = K + off_b * stride_kb + off_h * stride_kh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N
-        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        k = load_tile(k_base, cols, offs_d, stride_kn, stride_kd, mask_n[:, None] & mask_d[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -110,16 +111,15 @@ def _column_mass_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < D
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, mask_n[:, None] & mask_d[None, :])
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     lse_base = LSE + off_b * stride_lb + off_h * stride_lh
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start_m in range(0, ROWS, BLOCK_M):
         rows = start_m + offs_m
         mask_m = rows < ROWS
-        q_ptrs = q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        q = load_tile(q_base, rows, offs_d, stride_qn, stride_qd, mask_m[:, None] & mask_d[None, :])
         lse = tl.load(lse_base + rows * stride_ln, mask=mask_m, other=0.0).to(tl.float32) * 1.4426950408889634
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])

@@ -1,4 +1,7 @@
-"""Triton kernels for sink attention: a forward seeded with the sink and a two-kernel flash backward.
+"""Triton kernels for sink attention: a forward seeded with the sink and FlashAttention-2's fused backward.
+
+The backward is one kernel (5 products and 1 exp2 per tile, dq through fp32 atomic adds) by default, and the
+atomic-free two-kernel pass (dK/dV, then dQ) in deterministic mode.
 
 Imported only when Triton is used (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). All kernels take
 explicit strides, mask every tail (tokens and the head dimension padded to a power of two) and keep row statistics
@@ -27,7 +30,9 @@ LN2_C: tl.constexpr = tl.constexpr(math.log(2.0))
 # 64 rows wherever they are the M side of a tl.dot, so that every product is a Hopper wgmma (an M of 32 falls back to
 # mma.sync). fp32 tiles hold twice the bytes, so fp32 gets smaller tiles and fewer stages: at head dim 128 the
 # 16-bit configs would need up to 524 KB of shared memory in fp32. What does not fit the device is pruned at launch.
-SPACES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+Shapes = list[tuple[int, int, int, int]]
+Space = dict[int, Shapes | dict[int, Shapes]]  # by element size; optionally by padded head dim below that
+SPACES: dict[str, Space] = {
     "forward": {
         2: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4)],
         4: [(64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 1), (32, 32, 4, 1)],
@@ -35,6 +40,20 @@ SPACES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "backward": {
         2: [(64, 64, 4, 2), (64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
         4: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 1)],
+    },
+    # The fused backward: BLOCK_N keys per program are the M side of Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, dV and dK, BLOCK_M
+    # query rows that of dQ, so 16-bit tiles keep both at 64 or more (wgmma). Configs that spill registers (128-row
+    # tiles at head dim 128) are pruned at launch; 64×64 with 8 warps is spill-free at both head dims.
+    # Listed by padded head dim (the smallest key at least BLOCK_D). Compiled for sm_90 (tests/sm90_kernels.py):
+    # at 64, 128-key tiles spill; at 128 the dK and dV accumulators fill the registers and only 64×64 with one stage
+    # and 32×64 with 8 warps (an M of 32: mma.sync for dQ) are spill-free. fp32 (3×TF32) spills in every tile that
+    # fits (72 B per thread at best at head dim 64, about 1 KB at 128): the pruning takes the least-spilling one.
+    "backward_fused": {
+        2: {
+            64: [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
+            128: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 64, 4, 2), (32, 64, 8, 2), (32, 64, 4, 1)],
+        },
+        4: [(32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1), (32, 64, 4, 2)],
     },
 }
 # Deterministic mode: the first of these that fits, for every kernel, dtype and head dim (the block sizes set the
@@ -62,19 +81,29 @@ def _device_shared_memory(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
+def _spills(compiled) -> int:
+    """Register spills of a compiled kernel: Triton's `n_spills` (local memory per thread, stack frame included, in
+    4-byte words, as the driver reports it); 0 where it cannot say."""
+    with contextlib.suppress(AttributeError):
+        compiled._init_handles()  # loads the cubin (a GPU) and reads its attributes, n_spills among them
+    return int(getattr(compiled, "n_spills", 0) or 0)
+
+
 def _fitting(kernel, configs, args: tuple, kwargs: dict) -> list[tuple[triton.Config, int]]:
-    """(config, shared bytes) of the `configs` whose compiled `kernel` fits the device of args[0].
+    """(config, spill bytes) of the `configs` whose compiled `kernel` fits the device of args[0], spill-free first.
 
     Compiles each config for these very arguments (Triton's `warmup`: the launch's specialisation, cached, nothing
-    runs), so the figure is the compiler's own, not an estimate. The autotuner compiles these configs anyway.
+    runs), so the figures are the compiler's own, not estimates. The autotuner compiles these configs anyway. If
+    every fitting config spills registers (fp32 at large head dims), only the least-spilling ones are returned.
     """
     limit = shared_memory_limit(args[0].device)
     fit = []
     for config in configs:
         compiled = kernel.warmup(*args, **kwargs, **config.all_kwargs())
         if compiled.metadata.shared <= limit:
-            fit.append((config, compiled.metadata.shared))
-    return fit
+            fit.append((config, _spills(compiled)))
+    least = min((spills for _, spills in fit), default=0)
+    return [(config, spills) for config, spills in fit if spills == least]
 
 
 def _no_config_fits(kernel, args: tuple, kwargs: dict) -> RuntimeError:
@@ -86,19 +115,31 @@ def _no_config_fits(kernel, args: tuple, kwargs: dict) -> RuntimeError:
     )
 
 
-def autotuned(kernel, space: dict[int, list[tuple[int, int, int, int]]], key: list[str]):
+def space_shapes(space: Space, element_size: int, head_dim: int | None = None) -> Shapes:
+    """The (BLOCK_M, BLOCK_N, warps, stages) `space` lists for this element size and padded head dim (every head
+    dim's, when `head_dim` is None)."""
+    shapes = space[element_size]
+    if not isinstance(shapes, dict):
+        return shapes
+    if head_dim is None:
+        return [shape for listed in shapes.values() for shape in listed]
+    return next(listed for limit, listed in sorted(shapes.items()) if head_dim <= limit)
+
+
+def autotuned(kernel, space: Space, key: list[str]):
     """`kernel` autotuned over `space` (configs by element size of the first argument), pruned to what fits.
 
     Under the interpreter, one small config (it cannot benchmark). On a GPU, the launch keeps the configs listed for
-    q's element size whose compiled shared memory fits the device, and raises a clear error if none does.
+    q's element size (and padded head dim, where the space says) whose compiled shared memory fits the device and
+    that spill no registers (or, where all spill, those that spill least), and raises a clear error if none fits.
     """
     if interpreting():
         return triton.autotune(configs=[_INTERPRETER_CONFIG], key=key)(kernel)
-    shapes = list(dict.fromkeys(shape for shapes in space.values() for shape in shapes))
+    shapes = list(dict.fromkeys(shape for size in space for shape in space_shapes(space, size)))
 
     def prune(configs, named_args, **kwargs):
         args = tuple(named_args.values())
-        wanted = set(space[args[0].element_size()])
+        wanted = set(space_shapes(space, args[0].element_size(), kwargs.get("BLOCK_D")))
         launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         candidates = [config for config in configs if _shape(config) in wanted]
         fit = [config for config, _ in _fitting(kernel, candidates, args, {"grid": kwargs["grid"], **launch})]
@@ -115,7 +156,8 @@ _DETERMINISTIC_CHOICE: dict[tuple, triton.Config] = {}
 
 
 def deterministic_config(kernel, grid, *args, **kwargs) -> triton.Config:
-    """The first config of DETERMINISTIC_ORDER whose compiled `kernel` fits the device, for these arguments.
+    """The first config of DETERMINISTIC_ORDER whose compiled `kernel` fits the device and spills no registers, for
+    these arguments (where every fitting config spills: the first of those that spill least).
 
     Chosen once per (kernel, dtype, padded head dim, device) and kept for the process, so every launch of a case
     sums in the same order.
@@ -123,12 +165,10 @@ def deterministic_config(kernel, grid, *args, **kwargs) -> triton.Config:
     q = args[0]
     case = (kernel, q.dtype, kwargs.get("BLOCK_D"), q.device)
     if case not in _DETERMINISTIC_CHOICE:
-        for shape in DETERMINISTIC_ORDER:
-            if _fitting(kernel, [_config(shape)], args, {"grid": grid, **kwargs}):
-                _DETERMINISTIC_CHOICE[case] = _config(shape)
-                break
-        else:
+        fit = _fitting(kernel, [_config(shape) for shape in DETERMINISTIC_ORDER], args, {"grid": grid, **kwargs})
+        if not fit:
             raise _no_config_fits(kernel, args, kwargs)
+        _DETERMINISTIC_CHOICE[case] = fit[0][0]
     return _DETERMINISTIC_CHOICE[case]
 
 
@@ -173,15 +213,18 @@ def program_tile(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tile_ptrs(base, idx, dims, stride_n, stride_d):
-    """`base` plus the offsets of the [len(idx), len(dims)] tile of rows `idx` and columns `dims`."""
-    return base + idx[:, None] * stride_n + dims[None, :] * stride_d
+def tile_ptrs(base, idx, dims, stride_n, stride_d):
+    """`base` plus the offsets of the [len(idx), len(dims)] tile of rows `idx` and columns `dims`.
+
+    Row offsets are 64-bit: N × stride passes 2**31 at about 932k tokens of ViT-B's packed qkv (row stride 2304).
+    """
+    return base + idx.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d
 
 
 @triton.jit
-def _load_tile(base, idx, dims, stride_n, stride_d, mask):
+def load_tile(base, idx, dims, stride_n, stride_d, mask):
     """The strided tile at rows `idx`, columns `dims`; zero where `mask` is false (ragged tails, padded D)."""
-    return tl.load(_tile_ptrs(base, idx, dims, stride_n, stride_d), mask=mask, other=0.0)
+    return tl.load(tile_ptrs(base, idx, dims, stride_n, stride_d), mask=mask, other=0.0)
 
 
 @triton.jit
@@ -203,7 +246,7 @@ def _forward_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
     dim_ok = dims < D
-    q = _load_tile(
+    q = load_tile(
         Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, row_ok[:, None] & dim_ok[None, :]
     )
     sink = tl.load(G + b * stride_gb + h * stride_gh + rows * stride_gm, mask=row_ok, other=0.0).to(tl.float32)
@@ -217,20 +260,20 @@ def _forward_kernel(
         keys = start + cols
         key_ok = keys < N_K
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = _load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
+        k = load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         alpha = tl.where(new_max == row_max, 1.0, tl.exp2(row_max - new_max))
         p = tl.exp2(s - new_max[:, None])
         key_mass = key_mass * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
+        v = load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = new_max
     sink_mass = tl.where(sink == row_max, 1.0, tl.exp2(sink - row_max))
     total = key_mass + sink_mass
     out = acc / total[:, None]
-    o_ptrs = _tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od)
+    o_ptrs = tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     stat = pid_bh.to(tl.int64) * N_Q + rows
     tl.store(LSE + stat, (row_max + tl.log2(total)) * LN2_C, mask=row_ok)
@@ -252,8 +295,8 @@ def _delta_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
     mask = row_ok[:, None] & (dims < D)[None, :]
-    o = _load_tile(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od, mask)
-    do = _load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, mask)
+    o = load_tile(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od, mask)
+    do = load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + rows, delta, mask=row_ok)
 
@@ -287,8 +330,8 @@ def _dkdv_kernel(
     key_ok = keys < N_K
     dim_ok = dims < D
     kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = _load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
-    v = _load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
+    k = load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
+    v = load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -298,14 +341,14 @@ def _dkdv_kernel(
         rows = start + rows0
         row_ok = rows < N_Q
         tile_ok = row_ok[:, None] & dim_ok[None, :]
-        q = _load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
-        do = _load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
+        q = load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
+        do = load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
         lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0) * LOG2E_C
         delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
         p, ds = _tile_grads(q, k, v, do, lse, delta, row_ok[:, None] & key_ok[None, :], qk_scale, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    offsets = _tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
+    offsets = tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
     tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -330,8 +373,8 @@ def _dq_kernel(
     row_ok = rows < N_Q
     dim_ok = dims < D
     q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, q_mask)
-    do = _load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, q_mask)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, q_mask)
+    do = load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, q_mask)
     stat = pid_bh.to(tl.int64) * N_Q + rows
     lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * LOG2E_C
     delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
@@ -342,18 +385,109 @@ def _dq_kernel(
         keys = start + cols
         key_ok = keys < N_K
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = _load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
-        v = _load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
+        k = load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
+        v = load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
         _, ds = _tile_grads(q, k, v, do, lse, delta, key_ok[None, :], qk_scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq_ptrs = _tile_ptrs(DQ + b * stride_gb + h * stride_gh, rows, dims, stride_gm, stride_gd)
+    dq_ptrs = tile_ptrs(DQ + b * stride_gb + h * stride_gh, rows, dims, stride_gm, stride_gd)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _backward_tile(
+    dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, start, dims, key_ok, dim_ok, ragged_keys,
+    stride_qm, stride_qd, stride_dm, stride_dd, stride_cm, stride_cd, N_Q, qk_scale,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, RAGGED_ROWS: tl.constexpr,
+):  # fmt: skip
+    """One Q tile of the fused backward, transposed (keys are rows): 5 products and 1 exp2.
+
+    Sᵀ = K Qᵀ, P'ᵀ = exp2(Sᵀ·qk_scale − lse'·log2e) (one FMA and one exp2 per element), dV += P'ᵀ dO, dPᵀ = V dOᵀ,
+    dSᵀ = P'ᵀ ⊙ (dPᵀ − Δ), dK += dSᵀ Q, and dQ += dS K added atomically to the fp32 buffer. Rows past N_Q (only in
+    the RAGGED_ROWS tile) load as zeros, so they add nothing anywhere; padded keys are zeroed only in the program
+    whose key tile is ragged (a padded key's logit is 0, whose exp2 can overflow against a very negative lse').
+    """
+    rows = start + tl.arange(0, BLOCK_M)
+    if RAGGED_ROWS:
+        row_ok = rows < N_Q
+        tile_ok = row_ok[:, None] & dim_ok[None, :]
+        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    else:
+        tile_ok = dim_ok[None, :]
+        lse = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+    q = load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
+    do = load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    p_t = tl.exp2(s_t * qk_scale - (lse * LOG2E_C)[None, :])
+    if ragged_keys:
+        p_t = tl.where(key_ok[:, None], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(ds_t, q, input_precision=PRECISION)
+    dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
+    tl.atomic_add(tile_ptrs(dq_base, rows, dims, stride_cm, stride_cd), dq, mask=tile_ok, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _backward_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_cb, stride_ch, stride_cm, stride_cd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    H, N_Q, N_K, D, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fused single-pass backward (FlashAttention-2's): one program per (batch·head, key tile), looping over Q tiles.
+
+    DQ is an fp32 accumulator (strides stride_c*) that the programs add to atomically, scaled and cast afterwards;
+    DK and DV share the strides stride_g*. Only the last Q tile is masked.
+    """
+    pid_bh, first = program_tile(N_K, BLOCK_N)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    keys = first + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < N_K
+    dim_ok = dims < D
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
+    v = load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
+    ragged_keys = first + BLOCK_N > N_K
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_db + h * stride_dh
+    dq_base = DQ + b * stride_cb + h * stride_ch
+    stat_base = pid_bh.to(tl.int64) * N_Q
+    full = (N_Q // BLOCK_M) * BLOCK_M
+    for start in range(0, full, BLOCK_M):
+        dk, dv = _backward_tile(
+            dk, dv, k, v, q_base, do_base, dq_base, LSE + stat_base, DELTA + stat_base, start, dims, key_ok, dim_ok,
+            ragged_keys, stride_qm, stride_qd, stride_dm, stride_dd, stride_cm, stride_cd, N_Q, qk_scale,
+            BLOCK_M, PRECISION, False,
+        )  # fmt: skip
+    if full < N_Q:
+        dk, dv = _backward_tile(
+            dk, dv, k, v, q_base, do_base, dq_base, LSE + stat_base, DELTA + stat_base, full, dims, key_ok, dim_ok,
+            ragged_keys, stride_qm, stride_qd, stride_dm, stride_dd, stride_cm, stride_cd, N_Q, qk_scale,
+            BLOCK_M, PRECISION, True,
+        )  # fmt: skip
+    offsets = tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
+    tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 KEY = ["N_Q", "N_K", "BLOCK_D"]
 _forward = autotuned(_forward_kernel, SPACES["forward"], KEY)
 _dkdv = autotuned(_dkdv_kernel, SPACES["backward"], KEY)
 _dq = autotuned(_dq_kernel, SPACES["backward"], KEY)
+_backward_fused = autotuned(_backward_kernel, SPACES["backward_fused"], KEY)
 
 
 def tile_grid(programs_per_row: int, tokens: int, block: str):
@@ -399,15 +533,26 @@ def backward(
     delta: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv): the flash-attention backward with the sink-aware normaliser lse' and Δ (fp32 [B, H, N])."""
+    """(dq, dk, dv): the flash-attention backward with the sink-aware normaliser lse' and Δ (fp32 [B, H, N]).
+
+    By default one fused kernel (`_backward_kernel`: 5 products, 1 exp2 per tile, dq through fp32 atomics);
+    in deterministic mode (`dispatch.deterministic()`) the two-kernel path, dK/dV then dQ, which has no atomics and
+    so sums in the same order on every run.
+    """
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     lse, delta = lse.contiguous(), delta.contiguous()
-    dq, dk, dv = _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
+    dk, dv = _like_heads_last(k), _like_heads_last(v)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     sizes = (heads, n_q, n_k, dim, scale, scale * LOG2E)
     options = dict(BLOCK_D=block_d(dim), PRECISION=precision(q))
     grid = tile_grid(batch * heads, n_k, "BLOCK_N")
+    if not deterministic():
+        dq = torch.zeros(batch, n_q, heads, dim, dtype=torch.float32, device=q.device).transpose(1, 2)
+        args = (q, k, v, dout, lse, delta, dq, dk, dv, *common, *dq.stride(), *dk.stride(), *sizes)
+        launch(_backward_fused, grid, *args, **options)
+        return dq.mul_(scale).to(q.dtype), dk, dv
+    dq = _like_heads_last(q)
     launch(_dkdv, grid, q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *sizes, **options)
     grid = tile_grid(batch * heads, n_q, "BLOCK_M")
     launch(_dq, grid, q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes, **options)

@@ -17,8 +17,12 @@ qkv, outputs as the launch functions allocate them), with Triton patched only wh
   no GPU to benchmark on);
 - `shared_memory_limit` is sm_90's 232,448 bytes per program.
 
-Every compile is recorded with its shared memory (`metadata.shared`), registers, stack and local memory
-(`cuobjdump --dump-resource-usage`, shipped in Triton's NVIDIA backend) and whether its PTX uses `wgmma`.
+Every compile is recorded with its shared memory (`metadata.shared`), registers, stack and local memory (spill
+bytes per thread; `cuobjdump --dump-resource-usage`, shipped in Triton's NVIDIA backend), whether its PTX uses
+`wgmma`, and the structure of its main loop read from the TTGIR (`loop_structure`): matrix products, exponentials,
+global loads and atomics per iteration. Spills show up as stack bytes (ptxas puts them in the stack frame). The
+returned stand-in for a compiled kernel carries `n_spills` (stack + local bytes / 4, what the driver reports for a
+GPU's kernel), so the autotuner's pruning drops spilling configs here as it does on a device.
 
 Cost: each compile's record is cached in `DIR/compiles.json` under a key made of what the code depends on: the
 source of the kernel and of every jit function and constexpr it names, transitively (not their line numbers, so
@@ -48,6 +52,35 @@ DTYPES = ("float16", "bfloat16", "float32")
 HEAD_DIMS = (64, 80, 128)
 BATCH, HEADS, TOKENS = 2, 12, 1025  # ViT-B/16 at 512 px
 DIVISIBLE = ["tt.divisibility", 16]  # the hint the NVIDIA backend attaches to 16-divisible pointers and integers
+RECORD_VERSION = 2  # bump when a compile record gains a field: cached records are then recomputed
+LOOP_OPS = {  # TTGIR operations counted per main-loop iteration
+    "dots": r"(?:tt\.dot|ttng\.warp_group_dot)",
+    "exp2": r"math\.exp2",
+    "loads": r"(?:tt\.load|ttg\.async_copy_global_to_local|ttng\.async_tma_copy_global_to_local)",
+    "atomics": r"tt\.atomic_rmw",
+}
+
+
+def loop_structure(ttgir: str) -> dict:
+    """Operations inside the kernel's main loop (the `scf.for` with the most matrix products), counted from TTGIR.
+
+    Helpers are inlined by then, so a product written once inside the loop counts once per iteration, and the
+    pipeliner's prologue copies sit outside the loop. Counts per op name of LOOP_OPS, 0 for a kernel without a loop.
+    """
+    loops, open_loops = [], []  # closed loops' counts; [brace depth, counts] of each loop still open
+    for line in ttgir.splitlines():
+        op = line.strip()
+        for _, counts in open_loops:
+            for name, pattern in LOOP_OPS.items():
+                counts[name] += len(re.findall(rf"(?:^|= ){pattern}\b(?!_)", op))
+        if re.search(r"\bscf\.for\b", op):
+            open_loops.append([0, dict.fromkeys(LOOP_OPS, 0)])
+        for entry in open_loops:
+            entry[0] += op.count("{") - op.count("}")
+        while open_loops and open_loops[-1][0] <= 0:
+            loops.append(open_loops.pop()[1])
+    loops += [counts for _, counts in open_loops]
+    return max(loops, key=lambda counts: counts["dots"], default=dict.fromkeys(LOOP_OPS, 0))
 
 
 def default_cache() -> Path:
@@ -152,6 +185,7 @@ class Harness:
                 **self.resource_usage(compiled),
                 "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
                 "mma_sync": "mma.sync" in compiled.asm["ptx"],
+                "loop": loop_structure(compiled.asm["ttgir"]),
             }
             self.resource_cache.write_text(json.dumps(self.resources))
         record = self.resources[key]
@@ -165,7 +199,8 @@ class Harness:
                 "divisible_by_16": sorted(kernel.arg_names[k[0]] for k, v in attrs.items() if DIVISIBLE in v),
             }
         )
-        return SimpleNamespace(metadata=SimpleNamespace(shared=record["shared"]))
+        spills = (record["stack"] + record["local"]) // 4  # Triton's n_spills: 4-byte words of local memory
+        return SimpleNamespace(metadata=SimpleNamespace(shared=record["shared"]), n_spills=spills)
 
     def cache_key(self, kernel, signature, constexprs, attrs, options) -> str:
         """What the compiled code depends on: the source of the kernel and of every jit function and constexpr it
@@ -189,7 +224,7 @@ class Harness:
             sorted((str(k), str(v)) for k, v in constexprs.items()),
             sorted(map(str, attrs.items())),
         ]
-        versions = [self.triton.__version__, self.backend_hash]
+        versions = [self.triton.__version__, self.backend_hash, RECORD_VERSION]
         material = [kernel.__name__, sorted(sources.items()), sorted(constants.items()), specialisation]
         material += [options.__dict__, versions]
         return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()

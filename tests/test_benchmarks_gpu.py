@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,120 @@ def test_bad_box_override_is_refused(capsys):
         gpu.main(["--out", "x", "--dry-run", "--commit", "HEAD"])
     assert "40-digit hex SHA" in capsys.readouterr().err
     shutil.rmtree("x", ignore_errors=True)
+
+
+def test_kernels_file_is_written_row_by_row_with_ratios_to_sdpa_flash(tmp_path, monkeypatch):
+    """A kernels run stopped after two rows (here by an exception in the third) leaves a valid file with both rows,
+    each timed row with its ratio to SDPA flash at the same shape and pass."""
+    from benchmarks import kernels as kernel_suite
+
+    times = {"sdpa_flash": 0.010, "sink_attention": 0.012, "sink_attention_deterministic": 0.015}
+    todo = [("attention", impl, None, "fwd+bwd", 33, 32) for impl in times]
+    monkeypatch.setattr(kernel_suite, "cases", lambda args, device: todo)
+
+    def run_case(op, impl, fn, kind, n, d, args, device):
+        if impl == "sink_attention_deterministic":
+            raise KeyboardInterrupt  # the run is stopped here
+        row = {"op": op, "impl": impl, "n": n, "d": d, "batch": 1, "heads": 2, "dtype": "fp32", "pass": kind}
+        return {**row, "time_seconds": {"median": times[impl]}, "tflops": 1.0}
+
+    monkeypatch.setattr(kernel_suite, "run_case", run_case)
+    path = tmp_path / "kernels.json"
+    with pytest.raises(KeyboardInterrupt):
+        kernel_suite.main(["--output", str(path), "--ns", "33", "--head-dims", "32"])
+    rows = results.load_record(path)["rows"]
+    assert [row["impl"] for row in rows] == ["sdpa_flash", "sink_attention"]
+    assert rows[0]["vs_sdpa_flash"] == pytest.approx(1.0) and rows[1]["vs_sdpa_flash"] == pytest.approx(1.2)
+
+
+def test_kernels_suite_times_both_backward_variants_and_flash_attn_beside_sdpa():
+    from benchmarks import kernels as kernel_suite
+
+    impls = kernel_suite.attention_impls(torch.device("cpu"))
+    assert list(impls)[:2] == ["sdpa_flash", "sdpa_efficient"]  # the ratios' reference is measured first
+    assert {"sink_attention", "sink_attention_deterministic", "flash_attn"} <= impls.keys()
+    assert impls["sink_attention_deterministic"].deterministic and not impls["sink_attention"].deterministic
+    assert isinstance(impls["flash_attn"], str)  # no flash-attn on a CPU: the reason, as a skipped row
+
+
+def test_deterministic_impl_runs_forward_and_backward_in_deterministic_mode(monkeypatch):
+    """The deterministic variant sets FASTPROMPT_DETERMINISTIC=1 around its forward and backward, then restores it."""
+    from benchmarks import kernels as kernel_suite
+    from fastprompt.kernels.dispatch import deterministic
+
+    monkeypatch.delenv("FASTPROMPT_DETERMINISTIC", raising=False)
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", deterministic()))
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", deterministic()))
+            return grad
+
+    fake = type("K", (), {"sink_attention": staticmethod(lambda q, k, v, sink: Spy.apply(q) * 1.0)})
+    inputs = kernel_suite.make_inputs(1, 1, 4, 8, torch.float32, torch.device("cpu"), grad=True)
+    for flag in (True, False):
+        seen.clear()
+        kernel_suite.forward_backward(kernel_suite.sink_attention_impl(fake, flag), inputs)()
+        assert seen == [("forward", flag), ("backward", flag)]
+        assert "FASTPROMPT_DETERMINISTIC" not in os.environ
+
+
+def test_commit_comes_from_the_argument_or_the_environment(monkeypatch):
+    sha, other = "0123456789abcdef0123456789abcdef01234567", "f" * 40
+    monkeypatch.delenv(results.COMMIT_ENV, raising=False)
+    assert gpu.resolve_commit(None) is None  # a git checkout needs neither
+    monkeypatch.setenv(results.COMMIT_ENV, other)
+    assert gpu.resolve_commit(None) == other
+    assert gpu.resolve_commit(sha) == sha
+    monkeypatch.setenv(results.COMMIT_ENV, "HEAD")
+    with pytest.raises(SystemExit, match="FASTPROMPT_COMMIT.*40-digit hex SHA"):
+        gpu.resolve_commit(None)
+
+
+def test_a_tree_without_git_records_the_commit_from_the_environment(tmp_path, monkeypatch):
+    """Every record a child writes, from its first row, carries the commit its parent was told (no stamping needed)."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setattr(results, "REPO_ROOT", tmp_path)  # a copied tree: git has no answer here
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path / "benchmarks" / "results")
+    monkeypatch.delenv(results.COMMIT_ENV, raising=False)
+    assert results.git_commit() == {"commit": None, "dirty": None}
+    monkeypatch.setenv(results.COMMIT_ENV, sha)
+    record = results.run_record("kernels", "cpu", {}, [])
+    assert (record["git_commit"], record["git_dirty"]) == (sha, False)
+
+
+def test_gpu_tests_file_keeps_each_finished_test_when_the_box_stops_pytest(tmp_path, monkeypatch):
+    """gpu_tests.json is rewritten while pytest still runs (the fake pytest sees its own two results in it before it
+    prints a third), and pytest stopped at its box leaves the outcomes so far, marked as timed out."""
+    script = (
+        "import json, pathlib, sys, time\n"
+        "print('tests/test_a.py::test_one PASSED [ 50%]', flush=True)\n"
+        "print('tests/test_a.py::test_two SKIPPED (needs CUDA) [100%]', flush=True)\n"
+        "path = pathlib.Path(sys.argv[1])\n"
+        "for _ in range(100):\n"
+        "    if path.exists() and len(json.loads(path.read_text())['rows']) == 2:\n"
+        "        print('tests/test_a.py::test_file_written_already PASSED', flush=True)\n"
+        "        break\n"
+        "    time.sleep(0.1)\n"
+        "time.sleep(120)\n"
+    )
+    real = subprocess.Popen
+    out = str(tmp_path / "gpu_tests.json")
+    monkeypatch.setattr(gpu.subprocess, "Popen", lambda command, **kw: real([sys.executable, "-c", script, out], **kw))
+    profile = {"device": "cpu", "gpu_tests": {"paths": ["tests/test_compile.py"]}}
+    started = time.perf_counter()
+    gpu.gpu_tests_part(profile, tmp_path, box_seconds=15)
+    assert time.perf_counter() - started < 60
+    record = results.load_record(tmp_path / "gpu_tests.json")
+    assert record["rows"] == [
+        {"test": "tests/test_a.py::test_one", "outcome": "PASSED"},
+        {"test": "tests/test_a.py::test_two", "outcome": "SKIPPED"},
+        {"test": "tests/test_a.py::test_file_written_already", "outcome": "PASSED"},
+    ]
+    assert record["summary"]["timed_out"] is True and record["summary"]["returncode"] is None

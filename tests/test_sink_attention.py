@@ -408,7 +408,7 @@ def test_every_kernel_launches_under_its_tensors_device_guard(monkeypatch):
     q, k, v = make_qkv(1, 2, 17, 32, device=TRITON_DEVICE)
     sink_attention_triton(q, k, v, sink_of_shape((17,), device=TRITON_DEVICE)).sum().backward()
     importance_triton.attention_importance(q.detach(), k.detach(), None, 17, 0.2)
-    assert seen == [1] * 6  # forward, delta, dk/dv, dq, row lse, column mass: each inside one guard
+    assert seen == [1] * 5  # forward, delta, fused backward, row lse, column mass: each inside one guard
     monkeypatch.undo()
     assert isinstance(kernels._device_guard(torch.empty(0)), contextlib.nullcontext)  # CPU: nothing to switch
 
@@ -486,3 +486,176 @@ def test_gpu_more_than_65535_batch_heads():
     torch.testing.assert_close(
         scores[-1:], attention_importance_reference(q[-1:].detach(), k[-1:].detach()), rtol=2e-3, atol=1e-6
     )
+
+
+# The backward's two paths: the fused single-pass kernel (default) and the two-kernel deterministic one.
+
+PATHS = {"fused": "0", "deterministic": "1"}
+SINK_BROADCASTS = [(), (1,), "n", (2, 1), (2, "n"), (2, 1, 1), (2, 1, "n"), (2, 2, 1), (2, 2, "n")]
+
+
+def backward_path(monkeypatch, path: str) -> None:
+    """Select the Triton backward: FASTPROMPT_DETERMINISTIC is read at each launch."""
+    monkeypatch.setenv("FASTPROMPT_DETERMINISTIC", PATHS[path])
+
+
+def broadcast_shape(shape, tokens):
+    return tuple(tokens if s == "n" else s for s in shape)
+
+
+@needs_triton
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("n_q", "n_k", "dim"),
+    [(1, 1, 16), (17, 17, 32), (5, 70, 80), (70, 3, 32), (130, 129, 16), (197, 197, 64)],
+)
+def test_triton_backward_paths_match_float64(monkeypatch, path, dtype, n_q, n_k, dim):
+    """Both backward paths against float64: N = 1, 17, 197, ragged N (last Q and K tiles partial), N_Q ≠ N_K either
+    way, a padded head dim (80 → 128), fp32 and flash-attention's rule for fp16/bf16."""
+    backward_path(monkeypatch, path)
+    q = make_qkv(2, 2, n_q, dim, device=TRITON_DEVICE)[0]
+    _, k, v = make_qkv(2, 2, n_k, dim, seed=5, device=TRITON_DEVICE)
+    assert_matches(sink_attention_triton, q, k, v, sink_of_shape((2, 1, n_q), device=TRITON_DEVICE), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", SINK_BROADCASTS, ids=str)
+def test_triton_backward_every_sink_broadcast(monkeypatch, path, shape):
+    backward_path(monkeypatch, path)
+    q, k, v = make_qkv(2, 2, 19, 16, device=TRITON_DEVICE)
+    sink = sink_of_shape(broadcast_shape(shape, 19), device=TRITON_DEVICE)
+    assert_matches(sink_attention_triton, q, k, v, sink, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("tokens", [577, pytest.param(1025, marks=pytest.mark.slow)])
+def test_triton_backward_long_sequences_fp16(monkeypatch, path, tokens):
+    backward_path(monkeypatch, path)
+    q, k, v = make_qkv(1, 1, tokens, 16, device=TRITON_DEVICE)
+    assert_matches(sink_attention_triton, q, k, v, sink_of_shape((tokens,), device=TRITON_DEVICE), torch.float16)
+
+
+@needs_triton
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("offset", "sink"), [(-1e4, float("-inf")), (-1e4, -1e4), (1e4, 0.0), (0.0, 1e4)])
+def test_triton_backward_extreme_logits_and_sinks(monkeypatch, path, dtype, offset, sink):
+    """Logits shifted by ±1e4 (through one channel) and sinks of ±1e4 or −inf: finite, and equal to float64 run on
+    the same (rounded) inputs.
+
+    With every logit near −1e4, lse' is near −1e4 too, so a padded key (logit 0) would give exp2(+1.4e4) = inf:
+    the ragged key tile (N_K = 70) must drop padded keys before anything multiplies them.
+    """
+    backward_path(monkeypatch, path)
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 70, 32, torch.float64, device=TRITON_DEVICE))
+    q[..., 0], k[..., 0] = offset / 32**-0.5, 1.0  # s_ij = offset + a random part of order 1
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))  # the reference sees exactly what the kernel sees
+    torch.manual_seed(3)
+    dout = torch.randn(q.shape, dtype=torch.float64, device=TRITON_DEVICE).to(dtype).double()
+    sink = torch.full((70,), sink, dtype=torch.float64, device=TRITON_DEVICE)
+    want_out, want_grads = run(sink_attention_reference, q, k, v, sink, dout)
+    cast = [t.to(dtype) for t in (q, k, v)]
+    got_out, got_grads = run(sink_attention_triton, *cast, sink.float(), dout.to(dtype))
+    tol = 4e-3 if dtype == torch.float32 else 2e-2  # fp32 logits of 1e4 carry absolute errors of ~1e-3
+    for name, got, want in zip(("out", "dq", "dk", "dv", "dsink"), (got_out, *got_grads), (want_out, *want_grads)):
+        assert torch.isfinite(got).all(), f"{name} has NaN or inf"
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol * max(1.0, want.abs().max().item()), f"{name}: max error {err}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_atomic_dq_equals_deterministic_dq(monkeypatch, dtype):
+    """dq through the fused kernel's fp32 atomic adds equals the two-kernel path's to fp32 rounding (then one cast)."""
+    q = make_qkv(2, 2, 150, 32, device=TRITON_DEVICE)[0]
+    _, k, v = make_qkv(2, 2, 140, 32, seed=5, device=TRITON_DEVICE)
+    sink = sink_of_shape((150,), device=TRITON_DEVICE)
+    dout = torch.randn(q.shape, device=TRITON_DEVICE).to(dtype)
+    cast = [t.detach().to(dtype) for t in (q, k, v)]
+    grads = {}
+    for path in PATHS:
+        backward_path(monkeypatch, path)
+        grads[path] = run(sink_attention_triton, *cast, sink, dout)[1]
+    for name, fused, fixed in zip(("dq", "dk", "dv", "dsink"), grads["fused"], grads["deterministic"]):
+        size = fixed.abs().max().item()
+        ulp = torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps
+        assert (fused - fixed).abs().max().item() <= 8 * ulp * size, name
+
+
+@needs_triton
+def test_deterministic_mode_runs_the_two_kernel_backward(monkeypatch):
+    """Default: one fused `_backward_kernel`; FASTPROMPT_DETERMINISTIC=1 or torch's deterministic switch: dK/dV, dQ."""
+    from fastprompt.kernels import sink_attention_triton as kernels
+
+    launched = []
+    real = kernels.launch
+    monkeypatch.setattr(
+        kernels, "launch", lambda tuned, *a, **kw: launched.append(tuned.fn.__name__) or real(tuned, *a, **kw)
+    )
+    q, k, v = make_qkv(1, 2, 17, 16, device=TRITON_DEVICE)
+    sink = sink_of_shape((17,), device=TRITON_DEVICE)
+
+    def kernels_of_backward():
+        launched.clear()
+        sink_attention_triton(q, k, v, sink).sum().backward()
+        return launched[1:]
+
+    backward_path(monkeypatch, "fused")
+    assert kernels_of_backward() == ["_backward_kernel"]
+    backward_path(monkeypatch, "deterministic")
+    assert kernels_of_backward() == ["_dkdv_kernel", "_dq_kernel"]
+    backward_path(monkeypatch, "fused")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert kernels_of_backward() == ["_dkdv_kernel", "_dq_kernel"]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+if triton_importable():
+    import triton
+    import triton.language as tl
+
+    from fastprompt.kernels.sink_attention_triton import tile_ptrs
+
+    @triton.jit
+    def _offsets_kernel(OUT, first, stride_n, BLOCK: tl.constexpr):
+        """The offsets `tile_ptrs` gives rows first…first+BLOCK at row stride stride_n (integer base 0)."""
+        dims = tl.arange(0, BLOCK)
+        tl.store(OUT + dims[:, None] * BLOCK + dims[None, :], tile_ptrs(first * 0, first + dims, dims, stride_n, 1))
+
+
+@needs_triton
+def test_tile_row_offsets_are_64_bit():
+    """Row offsets past 2**31 elements (≈ 932k tokens at ViT-B's packed qkv row stride) do not wrap around: the
+    shared tile helper computes them in int64, checked on the offsets themselves, without a large tensor."""
+    out = torch.zeros(16, 16, dtype=torch.int64, device=TRITON_DEVICE)
+    _offsets_kernel[(1,)](out, 3, 2**30 - 1, BLOCK=16)
+    rows = torch.arange(3, 19, dtype=torch.int64)[:, None]
+    assert torch.equal(out.cpu(), rows * (2**30 - 1) + torch.arange(16)[None, :])
+
+
+@needs_triton
+def test_every_kernel_addresses_tiles_through_the_64_bit_helper():
+    """No kernel multiplies a row index by a row stride itself (an int32 product that wraps past 2**31): 2-D tiles
+    go through `tile_ptrs`/`load_tile`, whose offsets the test above checks."""
+    import inspect
+    import re
+
+    from fastprompt.kernels import importance_triton
+    from fastprompt.kernels import sink_attention_triton as kernels
+
+    checked = 0
+    for module in (kernels, importance_triton):
+        for name, value in vars(module).items():
+            function = getattr(value, "fn", None)  # the Python source of a JITFunction / InterpretedFunction
+            if inspect.isfunction(function) and name != "tile_ptrs":
+                assert not re.search(r"\[:, None\] \* stride_", inspect.getsource(function)), (
+                    f"{module.__name__}.{name}"
+                )
+                checked += 1
+    assert checked >= 12  # every @triton.jit function of both modules

@@ -20,7 +20,10 @@ from fastprompt.kernels.dispatch import triton_importable
 
 SCRIPT = Path(__file__).with_name("sm90_kernels.py")
 LIMIT = 232_448  # bytes of shared memory per program on sm_90
-AUTOTUNED = ("_forward_kernel", "_dkdv_kernel", "_dq_kernel", "_row_lse_kernel", "_column_mass_kernel")
+LAUNCHED = {  # the kernels a forward + backward + importance run launches, by mode
+    False: ("_forward_kernel", "_delta_kernel", "_backward_kernel", "_row_lse_kernel", "_column_mass_kernel"),
+    True: ("_forward_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_row_lse_kernel", "_column_mass_kernel"),
+}
 DTYPES = ("float16", "bfloat16", "float32")
 HEAD_DIMS = (64, 80, 128)
 
@@ -63,24 +66,34 @@ def by_kernel(records, deterministic: bool) -> dict[tuple[str, str, int], list[d
 def test_every_kernel_dtype_and_head_dim_is_covered(records):
     for deterministic in (False, True):
         cases = by_kernel(records, deterministic)
-        for kernel in (*AUTOTUNED, "_delta_kernel"):
+        assert {kernel for kernel, _, _ in cases} == set(LAUNCHED[deterministic])
+        for kernel in LAUNCHED[deterministic]:
             for dtype in DTYPES:
                 for dim in HEAD_DIMS:
                     assert (kernel, dtype, dim) in cases, (kernel, dtype, dim, deterministic)
 
 
-def test_autotuning_keeps_exactly_the_configs_that_fit(records):
-    """At least one config fits every case, and the pruning keeps those that fit and only those."""
+def spills(compiled: dict) -> int:
+    """Spilled bytes per thread: ptxas's stack frame plus local memory (cuobjdump)."""
+    return compiled["stack"] + compiled["local"]
+
+
+def test_autotuning_keeps_exactly_the_fitting_configs_that_spill_least(records):
+    """At least one config fits every case; the pruning keeps, of those that fit, the ones that spill least (none,
+    wherever a spill-free config fits), and only those."""
     for (kernel, dtype, dim), launches in by_kernel(records, deterministic=False).items():
         for record in launches:
             if kernel == "_delta_kernel":
                 continue
             assert record["kept"], f"{kernel} {dtype} D={dim}: no config fits"
+            fitting = [compiled for compiled in record["compiled"] if compiled["shared"] <= LIMIT]
+            least = min(spills(compiled) for compiled in fitting)
             for compiled in record["compiled"]:
-                fits = compiled["shared"] <= LIMIT
+                wanted = compiled in fitting and spills(compiled) == least
                 kept = compiled["config"] in record["kept"]
-                assert fits == kept, (
-                    f"{kernel} {dtype} D={dim} {compiled['config']}: {compiled['shared']} B, kept={kept}"
+                assert wanted == kept, (
+                    f"{kernel} {dtype} D={dim} {compiled['config']}: {compiled['shared']} B, "
+                    f"{spills(compiled)} B spilled, kept={kept}"
                 )
 
 
@@ -102,7 +115,8 @@ def test_16_bit_head_dim_64_uses_wgmma_and_spills_nothing(records):
             assert compiled["wgmma"] and not compiled["mma_sync"], f"{name}: not every tl.dot is a wgmma"
             assert compiled["local"] == 0 and compiled["stack"] == 0, f"{name}: spills ({compiled})"
             checked += 1
-    assert checked >= 2 * (6 + 6 + 6 + 8 + 8 + 8 + 6)  # the autotune spaces (column pass twice), both 16-bit dtypes
+    assert checked >= 2 * (6 + 4 + 8 + 8 + 8 + 6)  # forward, fused backward, importance (column pass twice), and
+    # the deterministic launches (forward, dK/dV, dQ, row lse, column mass twice), for both 16-bit dtypes
 
 
 def test_compiled_with_launch_specialisation(records):
@@ -125,5 +139,59 @@ def test_grids_use_one_axis(records):
     for record in records:
         for config, grid in record["grids"].items():
             block_m, block_n = json.loads(config)[:2]
-            block = block_n if record["kernel"] in ("_dkdv_kernel", "_column_mass_kernel") else block_m
+            by_keys = ("_dkdv_kernel", "_backward_kernel", "_column_mass_kernel")  # one program per key tile
+            block = block_n if record["kernel"] in by_keys else block_m
             assert grid == [2 * 12 * -(-1025 // block)], (record["kernel"], config, grid)
+
+
+def selected(records, deterministic: bool):
+    """(record, compiled) of every config a launch may run: the pruning's survivors, or the deterministic choice."""
+    for record in records:
+        if record["deterministic"] == deterministic:
+            for compiled in record["compiled"]:
+                if compiled["config"] in record["kept"]:
+                    yield record, compiled
+
+
+def test_default_backward_has_5_products_and_1_exp2_per_tile(records):
+    """FlashAttention-2's structure, read from the TTGIR of every compiled `_backward_kernel`: per Q tile 5 matrix
+    products (Sᵀ, dV, dPᵀ, dK, dQ), 1 exp2, 4 loads (q, dO, lse', Δ) and 1 atomic add (dQ); the two-kernel
+    deterministic path has 4 + 3 products."""
+    compiled = [(r["dtype"], c) for r in records if r["kernel"] == "_backward_kernel" for c in r["compiled"]]
+    from fastprompt.kernels.sink_attention_triton import SPACES, block_d, space_shapes
+
+    space = SPACES["backward_fused"]
+    listed = [space_shapes(space, 4 if t == "float32" else 2, block_d(d)) for t in DTYPES for d in HEAD_DIMS]
+    assert len(compiled) == sum(map(len, listed))  # every config of the fused space, every dtype and head dim
+    for dtype, c in compiled:
+        mmas = 3 if dtype == "float32" else 1  # fp32 products run as 3×TF32 (tf32x3): three MMAs each
+        assert c["loop"] == {"dots": 5 * mmas, "exp2": 1, "loads": 4, "atomics": 1}, c
+    two_pass = {
+        r["kernel"]: r["compiled"][0]["loop"]["dots"] for r in records if r["deterministic"] and r["dtype"] != "float32"
+    }
+    assert two_pass["_dkdv_kernel"] == 4 and two_pass["_dq_kernel"] == 3
+
+
+def test_selectable_16_bit_configs_spill_nothing(records):
+    """fp16/bf16 at every head dim: no config the autotuner may select, nor any deterministic choice, spills."""
+    checked = set()
+    for deterministic in (False, True):
+        for record, compiled in selected(records, deterministic):
+            if record["dtype"] != "float32":
+                name = f"{record['kernel']} {record['dtype']} D={record['head_dim']} {compiled['config']}"
+                assert spills(compiled) == 0, f"{name}: {spills(compiled)} B spilled"
+                checked.add(record["kernel"])
+    assert checked >= set(LAUNCHED[False]) | set(LAUNCHED[True])  # importance kernels included
+
+
+def test_fp32_spills_only_where_no_config_avoids_them(records, capsys):
+    """fp32: each launch runs spill-free configs where its space has one, else the least-spilling; the cases that
+    spill are printed (the report of which fp32 kernels cannot avoid spills)."""
+    spilling = []
+    for record, compiled in selected(records, deterministic=False):
+        if record["dtype"] == "float32" and spills(compiled):
+            others = [spills(c) for c in record["compiled"] if c["shared"] <= LIMIT]
+            assert spills(compiled) == min(others)
+            spilling.append(f"{record['kernel']} D={record['head_dim']} {compiled['config']}: {spills(compiled)} B")
+    with capsys.disabled():
+        print("fp32 configs that cannot avoid spills:", spilling or "none")
