@@ -129,14 +129,15 @@ class TorchBackend:
         """Move every tensor of a batch to the training device (autocast handles dtypes, so `cast` is unused)."""
         return map_tensors(value, lambda t: t.to(self.device, non_blocking=True))
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context a forward of `module` runs in: autocast to bf16/fp16, or nothing for fp32."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def forward(self, inputs: Any, *, train: bool) -> torch.Tensor:
         """Model outputs for one batch (through DDP when training on several ranks)."""
-        with self._autocast():
+        with self.autocast():
             return call_model(self.train_model if train else self.module, inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -281,6 +282,10 @@ class DeepSpeedBackend:
             return tensor.to(self.device)
 
         return map_tensors(value, move)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context a forward of `module` runs in: nothing (the module and the cast inputs carry the dtype)."""
+        return contextlib.nullcontext()
 
     def forward(self, inputs: Any, *, train: bool) -> torch.Tensor:
         """Model outputs for one batch (through the DeepSpeed engine, which gathers ZeRO-3 parameters)."""

@@ -136,7 +136,7 @@ class Engine:
     activation_memory: None, "auto" (the device's free memory) or a size ("4GB", or bytes): before training, pick the
     least-recompute activation plan (`fastprompt.checkpoint_activations`: none, selective on k blocks, ..., full on
     all) whose step fits the budget at the loader's batch size, from a measured step; the plan is printed and
-    written to metrics.jsonl (torch backend; see fastprompt.engine.activation).
+    written to metrics.jsonl (every backend, measured in the precision it trains in; see fastprompt.engine.activation).
     loss: "auto" (cross-entropy for class indices, BCE-with-logits for multi-hot float targets) or a callable.
     output_dir: checkpoints/{last,prev,best}.pt, metrics.jsonl and curves.png; `checkpoint_every` optimizer steps
     (and every epoch end) `last` is rewritten; `best` follows `monitor` ("auto": val AUC, else val/train loss).
