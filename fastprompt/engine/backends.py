@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fastprompt.engine.data import call_model, map_tensors
+from fastprompt.engine.precision import store_frozen_in
 
 _ENGINE_OWNED_KEYS = {
     "optimizer": "Engine(optimizer=..., lr=..., weight_decay=...)",
@@ -98,7 +99,9 @@ def barrier(world_size: int) -> None:
 
 
 class TorchBackend:
-    """Plain PyTorch: autocast for bf16/fp16 (GradScaler for fp16), clipping, DistributedDataParallel on >1 rank."""
+    """Plain PyTorch: autocast for bf16/fp16 (GradScaler for fp16) with the frozen weights stored in that dtype
+    (`store_frozen_in`; trainable weights, gradients and optimizer state stay fp32), clipping, DistributedDataParallel
+    on >1 rank."""
 
     name = "torch"
 
@@ -119,6 +122,8 @@ class TorchBackend:
         self.grad_accum, self.clip_grad = grad_accum, clip_grad
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if self.autocast_dtype is not None:  # autocast would cast every frozen weight at every step
+            store_frozen_in(model, self.autocast_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.train_model: nn.Module = model
         if world_size > 1:
@@ -266,6 +271,11 @@ class DeepSpeedBackend:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, config: dict, precision: str) -> None:
         self.ds = import_deepspeed()
         init_distributed(required=True)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if (
+            half is not None
+        ):  # DeepSpeed casts the whole module to it anyway; this also keeps the frozen weights' record
+            store_frozen_in(model, half)
         self.engine, self.wrapped_optimizer, _, _ = self.ds.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.engine.module
         self.optimizer = optimizer
