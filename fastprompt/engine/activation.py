@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fastprompt.checkpointing import _model_blocks, activation_plan, checkpoint_activations, is_attention_op
+from fastprompt.checkpointing import _model_blocks, activation_plan, checkpoint_activations, is_kept_op, tracking_qkv
 
 __all__ = [
     "ActivationMemoryError",
@@ -155,8 +155,9 @@ class LiveBytes(TorchDispatchMode):
 
     Each op output whose storage is new is counted until the last tensor that the mode saw on it dies; views and
     in-place results of memory allocated before the mode are not counted. Works on the meta device too, where a
-    step costs no arithmetic: the same op sequence allocates the same bytes. Optionally attributes the bytes of
-    attention-op outputs to the block running them (`attention_bytes`).
+    step costs no arithmetic: the same op sequence allocates the same bytes. Optionally attributes the bytes of the
+    outputs selective checkpointing keeps (attention ops, q/k/v; `is_kept_op`) to the block running them
+    (`attention_bytes`).
     """
 
     def __init__(self) -> None:
@@ -166,6 +167,7 @@ class LiveBytes(TorchDispatchMode):
         self._storages: dict[int, list[int]] = {}  # data_ptr -> [bytes, tensors alive]
         self.block: int | None = None
         self.attention_bytes: dict[int, int] = {}
+        self._kept: set[int] = set()
 
     def reset_peak(self) -> None:
         """Start a new peak from the current level."""
@@ -204,8 +206,14 @@ class LiveBytes(TorchDispatchMode):
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         for tensor in outputs:
             self._track(tensor, inputs)
-        if self.block is not None and is_attention_op(func):
-            self.attention_bytes[self.block] = self.attention_bytes.get(self.block, 0) + _output_bytes(outputs)
+        if self.block is not None and is_kept_op(func):
+            fresh = {}  # count each storage once (q, k and v are views of one projection output)
+            for tensor in outputs:
+                storage = tensor.untyped_storage()
+                if storage._cdata in self._storages and storage._cdata not in self._kept:  # allocated in the step
+                    self._kept.add(storage._cdata)
+                    fresh[storage._cdata] = storage.nbytes()
+            self.attention_bytes[self.block] = self.attention_bytes.get(self.block, 0) + sum(fresh.values())
         return out
 
 
@@ -242,7 +250,7 @@ class StepProfile:
 
     peak: step peak above the level before it. kept[i]: bytes block i's forward leaves alive for backward (its
     output included). selective[i] / full[i]: what block i keeps under selective / full recomputation (its output,
-    plus, for selective, its attention outputs).
+    plus, for selective, its attention and q/k/v outputs).
     """
 
     peak: int
@@ -300,7 +308,7 @@ def profile_step(model: nn.Module, run_step: Callable[[], Any], device: torch.de
         handles.append(block.register_forward_pre_hook(before(index)))
         handles.append(block.register_forward_hook(after(index)))
     try:
-        with meter:
+        with meter, tracking_qkv(blocks):
             if _cuda(device):  # the allocator's peak; the mode only attributes attention outputs here
                 step = step_peak(run_step, device)
             else:
