@@ -336,3 +336,20 @@ def test_deepspeed_engine_plans_within_budget_and_trains_like_torch(enumerated: 
     )
     assert len(reference_losses) == steps
     assert losses[-steps:] == pytest.approx(reference_losses, abs=1e-5)
+
+
+def test_deepspeed_bf16_plans_in_the_precision_it_trains_in(enumerated: dict) -> None:
+    """Under DeepSpeed bf16 the measured step is the bf16 module's (inputs cast as in training): its activations
+    take about half the fp32 step's bytes, and the fixed bytes count the bf16 weights plus fp32 master copies."""
+    model = _model()
+    fp32_weights = resident_bytes(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine = Engine(
+        model, epochs=1, lr=1e-2, backend="deepspeed", zero_stage=2, precision="bf16", activation_memory="64GB"
+    )
+    engine.fit(_loader())
+    choice = engine.activation_choice
+    assert choice.plan == Plan()
+    assert choice.unrecomputed_peak < 0.7 * enumerated["peaks"][0]  # bf16 activations, not fp32 ones
+    assert {p.dtype for p in engine.backend.module.parameters()} == {torch.bfloat16}  # DeepSpeed's own cast
+    assert choice.fixed >= fp32_weights // 2 + 3 * 4 * trainable  # bf16 module + fp32 master and AdamW moments
