@@ -77,12 +77,21 @@ def _frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value for name, value in model.state_dict().items() if name not in trainable}
 
 
+# set by fastprompt.engine.precision.store_frozen_in: (digest of the frozen state after the dtype cast, the record
+# before it), so that a model whose frozen weights the Engine stored in bf16/fp16 still names its original weights
+FROZEN_CAST_ATTR = "_fastprompt_frozen_cast"
+
+
 def _frozen_record(model: nn.Module) -> dict[str, Any] | None:
     if any(getattr(param, "ds_id", None) is not None for param in model.parameters()):
         return None  # DeepSpeed ZeRO-3 partitions parameters: the local shards are not the weights
     frozen = _frozen_state(model)
+    digest = tensor_digest(frozen)
+    cast = getattr(model, FROZEN_CAST_ATTR, None)
+    if cast is not None and cast[0] == digest:
+        return cast[1]
     return {
-        "sha256": tensor_digest(frozen),
+        "sha256": digest,
         "tensors": len(frozen),
         "dtypes": sorted({str(value.dtype).removeprefix("torch.") for value in frozen.values()}),
     }

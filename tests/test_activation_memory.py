@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 
 import pytest
 import torch
@@ -277,14 +278,15 @@ def test_report_keeps_policies_apart_and_joins_the_tradeoff(tmp_path) -> None:
     }
 
 
-def test_cli_train_activation_memory(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("backend", [["--backend=torch"], ["--backend=deepspeed", "--zero-stage=2"]])
+def test_cli_train_activation_memory(tmp_path, capsys, backend: list[str]) -> None:
     from test_cli import FAST, TINY, write_folder
 
     from fastprompt.cli import main
 
     data = write_folder(tmp_path / "data", 4)
     out = tmp_path / "run"
-    argv = ["train", f"--data={data}", *TINY, "--method=ept", "--prompt-length=4", *FAST, "--epochs=1"]
+    argv = ["train", f"--data={data}", *TINY, "--method=ept", "--prompt-length=4", *FAST, "--epochs=1", *backend]
     assert main([*argv, f"--output-dir={out}", "--activation-memory=64GB"]) == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["activation_plan"] == "none"  # everything fits: nothing is recomputed
@@ -292,3 +294,62 @@ def test_cli_train_activation_memory(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main([*argv, f"--output-dir={tmp_path / 'run2'}", "--activation-memory=lots"]) == 2
     assert "cannot read memory size 'lots'" in capsys.readouterr().err
+
+
+def _recording_loss(record: list[float]):
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = F.cross_entropy(logits, targets)
+        record.append(value.item())
+        return value
+
+    return loss
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_engine_plans_within_budget_and_trains_like_torch(enumerated: dict, stage: int) -> None:
+    """DeepSpeed ZeRO on CPU: a budget below the unrecomputed step picks a recomputing plan, and training then
+    follows the torch backend running that plan, loss by loss."""
+    peaks = enumerated["peaks"]
+    settings = dict(epochs=2, lr=1e-2, backend="deepspeed", zero_stage=stage, progress=False)
+    # a budget nothing fits: the error names the smallest that works (DeepSpeed's fixed bytes + full-recompute peak)
+    with pytest.raises(ActivationMemoryError, match=r"give at least that") as info:
+        Engine(_model(), activation_memory="1KB", **settings).fit(_loader())
+    smallest = int(re.search(r"\((\d+) bytes", str(info.value)).group(1))
+    assert smallest > resident_bytes(_model()) + peaks[-1]  # DeepSpeed's master copies and optimizer state count
+    budget = smallest + (peaks[0] - peaks[-1]) // 2  # below the unrecomputed step, above full recomputation
+    expected = next(i for i, peak in enumerate(peaks) if smallest - peaks[-1] + peak <= budget)
+    assert expected > 0
+
+    losses: list[float] = []
+    engine = Engine(_model(), activation_memory=budget, loss=_recording_loss(losses), **settings)
+    engine.fit(_loader())
+    if stage < 3:  # the bare module's step is the torch backend's (ZeRO-3 adds its parameter gathering)
+        assert engine.activation_choice.plan == plan_chain(DEPTH)[expected]
+    assert engine.activation_choice.plan != Plan()
+    assert engine.activation_choice.fixed + engine.activation_choice.measured_peak <= budget
+    steps = 2 * len(_loader())
+
+    reference_losses: list[float] = []
+    reference = engine.activation_choice.plan.apply(_model())
+    Engine(reference, epochs=2, lr=1e-2, backend="torch", progress=False, loss=_recording_loss(reference_losses)).fit(
+        _loader()
+    )
+    assert len(reference_losses) == steps
+    assert losses[-steps:] == pytest.approx(reference_losses, abs=1e-5)
+
+
+def test_deepspeed_bf16_plans_in_the_precision_it_trains_in(enumerated: dict) -> None:
+    """Under DeepSpeed bf16 the measured step is the bf16 module's (inputs cast as in training): its activations
+    take about half the fp32 step's bytes, and the fixed bytes count the bf16 weights plus fp32 master copies."""
+    model = _model()
+    fp32_weights = resident_bytes(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine = Engine(
+        model, epochs=1, lr=1e-2, backend="deepspeed", zero_stage=2, precision="bf16", activation_memory="64GB"
+    )
+    engine.fit(_loader())
+    choice = engine.activation_choice
+    assert choice.plan == Plan()
+    assert choice.unrecomputed_peak < 0.7 * enumerated["peaks"][0]  # bf16 activations, not fp32 ones
+    assert {p.dtype for p in engine.backend.module.parameters()} == {torch.bfloat16}  # DeepSpeed's own cast
+    assert choice.fixed >= fp32_weights // 2 + 3 * 4 * trainable  # bf16 module + fp32 master and AdamW moments

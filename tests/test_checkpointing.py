@@ -121,6 +121,37 @@ def test_timm_attention_recomputed_only_by_full(policy: str, mlp: int, attention
     assert sdpa == attention * depth
 
 
+class _WideMatmuls(TorchDispatchMode):
+    """Counts matrix products whose output is `width` wide (the q/k/v projection's 3 x embed)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width, self.count = width, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.addmm, torch.ops.aten.mm) and out.shape[-1] == self.width:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("method", ["ept", "lora"])
+def test_selective_keeps_qkv_full_recomputes_it(method: str) -> None:
+    """Selective recomputation serves the q/k/v projection from what it kept: as many q/k/v products as without
+    recomputation; full recomputation runs them twice. Gradients stay exact (test_gradients_equal_unrecomputed)."""
+    depth = 3
+    counts = {}
+    for policy in ("none", "selective", "full"):
+        model = checkpoint_activations(_model(method, {}, depth), policy)
+        images, labels = _batch()
+        with _WideMatmuls(3 * model.embed_dim) as counter:
+            F.cross_entropy(model(images), labels).backward()
+        counts[policy] = counter.count
+    assert counts["none"] >= depth  # at least one q/k/v product per block (LoRA's B adds one)
+    assert counts["selective"] == counts["none"]
+    assert counts["full"] == 2 * counts["none"]
+
+
 def test_attention_ops_name_the_kernels_in_use() -> None:
     names = {str(op) for op in attention_ops()}
     assert "aten._scaled_dot_product_flash_attention_for_cpu" in names

@@ -133,6 +133,31 @@ def test_lightning_checkpoints_hold_only_the_trainable_weights(mode, tmp_path):
         torch.testing.assert_close(trainer_worker.logits(loaded.model), torch.tensor(result["logits"]), atol=0, rtol=0)
 
 
+def test_lightning_deepspeed_strategy_resumes_from_trainable_only_checkpoint(tmp_path):
+    """fastprompt's deepspeed_strategy on 2 CPU ranks: the half-way checkpoint holds only trainable weights, and a
+    fresh module resumed from it follows the uninterrupted run step by step and ends with its logits."""
+    pytest.importorskip("lightning")
+    pytest.importorskip("deepspeed")
+    result = run_worker("lightning-deepspeed-resume", tmp_path)
+    expected = sorted(f"model.{name}" for name in trainable())
+    assert sorted(lightning_state(Path(result["checkpoint"]), deepspeed=True)) == expected
+    half = trainer_worker.STEPS // 2
+    assert result["resumed_losses"] == pytest.approx(result["straight_losses"][half:], abs=1e-6)
+    torch.testing.assert_close(torch.tensor(result["resumed"]), torch.tensor(result["straight"]), atol=1e-6, rtol=1e-5)
+    untrained = trainer_worker.logits(trainer_worker.build_model())
+    assert (untrained - torch.tensor(result["resumed"])).abs().max() > 1e-2  # the weights did come from training
+
+
+def test_deepspeed_strategy_refuses_bad_options():
+    pytest.importorskip("lightning")
+    from fastprompt.integrations.lightning import deepspeed_strategy
+
+    with pytest.raises(ValueError, match="stage must be one of 0, 1, 2, 3"):
+        deepspeed_strategy(stage=4)
+    with pytest.raises(ValueError, match="accelerator must be 'auto', 'cpu' or 'gpu'"):
+        deepspeed_strategy(accelerator="tpu")
+
+
 def test_lightning_mixin_refuses_a_checkpoint_of_other_weights():
     pytest.importorskip("lightning")
     module = trainer_worker.lightning_module_class()()

@@ -1,6 +1,6 @@
 """Worker for tests/test_trainers.py: trains a tiny fastprompt-patched HF ViT under another trainer, in its own process.
 
-    python tests/trainer_worker.py hf|hf-deepspeed|lightning-ddp|lightning-deepspeed OUT_DIR
+    python tests/trainer_worker.py hf|hf-deepspeed|hf-resume|lightning-ddp|lightning-deepspeed[-resume] OUT_DIR
 
 Writes OUT_DIR/result.json: the training losses, the names of the parameters that changed, and the logits of
 the trained model on a fixed batch (what the reloaded weights must reproduce). Saved weights go under OUT_DIR.
@@ -181,51 +181,41 @@ def lightning_module_class() -> type:
     return Classifier
 
 
-def cpu_deepspeed_strategy() -> object:
-    """Lightning's DeepSpeedStrategy (ZeRO-2) with its CUDA-only check lifted, to run DeepSpeed's CPU accelerator."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-    from fastprompt.integrations.trainer import import_deepspeed
-
-    import_deepspeed()
-
-    from lightning.fabric.utilities.seed import reset_seed
-
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        def setup_environment(self) -> None:
-            DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's "only supported on CUDA GPUs"
-
-        @property
-        def root_device(self) -> torch.device:  # DeepSpeed reads the index as the rank's device number
-            return torch.device("cpu", 0)
-
-        def setup_distributed(self) -> None:  # DeepSpeedStrategy's, less the check that devices are CUDA indices
-            reset_seed()
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
-
-    return CPUDeepSpeedStrategy(stage=2, exclude_frozen_parameters=True, process_group_backend="gloo")
-
-
-def run_lightning(out: Path, deepspeed: bool) -> dict:
+def lightning_trainer(out: Path, deepspeed: bool, steps: int, checkpoint_every: int | None = None) -> object:
+    """A 2-process CPU Lightning Trainer (DDP or fastprompt's deepspeed_strategy), checkpointing every
+    `checkpoint_every` steps into OUT/checkpoints when given."""
     import lightning
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    module = lightning_module_class()()
-    before = {name: value.clone() for name, value in module.model.state_dict().items()}
-    loss_before = dataset_loss(module.model)
-    loader = torch.utils.data.DataLoader(dataset(), batch_size=BATCH, shuffle=True)
-    trainer = lightning.Trainer(
+    from fastprompt.integrations.lightning import deepspeed_strategy
+
+    callbacks = []
+    if checkpoint_every:
+        callbacks.append(ModelCheckpoint(out / "checkpoints", every_n_train_steps=checkpoint_every, save_top_k=-1))
+    return lightning.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=cpu_deepspeed_strategy() if deepspeed else "ddp",
-        max_steps=STEPS,
+        strategy=deepspeed_strategy(stage=2) if deepspeed else "ddp",
+        max_steps=steps,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(checkpoint_every),
+        callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(out),
     )
-    trainer.fit(module, loader)
+
+
+def loader() -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset(), batch_size=BATCH, shuffle=True)
+
+
+def run_lightning(out: Path, deepspeed: bool) -> dict:
+    module = lightning_module_class()()
+    before = {name: value.clone() for name, value in module.model.state_dict().items()}
+    loss_before = dataset_loss(module.model)
+    trainer = lightning_trainer(out, deepspeed, STEPS)
+    trainer.fit(module, loader())
     trainer.save_checkpoint(str(out / "final.ckpt"))
     model = module.model
     return {
@@ -239,6 +229,26 @@ def run_lightning(out: Path, deepspeed: bool) -> dict:
     }
 
 
+def run_lightning_resume(out: Path) -> dict:
+    """DeepSpeed ZeRO-2 on 2 ranks: train STEPS steps with a checkpoint every STEPS // 2, then resume a fresh module
+    and Trainer from the half-way checkpoint (trainable weights and optimizer state only) to STEPS."""
+    half = STEPS // 2
+    straight = lightning_module_class()()
+    trainer = lightning_trainer(out, True, STEPS, checkpoint_every=half)
+    trainer.fit(straight, loader())
+    (checkpoint,) = (out / "checkpoints").glob(f"*step={half}.ckpt")
+    resumed = lightning_module_class()()
+    trainer = lightning_trainer(out / "resumed", True, STEPS)
+    trainer.fit(resumed, loader(), ckpt_path=str(checkpoint))
+    return {
+        "checkpoint": str(checkpoint),
+        "straight": logits(straight.model).tolist(),
+        "resumed": logits(resumed.model).tolist(),
+        "resumed_losses": resumed.losses,
+        "straight_losses": straight.losses,
+    }
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
@@ -248,6 +258,8 @@ def main() -> None:
         result = run_hf_resume(out)
     elif mode in ("lightning-ddp", "lightning-deepspeed"):
         result = run_lightning(out, deepspeed=mode == "lightning-deepspeed")
+    elif mode == "lightning-deepspeed-resume":
+        result = run_lightning_resume(out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:

@@ -104,7 +104,7 @@ def add_parser(commands: Any) -> None:
         "--activation-memory",
         metavar="SIZE",
         help="fit each training step into SIZE (e.g. 8GB; auto: the device's free memory) by recomputing the fewest "
-        "activations in backward (chosen from a measured step; torch backend) (default: keep them all)",
+        "activations in backward (chosen from a measured step; any backend) (default: keep them all)",
     )
     parser.add_argument("--workers", type=non_negative_int, default=2, help="data loading processes (0: in-process)")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="run folder to write")

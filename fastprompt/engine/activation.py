@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fastprompt.checkpointing import _model_blocks, activation_plan, checkpoint_activations, is_attention_op
+from fastprompt.checkpointing import _model_blocks, activation_plan, checkpoint_activations, is_kept_op, tracking_qkv
 
 __all__ = [
     "ActivationMemoryError",
@@ -127,8 +127,13 @@ def _set_policies(model: nn.Module, policies: list[str]) -> nn.Module:
     return model
 
 
-def plan_chain(depth: int) -> list[Plan]:
-    """Every plan, least recomputation first: none, selective on 1..L, then full on 1..L (selective on the rest)."""
+def plan_chain(depth: int, *, selective: bool = True) -> list[Plan]:
+    """Every plan, least recomputation first: none, selective on 1..L, then full on 1..L (selective on the rest).
+
+    Without `selective` (DeepSpeed ZeRO-3, whose parameter gathering inside a block differs between the forward and
+    its recomputation, which selective checkpointing refuses): none, then full on 1..L (the rest kept)."""
+    if not selective:
+        return [Plan(j, 0) for j in range(depth + 1)]
     return [Plan(0, k) for k in range(depth + 1)] + [Plan(j, depth - j) for j in range(1, depth + 1)]
 
 
@@ -150,8 +155,9 @@ class LiveBytes(TorchDispatchMode):
 
     Each op output whose storage is new is counted until the last tensor that the mode saw on it dies; views and
     in-place results of memory allocated before the mode are not counted. Works on the meta device too, where a
-    step costs no arithmetic: the same op sequence allocates the same bytes. Optionally attributes the bytes of
-    attention-op outputs to the block running them (`attention_bytes`).
+    step costs no arithmetic: the same op sequence allocates the same bytes. Optionally attributes the bytes of the
+    outputs selective checkpointing keeps (attention ops, q/k/v; `is_kept_op`) to the block running them
+    (`attention_bytes`).
     """
 
     def __init__(self) -> None:
@@ -161,6 +167,7 @@ class LiveBytes(TorchDispatchMode):
         self._storages: dict[int, list[int]] = {}  # data_ptr -> [bytes, tensors alive]
         self.block: int | None = None
         self.attention_bytes: dict[int, int] = {}
+        self._kept: set[int] = set()
 
     def reset_peak(self) -> None:
         """Start a new peak from the current level."""
@@ -199,8 +206,14 @@ class LiveBytes(TorchDispatchMode):
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         for tensor in outputs:
             self._track(tensor, inputs)
-        if self.block is not None and is_attention_op(func):
-            self.attention_bytes[self.block] = self.attention_bytes.get(self.block, 0) + _output_bytes(outputs)
+        if self.block is not None and is_kept_op(func):
+            fresh = {}  # count each storage once (q, k and v are views of one projection output)
+            for tensor in outputs:
+                storage = tensor.untyped_storage()
+                if storage._cdata in self._storages and storage._cdata not in self._kept:  # allocated in the step
+                    self._kept.add(storage._cdata)
+                    fresh[storage._cdata] = storage.nbytes()
+            self.attention_bytes[self.block] = self.attention_bytes.get(self.block, 0) + sum(fresh.values())
         return out
 
 
@@ -237,7 +250,7 @@ class StepProfile:
 
     peak: step peak above the level before it. kept[i]: bytes block i's forward leaves alive for backward (its
     output included). selective[i] / full[i]: what block i keeps under selective / full recomputation (its output,
-    plus, for selective, its attention outputs).
+    plus, for selective, its attention and q/k/v outputs).
     """
 
     peak: int
@@ -295,7 +308,7 @@ def profile_step(model: nn.Module, run_step: Callable[[], Any], device: torch.de
         handles.append(block.register_forward_pre_hook(before(index)))
         handles.append(block.register_forward_hook(after(index)))
     try:
-        with meter:
+        with meter, tracking_qkv(blocks):
             if _cuda(device):  # the allocator's peak; the mode only attributes attention outputs here
                 step = step_peak(run_step, device)
             else:
@@ -351,24 +364,57 @@ def resolve_budget(budget: str | int, device: torch.device | str, resident_bytes
     return parse_bytes(budget)
 
 
+def _walk_tensors(value: Any, seen: set[int], depth: int = 4) -> Iterator[torch.Tensor]:
+    """Tensors inside `value`: itself, or inside its lists, tuples, sets and dicts (at most `depth` levels down)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+        return
+    if depth == 0 or id(value) in seen or not isinstance(value, (list, tuple, set, dict)):
+        return
+    seen.add(id(value))
+    for item in value.values() if isinstance(value, dict) else value:
+        yield from _walk_tensors(item, seen, depth - 1)
+
+
 def resident_bytes(*holders: Any) -> int:
-    """Bytes of the distinct storages behind the tensors of modules / optimizers (parameters, buffers, grads, state)."""
+    """Bytes of the distinct storages behind the tensors that modules / optimizers hold (parameters, buffers, grads,
+    state, and for a torch optimizer its params too). Any other object (DeepSpeed's ZeRO or bf16 optimizer wrapper)
+    counts the tensors its attributes hold directly or in containers: its fp32 master partitions, flat buffers, and
+    the state of the torch optimizer it wraps."""
     storages: dict[tuple[str, int], int] = {}
+    seen: set[int] = set()
 
     def add(tensor: Any) -> None:
         if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
             storage = tensor.untyped_storage()
             storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
 
-    for holder in holders:
+    def add_holder(holder: Any) -> None:
+        if id(holder) in seen:
+            return
+        seen.add(id(holder))
         if isinstance(holder, nn.Module):
             for tensor in [*holder.parameters(), *holder.buffers()]:
                 add(tensor)
                 add(tensor.grad)
+                add(getattr(tensor, "ds_tensor", None))  # this rank's ZeRO-3 partition of a parameter
         elif isinstance(holder, torch.optim.Optimizer):
+            for group in holder.param_groups:
+                for param in group["params"]:
+                    add(param)
+                    add(param.grad)
             for state in holder.state.values():
                 for value in state.values():
                     add(value)
+        elif holder is not None:
+            for value in vars(holder).values():
+                if isinstance(value, (nn.Module, torch.optim.Optimizer)):
+                    add_holder(value)
+                for tensor in _walk_tensors(value, seen):
+                    add(tensor)
+
+    for holder in holders:
+        add_holder(holder)
     return sum(storages.values())
 
 
@@ -403,16 +449,18 @@ def choose_plan(
     fixed: int,
     device: torch.device | str = "cpu",
     profile: StepProfile | None = None,
+    selective: bool = True,
 ) -> PlanChoice:
     """The least-recompute plan whose step (`fixed` bytes + measured step peak) fits `budget`; applied to `model`.
 
     `run_step()` runs one forward + backward (the caller restores gradients and RNG afterwards). `profile`: a
-    `profile_step` result to predict from (measured here when None). Raises
+    `profile_step` result to predict from (measured here when None). `selective`: whether plans may use selective
+    recomputation (see `plan_chain`). Raises
     ActivationMemoryError naming the smallest budget that would work when even full recomputation does not fit.
     """
     device = torch.device(device)
     depth = len(_model_blocks(model))
-    chain = plan_chain(depth)
+    chain = plan_chain(depth, selective=selective)
     measured: dict[int, int] = {}
     if profile is None:
         profile = profile_step(model, run_step, device)
@@ -493,21 +541,29 @@ def _optimizer_state_to_come(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
+def _backend_bytes(backend: Any) -> tuple[int, int]:
+    """(held now, to come) by the backend besides the step itself: the model, gradients, optimizer state and, under
+    DeepSpeed, its master copies and flat buffers; then the optimizer state its first step will allocate."""
+    holders: list[Any] = [backend.module, backend.optimizer]
+    wrapper = getattr(getattr(backend, "engine", None), "optimizer", None)
+    if wrapper is not None and wrapper is not backend.optimizer:
+        holders.append(wrapper)  # DeepSpeed's ZeRO / bf16 optimizer: fp32 partitions, gradient buffers
+    return resident_bytes(*holders), _optimizer_state_to_come(backend.optimizer)
+
+
 def plan_engine_step(engine: Any, loader: Any, budget: str | int) -> PlanChoice:
     """Choose and apply the activation plan for an Engine's training step on the first batch of `loader`.
 
-    The measured steps run forward + loss + backward on the training model itself (not through DDP, so ranks need
-    not agree on the number of probes); gradients and every RNG are restored afterwards, so training is unchanged.
+    Works on every backend: the measured steps run the bare training module (not DDP or DeepSpeed's engine, so ranks
+    need not agree on the number of probes) in the precision the backend trains in (autocast on the torch backend;
+    DeepSpeed's bf16/fp16 module and inputs), and take gradients with `torch.autograd.grad`, so no `.grad` and no
+    DeepSpeed gradient hook is touched. The fixed bytes are what the backend holds (`_backend_bytes`). Every RNG is
+    restored afterwards, so training is unchanged.
     """
     from fastprompt.engine.checkpoint import rng_state, set_rng_state
-    from fastprompt.engine.data import split_batch
+    from fastprompt.engine.data import call_model, split_batch
 
     backend = engine.backend
-    if getattr(backend, "name", None) != "torch":
-        raise ValueError(
-            "activation_memory needs the torch backend (backend='torch'): the planner measures steps outside "
-            "DeepSpeed's engine; with DeepSpeed call fastprompt.checkpoint_activations(model, ...) yourself"
-        )
     model = backend.module
     device = backend.device
     saved_rng = rng_state()
@@ -518,18 +574,17 @@ def plan_engine_step(engine: Any, loader: Any, budget: str | int) -> PlanChoice:
     inputs, targets = split_batch(batch)
     inputs, targets = backend.to_device(inputs), backend.to_device(targets, cast=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad for p in params]
     was_training = model.training
     model.train()
 
     def run_step() -> None:
-        for param in params:
-            param.grad = None
-        engine.loss_fn(backend.forward(inputs, train=False), targets).backward()
+        with backend.autocast():
+            loss = engine.loss_fn(call_model(model, inputs), targets)
+        torch.autograd.grad(loss, params, allow_unused=True)
 
     try:
-        resident = resident_bytes(model, backend.optimizer)
-        fixed = resident + _optimizer_state_to_come(backend.optimizer)
+        resident, to_come = _backend_bytes(backend)
+        fixed = resident + to_come
         limit = resolve_budget(budget, device, resident)
         state = rng_state()
 
@@ -537,10 +592,9 @@ def plan_engine_step(engine: Any, loader: Any, budget: str | int) -> PlanChoice:
             set_rng_state(state)
             run_step()
 
-        choice = choose_plan(model, seeded_step, limit, fixed=fixed, device=device)
+        selective = getattr(backend, "zero_stage", 0) != 3
+        choice = choose_plan(model, seeded_step, limit, fixed=fixed, device=device, selective=selective)
     finally:
-        for param, grad in zip(params, grads):
-            param.grad = grad
         model.train(was_training)
         set_rng_state(saved_rng)
     return choice

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fastprompt.engine.data import call_model, map_tensors
+from fastprompt.engine.precision import store_frozen_in
 
 _ENGINE_OWNED_KEYS = {
     "optimizer": "Engine(optimizer=..., lr=..., weight_decay=...)",
@@ -98,7 +99,9 @@ def barrier(world_size: int) -> None:
 
 
 class TorchBackend:
-    """Plain PyTorch: autocast for bf16/fp16 (GradScaler for fp16), clipping, DistributedDataParallel on >1 rank."""
+    """Plain PyTorch: autocast for bf16/fp16 (GradScaler for fp16) with the frozen weights stored in that dtype
+    (`store_frozen_in`; trainable weights, gradients and optimizer state stay fp32), clipping, DistributedDataParallel
+    on >1 rank."""
 
     name = "torch"
 
@@ -119,6 +122,8 @@ class TorchBackend:
         self.grad_accum, self.clip_grad = grad_accum, clip_grad
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if self.autocast_dtype is not None:  # autocast would cast every frozen weight at every step
+            store_frozen_in(model, self.autocast_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.train_model: nn.Module = model
         if world_size > 1:
@@ -129,14 +134,15 @@ class TorchBackend:
         """Move every tensor of a batch to the training device (autocast handles dtypes, so `cast` is unused)."""
         return map_tensors(value, lambda t: t.to(self.device, non_blocking=True))
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context a forward of `module` runs in: autocast to bf16/fp16, or nothing for fp32."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def forward(self, inputs: Any, *, train: bool) -> torch.Tensor:
         """Model outputs for one batch (through DDP when training on several ranks)."""
-        with self._autocast():
+        with self.autocast():
             return call_model(self.train_model if train else self.module, inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -265,6 +271,11 @@ class DeepSpeedBackend:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, config: dict, precision: str) -> None:
         self.ds = import_deepspeed()
         init_distributed(required=True)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if (
+            half is not None
+        ):  # DeepSpeed casts the whole module to it anyway; this also keeps the frozen weights' record
+            store_frozen_in(model, half)
         self.engine, self.wrapped_optimizer, _, _ = self.ds.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.engine.module
         self.optimizer = optimizer
@@ -281,6 +292,10 @@ class DeepSpeedBackend:
             return tensor.to(self.device)
 
         return map_tensors(value, move)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context a forward of `module` runs in: nothing (the module and the cast inputs carry the dtype)."""
+        return contextlib.nullcontext()
 
     def forward(self, inputs: Any, *, train: bool) -> torch.Tensor:
         """Model outputs for one batch (through the DeepSpeed engine, which gathers ZeRO-3 parameters)."""

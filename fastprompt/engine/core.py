@@ -68,6 +68,7 @@ from fastprompt.engine.data import (
     rebuild_loader,
     split_batch,
 )
+from fastprompt.engine.precision import cpu_bf16_support
 from fastprompt.engine.report import (
     TENSORBOARD_DIR,
     TensorBoardLogger,
@@ -151,7 +152,9 @@ class Engine:
     optimizer: "adamw" or "sgd" (with `momentum`); `weight_decay` applies to every trainable parameter.
     schedule: "cosine" (per optimizer step, to 0) or "constant", after `warmup_steps` of linear warmup.
     precision: "auto" (bf16 on a CUDA device that supports it, else fp32), "bf16", "fp16" or "fp32". The torch
-    backend uses autocast (+ GradScaler for fp16); DeepSpeed casts the whole model (frozen weights too) to bf16/fp16.
+    backend uses autocast (+ GradScaler for fp16) with the frozen weights stored once in bf16/fp16 (trainable ones,
+    their gradients and optimizer state stay fp32); DeepSpeed casts the whole model to bf16/fp16 and keeps fp32
+    master weights. On a CPU without native bf16 (avx512_bf16 / amx_bf16), "bf16" warns and trains in fp32.
     backend: "auto" picks DeepSpeed when it is installed and useful (CUDA, several ranks, or zero_stage > 0).
     zero_stage 0-3, `grad_accum` micro-batches per optimizer step (a trailing incomplete group of an epoch is
     dropped), `clip_grad` (max global L2 norm), `deepspeed_config` (dict or JSON path) deep-merged over the generated
@@ -160,7 +163,7 @@ class Engine:
     activation_memory: None, "auto" (the device's free memory) or a size ("4GB", or bytes): before training, pick the
     least-recompute activation plan (`fastprompt.checkpoint_activations`: none, selective on k blocks, ..., full on
     all) whose step fits the budget at the loader's batch size, from a measured step; the plan is printed and
-    written to metrics.jsonl (torch backend; see fastprompt.engine.activation).
+    written to metrics.jsonl (every backend, measured in the precision it trains in; see fastprompt.engine.activation).
     loss: "auto" (cross-entropy for class indices, BCE-with-logits for multi-hot float targets) or a callable.
     output_dir: checkpoints/{last,prev,best}.pt, metrics.jsonl and curves.png; `checkpoint_every` optimizer steps
     (and every epoch end) `last` is rewritten; `best` follows `monitor` ("auto": val AUC, else val/train loss).
@@ -410,6 +413,13 @@ class Engine:
 
     def _resolve_precision(self) -> str:
         precision = self.config["precision"]
+        if precision == "bf16" and not torch.cuda.is_available():
+            native, reason = cpu_bf16_support()
+            if not native:  # emulated bf16 is slower than fp32: never train slower than asked for silently
+                message = f"precision='bf16' on CPU: {reason}, where bf16 runs slower than fp32; training in fp32"
+                _LOG.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=4)
+                return "fp32"
         if precision != "auto":
             return precision
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
