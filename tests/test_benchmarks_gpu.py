@@ -258,3 +258,27 @@ def test_bad_box_override_is_refused(capsys):
         gpu.main(["--out", "x", "--dry-run", "--commit", "HEAD"])
     assert "40-digit hex SHA" in capsys.readouterr().err
     shutil.rmtree("x", ignore_errors=True)
+
+
+@pytest.mark.parametrize(("differ", "expected"), [(True, False), (False, True)])
+def test_determinism_compares_two_separate_runs(tmp_path, monkeypatch, differ, expected):
+    """Each check runs twice and compares the runs: runs that differ (a counter in the output) are reported as not
+    bit-identical, equal runs as identical; a comparison of one run with itself would call both identical."""
+    calls = {"kernels": 0, "ept_training": 0}
+
+    def fake(name):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return [torch.ones(3), torch.full((2,), float(calls[name] if differ else 0))]
+
+        return run
+
+    monkeypatch.setattr(gpu, "_kernel_run", fake("kernels"))
+    monkeypatch.setattr(gpu, "_training_run", fake("ept_training"))
+    monkeypatch.setattr("fastprompt.engine.core.enable_determinism", lambda: None)  # no global switches in-process
+    gpu.determinism_part(gpu.PROFILES["tiny"], tmp_path)
+    rows = {row["check"]: row for row in results.load_record(tmp_path / "determinism.json")["rows"]}
+    assert calls == {"kernels": 2, "ept_training": 2}
+    for check in calls:
+        assert rows[check]["bit_identical"] is expected, rows
+        assert rows[check]["max_abs_difference"] == (1.0 if differ else 0.0)
