@@ -137,8 +137,10 @@ def test_unreadable_images_are_all_listed_in_the_run(tmp_path, capsys):
     broken[0].write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     broken[1].write_bytes(b"")
     broken[2].write_bytes(b"\x89PNG\r\n\x1a\n cut off")
-    for name, (width, height) in {"wide.png": (40, 4), "tall.png": (4, 40)}.items():  # one side below 8 pixels
-        Image.fromarray(np.full((height, width, 3), 200, np.uint8)).save(data / CLASSES[0] / name)
+    small = [(data / CLASSES[0] / "wide.png", 40, 4), (data / CLASSES[1] / "tall.png", 4, 40)]
+    small.append((val / CLASSES[0] / "tall.png", 4, 40))
+    for path, width, height in small:  # one side below the 8-pixel patch
+        Image.fromarray(np.full((height, width, 3), 200, np.uint8)).save(path)
     out = tmp_path / "run"
     assert main(["train", f"--data={data}", f"--val={val}", *TINY, "--method=linear", *FAST, "--epochs=1",
                  f"--output-dir={out}"]) == 0  # fmt: skip
@@ -147,7 +149,8 @@ def test_unreadable_images_are_all_listed_in_the_run(tmp_path, capsys):
     assert sorted(row["path"] for row in rows) == sorted(map(str, broken))
     err = capsys.readouterr().err
     assert f"listed in {out / 'unreadable.csv'}" in err
-    assert "skipped 2 image(s) smaller than one 8-pixel patch" in err
+    assert "skipped 2 image(s) smaller than one 8-pixel patch" in err  # in --data
+    assert "skipped 1 image(s) smaller than one 8-pixel patch" in err  # in --val
     config = json.loads((out / "config.json").read_text())
     assert (config["train_size"], config["val_size"]) == (8, 4)  # 4 + 4 readable, full-size; 2 + 2 in --val
 
