@@ -60,8 +60,10 @@ def run_tests(scratch: Path, tests: tuple[str, ...], timeout: float) -> tuple[st
         done = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", time.monotonic() - start, ""
-    output = (done.stdout + done.stderr)[-1500:]
-    return ("passed" if done.returncode == 0 else "failed"), time.monotonic() - start, output
+    output = done.stdout + done.stderr
+    failed = [line.split(" - ")[0] for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    status = "passed" if done.returncode == 0 else "failed"
+    return status, time.monotonic() - start, "\n".join(failed) or output[-1500:]
 
 
 def apply(scratch: Path, mutant: Mutant) -> str:
@@ -123,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 (scratch / m.file).write_text(original)
             verdict = "SURVIVED" if status == "passed" else "killed"
+            caught_by = output.splitlines()[0] if status == "failed" and output else ""
             outcomes.append(
                 {"id": m.id, "file": m.file, "status": verdict, "how": status, "seconds": round(seconds, 1),
-                 "what": m.what, "tests": list(m.tests)}
+                 "what": m.what, "tests": list(m.tests), "caught_by": caught_by}
             )  # fmt: skip
-            print(f"{verdict:8s} {seconds:6.1f}s {m.id}: {m.what}", flush=True)
+            print(f"{verdict:8s} {seconds:6.1f}s {m.id}: {m.what}" + (f"  [{caught_by}]" if caught_by else ""),
+                  flush=True)  # fmt: skip
     finally:
         if args.keep:
             print(f"kept {scratch}")
