@@ -220,6 +220,17 @@ def test_train_on_a_csv_list_few_shot(data, tmp_path):
     assert (config["shots"], config["train_size"], config["val_size"]) == (2, 4, 2)
 
 
+def test_few_shot_never_draws_the_validation_images(data, tmp_path, capsys):
+    """5 images per class, 2 of them held out for validation: 3 remain, so 3-shot trains and 4-shot is refused (a
+    draw from all 5 would leak validation images into training)."""
+    argv = ["train", f"--data={data.clean}", *TINY, "--method=linear", "--val-fraction=0.4", *FAST, "--epochs=1"]
+    assert main([*argv, "--shots=3", f"--output-dir={tmp_path / 'three'}"]) == 0
+    config = json.loads((tmp_path / "three" / "config.json").read_text())
+    assert (config["train_size"], config["val_size"]) == (6, 4)
+    err = run_error(capsys, [*argv, "--shots=4", f"--output-dir={tmp_path / 'four'}"])
+    assert "3 sample(s) outside the excluded set but 4-shot needs 4" in err
+
+
 @pytest.mark.parametrize(
     "overrides, extra, message",
     [

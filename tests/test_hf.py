@@ -231,6 +231,26 @@ def test_dinov2_head_sees_cls_and_mean_patch_token():
     assert fastprompt.count_parameters(model)[0] == expected
 
 
+def test_dinov2_vpt_head_pools_the_image_tokens_without_the_prompts():
+    """DINOv2's head sees [CLS, mean of the patch tokens]: the prompt tokens are gone before the final norm, so the
+    mean is over the 16 patch tokens only (computed by hand; randomised norms)."""
+    base = tiny_dinov2()
+    randomise_norms(base)
+    model = fastprompt.apply(copy.deepcopy(base), "vpt", num_tokens=2)
+    prompts = model.dinov2.vpt.prompts
+    x = images(28)
+    with torch.no_grad():
+        hidden = base.dinov2.embeddings(x)
+        for i, layer in enumerate(hf.hf_layers(base)):
+            rest = hidden[:, 1:] if i == 0 else hidden[:, 3:]
+            hidden = layer(torch.cat([hidden[:, :1], prompts[i].expand(2, -1, -1), rest], dim=1))
+        tokens = base.dinov2.layernorm(torch.cat([hidden[:, :1], hidden[:, 3:]], dim=1))
+        assert tokens.shape[1] == 1 + (28 // 7) ** 2
+        expected = base.classifier(torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1))
+        got = logits_of(model, x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_lora_and_adapter_start_as_the_pretrained_model(method):
     base = tiny_vit()
