@@ -271,6 +271,17 @@ def test_images_smaller_than_a_patch_are_skipped_with_a_count(tmp_path, capsys):
     assert "skipped 1 image(s) smaller than one 8-pixel patch" in capsys.readouterr().err
 
 
+def test_a_folder_of_only_too_small_images_is_refused(tmp_path, capsys):
+    folder = tmp_path / "small"
+    for name in CLASSES:
+        (folder / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((40, 6, 3), np.uint8)).save(folder / name / f"{i}.png")  # 6 px wide < 8
+    argv = ["train", f"--data={folder}", *TINY, "--method=linear", *FAST, f"--output-dir={tmp_path / 'out'}"]
+    err = run_error(capsys, argv)
+    assert f"every image in {folder} is smaller than one 8-pixel patch" in err
+
+
 def test_pretrained_without_network(data, tmp_path, capsys, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("[Errno -2] Name or service not known")

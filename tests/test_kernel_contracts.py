@@ -103,3 +103,19 @@ def test_sink_attention_saves_q_k_v_only_when_one_needs_a_gradient(needs):
     else:
         assert inputs <= saved  # all three are needed for any of dq, dk, dv
         assert dict(zip("qkv", (q, k, v)))[needs].grad is not None
+
+
+def test_an_infinite_sink_takes_all_the_mass_and_gradients_stay_finite():
+    """A row whose sink is +inf puts every probability on the sink: its output is 0 and its sink gradient 0
+    (exp(g − lse') is 1 there, not inf − inf); rows with a -inf sink are plain attention."""
+    q, k, v = qkv(torch.float32, n=5)
+    sink = torch.tensor([float("inf"), 0.0, 1.0, float("-inf"), 2.0], requires_grad=True)
+    out = fk.sink_attention(q, k, v, sink, scale=SCALE)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    (out * weights).sum().backward()
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
+    plain = torch.softmax(q.detach().double() @ k.detach().double().transpose(-2, -1) * SCALE, -1) @ v.detach().double()
+    torch.testing.assert_close(out[:, :, 3].double(), plain[:, :, 3], atol=1e-5, rtol=0)
+    for name, tensor in {"sink": sink, "q": q, "k": k, "v": v}.items():
+        assert torch.isfinite(tensor.grad).all(), name
+    assert sink.grad[0] == 0 and sink.grad[3] == 0 and (sink.grad[[1, 2, 4]] != 0).all()
