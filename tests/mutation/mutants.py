@@ -110,6 +110,9 @@ MUTANTS: list[Mutant] = [
     Mutant("hf-resample-bilinear", "fastprompt/methods/hf.py",
            'mode="bicubic", align_corners=False)', 'mode="bilinear", align_corners=False)', HF,
            "EPT prompt rows resampled unlike HF's position embeddings"),
+    Mutant("ept-scale-first-head", "fastprompt/methods/ept.py",
+           "state.scales.append(scaling.mean(dim=1))", "state.scales.append(scaling[:, 0])", HF,
+           "EPT scale map from the first head instead of the head mean"),
     Mutant("hf-lora-skips-k", "fastprompt/methods/hf.py",
            '"qkv": ("q_proj", "k_proj", "v_proj")', '"qkv": ("q_proj", "v_proj")', HF, "LoRA qkv misses k_proj"),
     # ---- predict.py
