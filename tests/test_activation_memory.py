@@ -116,6 +116,16 @@ def test_profile_predicts_every_plan(enumerated: dict) -> None:
     assert all(f < s < k for f, s, k in zip(profile.full, profile.selective, profile.kept))
 
 
+def test_profiling_leaves_the_users_plan_in_place() -> None:
+    """profile_step measures with nothing recomputed, then gives every block back the policy it had."""
+    model = _model(depth=3)
+    checkpoint_activations(model, "full", [0])
+    checkpoint_activations(model, "selective", [2])
+    profile = profile_step(model, _step(model))
+    assert len(profile.kept) == 3
+    assert activation_plan(model) == ["full", "none", "selective"]
+
+
 @pytest.mark.parametrize("fraction", [0.8, 0.6, 0.45])
 def test_planner_picks_least_recompute_that_fits(enumerated: dict, fraction: float) -> None:
     peaks = enumerated["peaks"]

@@ -376,3 +376,57 @@ def test_gpu_tests_file_keeps_each_finished_test_when_the_box_stops_pytest(tmp_p
         {"test": "tests/test_a.py::test_file_written_already", "outcome": "PASSED"},
     ]
     assert record["summary"]["timed_out"] is True and record["summary"]["returncode"] is None
+
+
+@pytest.mark.parametrize(("differ", "expected"), [(True, False), (False, True)])
+def test_determinism_compares_two_separate_runs(tmp_path, monkeypatch, differ, expected):
+    """Each check runs twice and compares the runs: runs that differ (a counter in the output) are reported as not
+    bit-identical, equal runs as identical; a comparison of one run with itself would call both identical."""
+    calls = {"kernels": 0, "ept_training": 0}
+
+    def fake(name):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return [torch.ones(3), torch.full((2,), float(calls[name] if differ else 0))]
+
+        return run
+
+    monkeypatch.setattr(gpu, "_kernel_run", fake("kernels"))
+    monkeypatch.setattr(gpu, "_training_run", fake("ept_training"))
+    monkeypatch.setattr("fastprompt.engine.core.enable_determinism", lambda: None)  # no global switches in-process
+    gpu.determinism_part(gpu.PROFILES["tiny"], tmp_path)
+    rows = {row["check"]: row for row in results.load_record(tmp_path / "determinism.json")["rows"]}
+    assert calls == {"kernels": 2, "ept_training": 2}
+    for check in calls:
+        assert rows[check]["bit_identical"] is expected, rows
+        assert rows[check]["max_abs_difference"] == (1.0 if differ else 0.0)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_frozen_forward_compares_the_selections_and_times_of_both_paths(tmp_path, monkeypatch, shift):
+    """The index agreement compares the two paths' selections (a reference that picks other tokens lowers it), and
+    the speed-up is the reference's time over the fused path's (fixed timings in, their ratio out)."""
+    real = gpu.materialised_features
+
+    def reference(model, images):
+        features = real(model, images)
+        n = (images.shape[-1] // 16) ** 2 + 1  # tokens of the tiny profile's ViT
+        return {**features, "indices": (features["indices"] + shift) % n}
+
+    class Timing:
+        def __init__(self, median):
+            self.median = median
+
+        def as_dict(self):
+            return {"median": self.median}
+
+    medians = iter([0.5, 2.0])  # fused first, then the reference
+    monkeypatch.setattr(gpu, "materialised_features", reference)
+    monkeypatch.setattr(gpu.harness, "time_fn", lambda *args, **kwargs: Timing(next(medians)))
+    gpu.frozen_forward_part(gpu.PROFILES["tiny"], tmp_path)
+    summary = results.load_record(tmp_path / "frozen_forward.json")["rows"][-1]
+    assert summary["speedup"] == pytest.approx(4.0)
+    if shift == 0:
+        assert summary["selected_index_agreement"] == 1.0  # fp32: both paths select the same tokens
+    else:
+        assert summary["selected_index_agreement"] < 0.9

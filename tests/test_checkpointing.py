@@ -202,3 +202,16 @@ def test_refuses_timm_checkpointing_and_non_vits() -> None:
         checkpoint_activations(model)
     with pytest.raises(TypeError, match="timm ViTs"):
         checkpoint_activations(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_a_count_of_every_block_is_accepted_and_one_more_is_refused(depth: int) -> None:
+    """blocks=<depth> checkpoints every block (the planner's "full on all L blocks" step); depth + 1 is refused."""
+    model = checkpoint_activations(_model("lora", {}, depth), "full", blocks=depth)
+    assert activation_plan(model) == ["full"] * depth
+    checkpoint_activations(model, "selective", blocks=depth - 1)
+    assert activation_plan(model) == ["selective"] * (depth - 1) + ["full"]
+    checkpoint_activations(model, "none", blocks=0)  # a count of zero names no block
+    assert activation_plan(model) == ["selective"] * (depth - 1) + ["full"]
+    with pytest.raises(ValueError, match="between 0 and the depth"):
+        checkpoint_activations(model, "full", blocks=depth + 1)

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_cli import CLASSES, FAST, TINY, write_folder
 
 from fastprompt.cli import main
@@ -127,20 +129,30 @@ def test_a_dataset_root_with_split_folders_is_refused_before_anything_is_built(t
     assert not out.exists()
 
 
-def test_unreadable_images_are_all_listed_in_the_run(folders, tmp_path, capsys):
-    train, val = folders
-    data = tmp_path / "data"
-    write_folder(data, 4)
-    broken = [data / CLASSES[0] / "broken.png", data / CLASSES[1] / "empty.png"]
+def test_unreadable_images_are_all_listed_in_the_run(tmp_path, capsys):
+    """Unreadable files of --data and --val are all in unreadable.csv; images narrower or shorter than one patch
+    (either side) are left out of training."""
+    data, val = write_folder(tmp_path / "data", 4), write_folder(tmp_path / "val", 2, seed=1)
+    broken = [data / CLASSES[0] / "broken.png", data / CLASSES[1] / "empty.png", val / CLASSES[1] / "cut.png"]
     broken[0].write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     broken[1].write_bytes(b"")
+    broken[2].write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    small = [(data / CLASSES[0] / "wide.png", 40, 4), (data / CLASSES[1] / "tall.png", 4, 40)]
+    small.append((val / CLASSES[0] / "tall.png", 4, 40))
+    for path, width, height in small:  # one side below the 8-pixel patch
+        Image.fromarray(np.full((height, width, 3), 200, np.uint8)).save(path)
     out = tmp_path / "run"
     assert main(["train", f"--data={data}", f"--val={val}", *TINY, "--method=linear", *FAST, "--epochs=1",
                  f"--output-dir={out}"]) == 0  # fmt: skip
     with open(out / "unreadable.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(row["path"] for row in rows) == sorted(map(str, broken))
-    assert f"listed in {out / 'unreadable.csv'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"listed in {out / 'unreadable.csv'}" in err
+    assert "skipped 2 image(s) smaller than one 8-pixel patch" in err  # in --data
+    assert "skipped 1 image(s) smaller than one 8-pixel patch" in err  # in --val
+    config = json.loads((out / "config.json").read_text())
+    assert (config["train_size"], config["val_size"]) == (8, 4)  # 4 + 4 readable, full-size; 2 + 2 in --val
 
 
 def test_evaluate_refuses_other_classes_unless_asked_to_skip(folders, tmp_path, capsys):

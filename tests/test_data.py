@@ -584,3 +584,31 @@ def test_every_unreadable_image_is_listed_and_written(tmp_path):
     assert all(row[1] for row in rows[1:])
     clean = ImageFolderDataset(_folder(tmp_path / "clean", {"a": 1, "b": 1}))
     assert write_unreadable(out, clean) == 0 and not out.exists()  # no stale list from an earlier attempt
+
+
+def centre_square(size: int = 64, inner: int = 32) -> torch.Tensor:
+    """A black [3, size, size] image with a white centre square of side `inner`."""
+    image = torch.zeros(3, size, size)
+    start = (size - inner) // 2
+    image[:, start : start + inner, start : start + inner] = 1.0
+    return image
+
+
+def test_eval_crop_pct_keeps_the_centre_of_the_image():
+    """crop_pct=0.5 resizes to size/0.5 and crops the centre half: a white centre a little larger than that half (44 of
+    64 pixels) fills the output; the black border stays outside."""
+    out = build_transforms(16, train=False, crop_pct=0.5, mean=(0,) * 3, std=(1,) * 3)(centre_square(64, 44))
+    assert out.shape == (3, 16, 16)
+    torch.testing.assert_close(out, torch.ones(3, 16, 16), atol=0.02, rtol=0)
+
+
+def test_fpt_crops_keep_most_of_the_image():
+    """FPT's side-branch crops cover >= 80 % of the image (ratio 0.7-1.3), so each is wider and taller than 3/4 of
+    a side and always holds the centre: a small white centre mark survives every draw (EPT's 8 % crops lose it)."""
+    torch.manual_seed(0)
+    options = {**AUGMENTATIONS["fpt"], "color_jitter": 0.0, "mean": (0,) * 3, "std": (1,) * 3}
+    fpt = build_transforms(32, train=True, **options)
+    image = centre_square(64, 4)
+    assert all(fpt(image).max() > 0.2 for _ in range(40))
+    ept = build_transforms(32, train=True, **{**options, **{k: AUGMENTATIONS["ept"][k] for k in ("scale", "ratio")}})
+    assert not all(ept(image).max() > 0.2 for _ in range(40))  # the check can tell small crops apart

@@ -150,11 +150,41 @@ def test_prompt_resampling_is_hugging_faces_position_interpolation():
     assert hf.resample_prompt(prompt, (4, 4), (4, 4), 1) is prompt
 
 
-def test_ept_scales_on_hf():
-    model = fastprompt.apply(tiny_vit(), "ept", prompt_length=4, prompt_layers=[1])
-    scales = fastprompt.ept_scales(model, images(2 * IMG), interpolate_pos_encoding=True)
-    assert list(scales) == [1] and scales[1].shape == (2, (2 * IMG // PATCH) ** 2 + 1)
-    assert ((scales[1] > 0) & (scales[1] < 1)).all()
+def randomise_norms(model) -> None:
+    """Give every LayerNorm a random weight and bias: fresh ones are the identity, so a wrong norm would not show."""
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1.0 + 0.5 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=generator))
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_dinov2])
+def test_ept_scales_on_hf_are_the_official_attentions_non_prompt_mass(make):
+    """σ(lse − g) per token, head-averaged, equals 1 − the probability the official concat-softmax puts on the prompt
+    columns, read from Hugging Face's own attention probabilities (norms randomised; interpolated size for ViT)."""
+    base = make(initializer_range=0.2)
+    randomise_norms(base)
+    model = fastprompt.apply(copy.deepcopy(base), "ept", prompt_length=4, prompt_layers=[1])
+    with torch.no_grad():
+        model_prompt = hf.attention_modules(model)[1].prompt
+        model_prompt.normal_(std=1.5)
+    dinov2 = make is tiny_dinov2
+    size = 28 if dinov2 else 2 * IMG
+    kwargs = {} if dinov2 else {"interpolate_pos_encoding": True}
+    x = images(size)
+    scales = fastprompt.ept_scales(model, x, **kwargs)
+    patch = 7 if dinov2 else PATCH
+    assert list(scales) == [1] and scales[1].shape == (2, (size // patch) ** 2 + 1)
+    prompt = model_prompt.detach() if dinov2 else hf_resampled(model_prompt.detach(), size, PATCH)
+    far = torch.full((prompt.shape[0], 1), -1e4)  # layer 0 unprompted: a sink no token attends to
+    twin = official_twin(base, {0: far, 1: prompt})
+    with torch.no_grad():
+        attentions = twin(x, output_attentions=True, **kwargs).attentions
+    expected = attentions[1].sum(dim=-1).mean(dim=1)  # the kept (non-prompt) probability mass, head mean
+    torch.testing.assert_close(scales[1], expected, atol=1e-5, rtol=1e-5)
+    assert expected.std() > 0.01  # the map varies over tokens and images: a constant would not pass
 
 
 def head(config_hidden: int, classes: int) -> int:
@@ -201,6 +231,26 @@ def test_dinov2_head_sees_cls_and_mean_patch_token():
     assert fastprompt.count_parameters(model)[0] == expected
 
 
+def test_dinov2_vpt_head_pools_the_image_tokens_without_the_prompts():
+    """DINOv2's head sees [CLS, mean of the patch tokens]: the prompt tokens are gone before the final norm, so the
+    mean is over the 16 patch tokens only (computed by hand; randomised norms)."""
+    base = tiny_dinov2()
+    randomise_norms(base)
+    model = fastprompt.apply(copy.deepcopy(base), "vpt", num_tokens=2)
+    prompts = model.dinov2.vpt.prompts
+    x = images(28)
+    with torch.no_grad():
+        hidden = base.dinov2.embeddings(x)
+        for i, layer in enumerate(hf.hf_layers(base)):
+            rest = hidden[:, 1:] if i == 0 else hidden[:, 3:]
+            hidden = layer(torch.cat([hidden[:, :1], prompts[i].expand(2, -1, -1), rest], dim=1))
+        tokens = base.dinov2.layernorm(torch.cat([hidden[:, :1], hidden[:, 3:]], dim=1))
+        assert tokens.shape[1] == 1 + (28 // 7) ** 2
+        expected = base.classifier(torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1))
+        got = logits_of(model, x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_lora_and_adapter_start_as_the_pretrained_model(method):
     base = tiny_vit()
@@ -218,6 +268,21 @@ def test_lora_merges_into_the_hf_projections():
     fastprompt.merge(model)
     assert not any("lora" in name for name, _ in model.named_parameters())
     torch.testing.assert_close(logits_of(model, images()), before, atol=1e-5, rtol=1e-5)
+
+
+def test_shallow_vpt_inserts_its_prompts_at_the_first_layer_only():
+    base = tiny_vit(num_hidden_layers=3)
+    model = fastprompt.apply(copy.deepcopy(base), "vpt", num_tokens=3, deep=False)
+    prompts = model.vit.vpt.prompts
+    assert prompts.shape[0] == 1  # one set of prompt tokens, at the input
+    x = images()
+    with torch.no_grad():
+        hidden = base.vit.embeddings(x)
+        hidden = torch.cat([hidden[:, :1], prompts[0].expand(2, -1, -1), hidden[:, 1:]], dim=1)
+        for layer in base.vit.layers:  # the prompt tokens flow through every later layer untouched by hand
+            hidden = layer(hidden)
+        expected = base.classifier(base.vit.layernorm(torch.cat([hidden[:, :1], hidden[:, 4:]], dim=1))[:, 0])
+    torch.testing.assert_close(logits_of(model, x), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_vpt_matches_tokens_inserted_by_hand():
@@ -289,8 +354,10 @@ def test_from_pretrained_local_dir_works_offline(tmp_path, monkeypatch):
 
 def test_fpt_hf_tap_selects_the_true_keys_and_values():
     """The tap's selected K/V are Hugging Face's own k_proj/v_proj outputs at the tokens that receive the most
-    attention in Hugging Face's eager attention probabilities (interpolated to 2× the config size)."""
+    attention in Hugging Face's eager attention probabilities (interpolated to 2× the config size; every norm
+    randomised, so taking the wrong one shows)."""
     backbone = tiny_vit(ViTModel, attn_implementation="eager")
+    randomise_norms(backbone)
     model = fastprompt.apply(backbone, "fpt", num_classes=3, side_input_size=16, token_ratio=0.25)
     x = images(2 * IMG)
     features = model.extract_features(x, return_indices=True)

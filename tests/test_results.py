@@ -96,6 +96,22 @@ def command_problems(name: str, command: str) -> list[str]:
 
 
 @needs_git
+def test_every_committed_result_names_a_commit_of_this_history():
+    """A result's git_commit must be a commit this checkout has (`git cat-file -e <sha>^{commit}`): a made-up or
+    foreign hash would make the record unverifiable."""
+    if git("rev-parse", "--is-shallow-repository").strip() == "true":
+        pytest.skip("a shallow clone lacks the older commits; run in a full clone")
+    missing = []
+    for path in committed_result_files():
+        commit = str(json.loads(path.read_text()).get("git_commit"))
+        found = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=results.REPO_ROOT,
+                               capture_output=True, timeout=60)  # fmt: skip
+        if found.returncode != 0:
+            missing.append(f"{path.relative_to(results.RESULTS_DIR).as_posix()}: {commit}")
+    assert not missing, "git_commit not in this repository's history:\n" + "\n".join(missing)
+
+
+@needs_git
 def test_the_dirty_list_names_only_committed_dirty_files():
     """Once a file is re-measured from a clean tree, it must leave MEASURED_FROM_A_DIRTY_TREE."""
     dirty = set()
