@@ -198,3 +198,36 @@ def test_released_backbone_reloads_for_uncached_images_and_keeps_its_digest():
     model.release_backbone(reload=lambda: build_backbone(seed=5))  # other weights: refused, not silently used
     with pytest.raises(RuntimeError, match="differ from the released ones"):
         model(images)
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+import fastprompt
+from helpers import tiny_hf_vit
+
+torch.distributed.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+model = fastprompt.apply(tiny_hf_vit("ViTModel"), "fpt+", num_classes=3, side_input_size=16)
+model.release_backbone()
+wrapped = torch.nn.parallel.DistributedDataParallel(model)
+synced = {id(p) for p in wrapped._module_parameters}
+print(all(p.device.type == "meta" and id(p) not in synced for p in model.backbone.parameters()),
+      all(id(p) in synced for p in model.parameters() if p.requires_grad))
+"""
+
+
+def test_a_released_backbone_can_be_wrapped_in_ddp(tmp_path):
+    """DDP (the HF Trainer under torchrun, Lightning's ddp) refuses parameters on two device types: the released
+    backbone's meta tensors are left out, every trainable parameter is kept. In a subprocess: its own process group."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "store")], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "True"], result.stdout

@@ -351,6 +351,11 @@ class FPT(nn.Module):
         record = frozen_record_of(self)  # while the weights exist; what save_trainable / load_trainable compare
         self._released = {"digest": self.weights_digest(), "record": record, "reload": reload}
         self.backbone.to("meta")
+        # DistributedDataParallel (the HF Trainer under torchrun, Lightning's ddp) refuses a module with parameters on
+        # two device types and would broadcast the buffers: it skips the names listed here.
+        self._ddp_params_and_buffers_to_ignore = [
+            f"backbone.{name}" for name, _ in [*self.backbone.named_parameters(), *self.backbone.named_buffers()]
+        ]
 
     def restore_backbone(self) -> None:
         """Load the released frozen weights back through the `reload` given to `release_backbone`."""
@@ -367,6 +372,7 @@ class FPT(nn.Module):
         self.backbone.load_state_dict(fresh.state_dict(), assign=True)
         self.backbone.requires_grad_(False).eval().to(next(self.fusion.parameters()).device)
         self._released, self._weights_digest = None, None
+        del self._ddp_params_and_buffers_to_ignore
         if self.weights_digest() != released["digest"]:
             raise RuntimeError(
                 "the reloaded backbone's weights differ from the released ones (SHA-256 mismatch); reload= must "
