@@ -15,11 +15,8 @@ def ramp(size: int = 64) -> torch.Tensor:
     return row.expand(3, size, size).clone()
 
 
-def flipped_draws(preset: str, draws: int = 200, **overrides) -> int:
-    """How many of `draws` seeded training transforms leave the image brighter on the left than on the right."""
-    options = resolve_augmentation(preset, **overrides)
-    options.pop("augment")
-    transform = build_transforms(32, train=True, mean=(0.5,) * 3, std=(0.25,) * 3, **options)
+def count_flips(transform, draws: int = 200) -> int:
+    """How many of `draws` seeded runs of `transform` leave the ramp brighter on the left than on the right."""
     image, flips = ramp(), 0
     for seed in range(draws):
         torch.manual_seed(seed)
@@ -28,9 +25,27 @@ def flipped_draws(preset: str, draws: int = 200, **overrides) -> int:
     return flips
 
 
+def flipped_draws(preset: str, draws: int = 200, **overrides) -> int:
+    """`count_flips` of the training transform of `preset` with `overrides`."""
+    options = resolve_augmentation(preset, **overrides)
+    options.pop("augment")
+    return count_flips(build_transforms(32, train=True, mean=(0.5,) * 3, std=(0.25,) * 3, **options), draws)
+
+
 def test_default_preset_never_flips_an_asymmetric_image():
     assert DEFAULT_AUGMENT == "standard"
     assert flipped_draws(DEFAULT_AUGMENT) == 0  # 200 seeds: crops, rotations and jitter, never a mirror image
+
+
+def test_the_library_default_for_a_model_never_flips_either():
+    """transforms_for_model (the README's Engine recipe) takes the same default preset as the CLI."""
+    import timm
+
+    from fastprompt.data.transforms import transforms_for_model
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    assert count_flips(transforms_for_model(vit, 32, train=True)) == 0
+    assert 60 < count_flips(transforms_for_model(vit, 32, train=True, augment="ept")) < 140  # it can see flips
 
 
 def test_the_flip_check_sees_flips_when_they_are_on():  # the check above can fail

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from fastprompt.augmentations import AUGMENTATIONS
+from fastprompt.augmentations import AUGMENTATIONS, DEFAULT_AUGMENT
 
 __all__ = ["AUGMENTATIONS", "build_transforms", "describe_transforms", "transforms_for_model"]
 
@@ -118,7 +118,7 @@ def describe_transforms(transform: v2.Compose) -> list[str]:
 
 
 def transforms_for_model(
-    model: nn.Module, img_size: int | Sequence[int], *, train: bool, augment: str = "ept", **overrides
+    model: nn.Module, img_size: int | Sequence[int], *, train: bool, augment: str = DEFAULT_AUGMENT, **overrides
 ) -> v2.Compose:
     """:func:`build_transforms` with mean/std/interpolation from the backbone's pretraining configuration.
 
@@ -127,7 +127,9 @@ def transforms_for_model(
     defaults of its model type. ``model`` may wrap the backbone (e.g. an FPT model): the first sub-module with a
     configuration is used.
 
-    ``augment`` picks a recipe from ``AUGMENTATIONS`` for training; ``overrides`` replace any argument.
+    ``augment`` picks a recipe from ``AUGMENTATIONS`` for training (default ``"standard"``: no flips, crops keeping
+    70-100 % of the image; ``"ept"``/``"fpt"`` are the papers' recipes, with flips); ``overrides`` replace any
+    argument.
     """
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}, got {augment!r}")
