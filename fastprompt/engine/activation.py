@@ -177,6 +177,7 @@ class LiveBytes(TorchDispatchMode):
         entry[1] -= 1
         if entry[1] == 0 and self._storages.get(key) is entry:
             del self._storages[key]
+            self._kept.discard(key)  # a later storage at the same address is another tensor, kept or not
             self.current -= entry[0]
 
     def _track(self, tensor: torch.Tensor, inputs: set[int]) -> None:
