@@ -114,6 +114,20 @@ def test_sigkill_in_a_step_in_a_checkpoint_write_and_at_a_random_time_resumes_bi
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
+def test_a_kill_between_the_last_checkpoint_and_its_reports_loses_no_report(tmp_path):
+    """Killed after the final epoch's last.pt but before metrics.jsonl / metrics.csv were written: the resume has no
+    epoch left to train, and still writes the reports from the checkpoint's history."""
+    out = tmp_path / "run"
+    make_engine(out).fit(train_data())
+    for name in ("metrics.jsonl", "metrics.csv"):
+        (out / name).unlink()
+    history = make_engine(out).fit(train_data(), resume=True)
+    assert [h["epoch"] for h in history] == [1, 2]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert (out / "metrics.csv").read_text().count("\n") == 3  # a header and two epochs
+
+
 def cache_state(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Every entry's tensors by file name (the bytes differ run to run: safetensors orders metadata by hash)."""
     entries = sorted(directory.glob("*/*.safetensors"))

@@ -789,7 +789,11 @@ class Engine:
         if is_new_best:
             directory = self._checkpoint_dir()
             self._write(self._payload(), directory / "best.pt", keep_prev=False)
-        if self.rank == 0:
+        self._write_reports()
+
+    def _write_reports(self) -> None:
+        """metrics.jsonl, metrics.csv and curves.png from the history (rank 0, with an output_dir)."""
+        if self.rank == 0 and self.output_dir is not None:
             write_metrics_jsonl(self.output_dir / "metrics.jsonl", self.history)
             write_metrics_csv(self.output_dir / "metrics.csv", self.history)
             write_curves(self.output_dir / "curves.png", self.history)
@@ -814,6 +818,8 @@ class Engine:
         self.state.update(payload["state"])
         self.state["last_good"] = str(path)
         self.history = list(payload["history"])
+        if self.history:  # a kill between the epoch's checkpoint and its reports must not lose them
+            self._write_reports()
         set_rng_state(payload["rng"][self.rank])
         self.state["running"] = payload["running"][self.rank]
         return True
