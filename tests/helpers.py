@@ -28,7 +28,7 @@ def learnable_task(num_classes: int = 4, count: int = 16, img_size: int = 32) ->
     return images, labels
 
 
-CLI_TINY = [  # `fastprompt train` arguments for a 2-block ViT on 32x32 images, trained in seconds
+TINY = [  # `fastprompt train` model arguments: a 2-block ViT on 32x32 images
     "--model=vit_tiny_patch16_224",
     "--model-kwargs",
     "depth=2",
@@ -36,12 +36,23 @@ CLI_TINY = [  # `fastprompt train` arguments for a 2-block ViT on 32x32 images, 
     "num_heads=2",
     "patch_size=8",
     "--img-size=32",
-    "--batch-size=4",
-    "--lr=1e-2",
-    "--workers=0",
-    "--backend=torch",
-    "--quiet",
 ]
+CLI_TRAINING = ["--batch-size=4", "--lr=1e-2", "--workers=0", "--backend=torch", "--quiet"]
+FAST = ["--epochs=2", *CLI_TRAINING]
+CLI_TINY = [*TINY, *CLI_TRAINING]  # trained in seconds; add --epochs
+
+
+def stop_trainer_at(step: int):
+    """A transformers TrainerCallback that ends training after `step` optimizer steps (the checkpoint at `step`
+    exists), as a killed job would."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= step
+            return control
+
+    return StopAt()
 
 
 def write_image_folder(root, classes=("benign", "malignant"), per_class: int = 4, *, seed: int = 0, size: int = 40):

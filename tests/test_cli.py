@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, TINY
 from PIL import Image
 from timm.models import _builder
 
@@ -17,16 +18,6 @@ from fastprompt.cli import main
 from fastprompt.engine import Engine
 from fastprompt.models import create_backbone
 
-TINY = [
-    "--model=vit_tiny_patch16_224",
-    "--model-kwargs",
-    "depth=2",
-    "embed_dim=32",
-    "num_heads=2",
-    "patch_size=8",
-    "--img-size=32",
-]
-FAST = ["--epochs=2", "--batch-size=4", "--lr=1e-2", "--workers=0", "--backend=torch", "--quiet"]
 CLASSES = ("benign", "malignant")
 
 

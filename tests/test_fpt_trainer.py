@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_hf_vit
+from helpers import stop_trainer_at, tiny_hf_vit
 
 import fastprompt
 from fastprompt.data import FeatureCache, hf_feature_transform, preload
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import TrainerCallback, TrainingArguments, ViTModel  # noqa: E402
+from transformers import TrainingArguments, ViTModel  # noqa: E402
 
 from fastprompt.integrations.trainer import FastpromptTrainer  # noqa: E402
 
@@ -62,17 +62,6 @@ def arguments(out, **kwargs) -> TrainingArguments:
     return TrainingArguments(**{**options, **kwargs})
 
 
-class StopAt(TrainerCallback):
-    """Ends training after `step` optimizer steps, as a killed job would (the checkpoint at `step` exists)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = state.global_step >= self.step
-        return control
-
-
 def test_hugging_face_call_returns_loss_and_logits_like_vit_for_image_classification():
     model = build_fpt().eval()
     images = torch.stack([row["pixel_values"] for row in rows()[:4]])
@@ -107,7 +96,7 @@ def test_fpt_trains_under_fastprompt_trainer_saves_and_resumes(tmp_path):
 
     stopped = build_fpt()
     trainer = FastpromptTrainer(model=stopped, args=arguments(tmp_path / "resume"), train_dataset=rows())
-    trainer.add_callback(StopAt(STEPS - 1))
+    trainer.add_callback(stop_trainer_at(STEPS - 1))
     trainer.train()
     assert (probe_logits(stopped) - straight).abs().max() > 1e-4
     resumed = build_fpt()  # untrained side parts: the checkpoint must supply them, and the optimizer and RNG state
@@ -204,7 +193,7 @@ DDP_SCRIPT = """
 import sys
 import torch
 import fastprompt
-from helpers import tiny_hf_vit
+from helpers import stop_trainer_at, tiny_hf_vit
 
 torch.distributed.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 model = fastprompt.apply(tiny_hf_vit("ViTModel"), "fpt+", num_classes=3, side_input_size=16)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import stop_trainer_at  # tests/, this script's folder, is first on sys.path
 
 import fastprompt  # noqa: F401  (before transformers / lightning: repairs torchvision)
 
@@ -73,19 +74,9 @@ def changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> list[str
 
 def run_hf_resume(out: Path) -> dict:
     """Two runs of STEPS steps: straight through, and stopped at a checkpoint half-way then resumed from it."""
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
     from fastprompt.integrations.trainer import FastpromptTrainer
-
-    class StopAt(TrainerCallback):
-        """Ends training after `step` optimizer steps (the checkpoint at `step` is written), as a killed job would."""
-
-        def __init__(self, step: int) -> None:
-            self.step = step
-
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step >= self.step
-            return control
 
     half = STEPS // 2
     results = {}
@@ -105,7 +96,7 @@ def run_hf_resume(out: Path) -> dict:
         )
         trainer = FastpromptTrainer(model=model, args=args, train_dataset=dataset())
         if name == "stopped":
-            trainer.add_callback(StopAt(half))
+            trainer.add_callback(stop_trainer_at(half))
         resume = out / "run-resume" / f"checkpoint-{half}" if name == "resumed" else None
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         results[name] = logits(model).tolist()
