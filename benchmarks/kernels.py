@@ -96,6 +96,17 @@ def sink_attention_impl(fp_kernels, deterministic: bool) -> Callable[[Inputs], t
     return run
 
 
+def heads_last_impl(
+    attention: Callable | None, why: str | None, library: str, device: torch.device
+) -> Callable | str | None:
+    """A [B, N, H, D] CUDA attention library as a [B, H, N, D] impl, or the reason it cannot run (a skipped row)."""
+    if attention is None:
+        return why
+    if device.type != "cuda":
+        return f"{library} has no CPU kernels"
+    return lambda x: attention(x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2)).transpose(1, 2)
+
+
 def attention_impls(device: torch.device) -> dict[str, Callable[[Inputs], torch.Tensor] | str]:
     """Attention implementations by name (a string where one is unavailable: the reason), SDPA flash first: every
     other row's ratio refers to it."""
@@ -109,24 +120,8 @@ def attention_impls(device: torch.device) -> dict[str, Callable[[Inputs], torch.
         impls["sink_attention_deterministic"] = sink_attention_impl(fp_kernels, deterministic=True)
     else:
         impls["sink_attention"] = impls["sink_attention_deterministic"] = why or "no sink_attention yet"
-    flash_attn, why_f = load_flash_attn()
-    if flash_attn is None:
-        impls["flash_attn"] = why_f
-    elif device.type != "cuda":
-        impls["flash_attn"] = "flash-attn has no CPU kernels"
-    else:
-        impls["flash_attn"] = lambda x: flash_attn(
-            x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2)
-        ).transpose(1, 2)
-    xformers_attention, why_x = load_xformers()
-    if xformers_attention is None:
-        impls["xformers"] = why_x
-    elif device.type != "cuda":
-        impls["xformers"] = "xformers has no CPU kernels"
-    else:
-        impls["xformers"] = lambda x: xformers_attention(
-            x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2)
-        ).transpose(1, 2)
+    impls["flash_attn"] = heads_last_impl(*load_flash_attn(), "flash-attn", device)
+    impls["xformers"] = heads_last_impl(*load_xformers(), "xformers", device)
     if reference is not None:
         impls["ept_reference"] = lambda x: reference.ept_attention_reference(x["q"], x["k"], x["v"], x["prompt"])
     else:
