@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, TINY
+from helpers import CLASSES, FAST, TINY, write_image_folder
 from PIL import Image
 from timm.models import _builder
 
@@ -18,28 +18,15 @@ from fastprompt.cli import main
 from fastprompt.engine import Engine
 from fastprompt.models import create_backbone
 
-CLASSES = ("benign", "malignant")
-
-
-def write_folder(root, per_class, *, seed=0, size=40):
-    """Class-coloured noisy PNGs: root/<class>/<i>.png."""
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.normal(90 + 80 * label, 30, (size, size, 3)).clip(0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Training folder with one corrupt file, a validation folder, and a trained EPT run."""
     root = tmp_path_factory.mktemp("cli")
-    train = write_folder(root / "train", 6)
+    train = write_image_folder(root / "train", 6)
     (train / CLASSES[0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
-    val = write_folder(root / "val", 2, seed=1)
-    clean = write_folder(root / "clean", 5, seed=2)
+    val = write_image_folder(root / "val", 2, seed=1)
+    clean = write_image_folder(root / "clean", 5, seed=2)
     return types.SimpleNamespace(root=root, train=train, val=val, clean=clean)
 
 
@@ -243,7 +230,7 @@ def test_few_shot_never_draws_the_validation_images(data, tmp_path, capsys):
     ],
 )
 def test_user_errors_give_one_message_and_exit_2(data, tmp_path, capsys, overrides, extra, message):
-    one_class = write_folder(tmp_path / "one", 3)
+    one_class = write_image_folder(tmp_path / "one", 3)
     for path in (one_class / CLASSES[1]).iterdir():
         path.unlink()
     flags = {
@@ -261,7 +248,7 @@ def test_user_errors_give_one_message_and_exit_2(data, tmp_path, capsys, overrid
 
 
 def test_images_smaller_than_a_patch_are_skipped_with_a_count(tmp_path, capsys):
-    folder = write_folder(tmp_path / "data", 3)
+    folder = write_image_folder(tmp_path / "data", 3)
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(folder / CLASSES[0] / "tiny.png")
     argv = ["train", f"--data={folder}", *TINY, "--method=linear", *FAST, "--epochs=1", "--val-fraction=0.34"]
     assert main([*argv, f"--output-dir={tmp_path / 'out'}"]) == 0

@@ -7,10 +7,8 @@ import importlib.util
 import json
 import re
 
-import numpy as np
 import pytest
-from PIL import Image
-from test_cli import FAST, TINY
+from helpers import FAST, TINY, train_argv, write_image_folder
 
 from fastprompt.cli import main
 
@@ -19,26 +17,12 @@ HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # the opt
 LOGGERS = ["csv", "tensorboard"] if HAS_TENSORBOARD else ["csv"]
 
 
-def write_classes(root, per_class, *, seed=0, counts=None):
-    """Class-coloured noisy 40x40 PNGs in root/abnormal and root/normal (counts: images per class)."""
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range((counts or {}).get(name, per_class)):
-            pixels = rng.normal(90 + 80 * label, 30, (40, 40, 3)).clip(0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("clinical")
-    return write_classes(root / "train", 6), write_classes(root / "val", 3, seed=1)
-
-
-def train_argv(folders, out, *extra):
-    train, val = folders
-    return ["train", f"--data={train}", f"--val={val}", *TINY, "--method=linear", *FAST, f"--output-dir={out}", *extra]
+    return write_image_folder(root / "train", 6, classes=CLASSES), write_image_folder(
+        root / "val", 3, classes=CLASSES, seed=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +89,8 @@ def test_the_run_records_loggers_and_class_weights_and_writes_tensorboard(run):
 
 
 def test_auto_class_weights_come_from_the_training_images(tmp_path, capsys):
-    train = write_classes(tmp_path / "train", 0, counts={"abnormal": 2, "normal": 6})
-    val = write_classes(tmp_path / "val", 2, seed=1)
+    train = write_image_folder(tmp_path / "train", {"abnormal": 2, "normal": 6}, classes=CLASSES)
+    val = write_image_folder(tmp_path / "val", 2, classes=CLASSES, seed=1)
     out = tmp_path / "run"
     argv = ["train", f"--data={train}", f"--val={val}", *TINY, "--method=linear", *FAST, f"--output-dir={out}"]
     assert main([*argv, "--class-weights=auto", "--balanced-sampler", "--patience=1"]) == 0

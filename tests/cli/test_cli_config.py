@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from test_cli import write_folder
+from helpers import write_image_folder as write_folder
 
 from fastprompt.cli import main
 

@@ -17,8 +17,8 @@ import types
 import numpy as np
 import pytest
 import torch
+from helpers import TINY  # the tiny ViT's command-line arguments
 from PIL import Image
-from test_cli import TINY  # the tiny ViT's command-line arguments
 
 CLASSES = ("blue", "red")
 GRID = (4, 4)  # 32-pixel images in 8-pixel patches

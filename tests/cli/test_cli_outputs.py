@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import CLASSES, FAST, TINY
+from helpers import write_image_folder as write_folder
 from PIL import Image
-from test_cli import CLASSES, FAST, TINY, write_folder
 
 import fastprompt
 from fastprompt.cli import main

@@ -13,8 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import CLASSES, FAST, TINY, train_argv, write_image_folder
 from PIL import Image
-from test_cli import CLASSES, FAST, TINY, write_folder
 
 from fastprompt.cli import main
 from fastprompt.engine.checkpoint import read_checkpoint
@@ -23,12 +23,7 @@ from fastprompt.engine.checkpoint import read_checkpoint
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    return write_folder(root / "train", 6), write_folder(root / "val", 2, seed=1)
-
-
-def train_argv(folders, out, *extra):
-    train, val = folders
-    return ["train", f"--data={train}", f"--val={val}", *TINY, "--method=linear", *FAST, f"--output-dir={out}", *extra]
+    return write_image_folder(root / "train", 6), write_image_folder(root / "val", 2, seed=1)
 
 
 def test_train_prints_each_epoch_and_names_the_best_checkpoint(folders, tmp_path, capsys):
@@ -101,7 +96,7 @@ def test_ctrl_c_saves_mid_epoch_and_prints_the_resume_command(folders, tmp_path,
 
 def test_warnings_name_the_class_and_are_printed_once(folders, tmp_path, capsys):
     train, _ = folders
-    val = write_folder(tmp_path / "val", 2, seed=3)
+    val = write_image_folder(tmp_path / "val", 2, seed=3)
     for path in (val / CLASSES[1]).iterdir():  # validation without a single 'malignant' image
         path.unlink()
     (val / CLASSES[1]).rmdir()
@@ -119,8 +114,8 @@ def test_a_dataset_root_with_split_folders_is_refused_before_anything_is_built(t
 
     monkeypatch.setattr(runs, "make_backbone", lambda *a, **k: pytest.fail("a model was built"))
     root = tmp_path / "chest_xray"
-    write_folder(root / "train", 3)
-    write_folder(root / "val", 2, seed=1)
+    write_image_folder(root / "train", 3)
+    write_image_folder(root / "val", 2, seed=1)
     out = tmp_path / "run"
     capsys.readouterr()
     assert main(["train", f"--data={root}", *TINY, "--method=linear", *FAST, f"--output-dir={out}"]) == 2
@@ -132,7 +127,7 @@ def test_a_dataset_root_with_split_folders_is_refused_before_anything_is_built(t
 def test_unreadable_images_are_all_listed_in_the_run(tmp_path, capsys):
     """Unreadable files of --data and --val are all in unreadable.csv; images narrower or shorter than one patch
     (either side) are left out of training."""
-    data, val = write_folder(tmp_path / "data", 4), write_folder(tmp_path / "val", 2, seed=1)
+    data, val = write_image_folder(tmp_path / "data", 4), write_image_folder(tmp_path / "val", 2, seed=1)
     broken = [data / CLASSES[0] / "broken.png", data / CLASSES[1] / "empty.png", val / CLASSES[1] / "cut.png"]
     broken[0].write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     broken[1].write_bytes(b"")
@@ -159,7 +154,7 @@ def test_evaluate_refuses_other_classes_unless_asked_to_skip(folders, tmp_path, 
     train, val = folders
     out = tmp_path / "run"
     assert main(train_argv(folders, out, "--epochs=1")) == 0
-    other = write_folder(tmp_path / "other", 2, seed=5)
+    other = write_image_folder(tmp_path / "other", 2, seed=5)
     (other / "pneumonia").mkdir()
     for index in range(2):
         (other / CLASSES[0] / f"{index}.png").rename(other / "pneumonia" / f"{index}.png")

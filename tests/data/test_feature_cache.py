@@ -5,18 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+from helpers import tiny_fpt
 
 from fastprompt import FPT
 from fastprompt.data import FeatureCache, FeatureDataset, preload
 
 IMG = 32
-
-
-def tiny_fpt(**options) -> FPT:
-    torch.manual_seed(0)
-    backbone = VisionTransformer(img_size=IMG, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0)
-    return FPT(backbone, 3, side_input_size=16, **{"layers": [0, 1], **options})
 
 
 class Images(torch.utils.data.Dataset):

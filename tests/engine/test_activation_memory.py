@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_vit
+from helpers import FAST, TINY, tiny_vit, write_image_folder
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastprompt
@@ -290,11 +290,9 @@ def test_report_keeps_policies_apart_and_joins_the_tradeoff(tmp_path) -> None:
 
 @pytest.mark.parametrize("backend", [["--backend=torch"], ["--backend=deepspeed", "--zero-stage=2"]])
 def test_cli_train_activation_memory(tmp_path, capsys, backend: list[str]) -> None:
-    from test_cli import FAST, TINY, write_folder
-
     from fastprompt.cli import main
 
-    data = write_folder(tmp_path / "data", 4)
+    data = write_image_folder(tmp_path / "data", 4)
     out = tmp_path / "run"
     argv = ["train", f"--data={data}", *TINY, "--method=ept", "--prompt-length=4", *FAST, "--epochs=1", *backend]
     assert main([*argv, f"--output-dir={out}", "--activation-memory=64GB"]) == 0

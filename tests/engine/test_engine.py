@@ -10,20 +10,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, WORKERS, shuffled, tiny_data
+from helpers import tiny_tuned_vit as tiny_vit
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from workers.engine_worker import STALL_AFTER, resume_engine
 
 from fastprompt.engine import CheckpointError, Engine, NonFiniteLossError
 from fastprompt.engine import checkpoint as engine_checkpoint
 from fastprompt.engine.backends import deep_merge
 from fastprompt.engine.checkpoint import read_checkpoint
-from tests.engine_worker import STALL_AFTER, resume_engine, shuffled, tiny_data, tiny_vit
 
-WORKER = Path(__file__).with_name("engine_worker.py")
-REPO = WORKER.parent.parent
+WORKER = WORKERS / "engine_worker.py"
 
 
 def train(method: str = "lora", *, data=None, batch_size: int = 4, **kwargs) -> tuple[Engine, list[dict]]:

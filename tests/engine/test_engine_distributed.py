@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from helpers import REPO, WORKERS, shuffled, tiny_data, tiny_tuned_vit
 
 from fastprompt.engine import Engine
-from tests.engine_worker import shuffled, tiny_data, tiny_vit
 
-WORKER = Path(__file__).with_name("engine_worker.py")
-REPO = WORKER.parent.parent
+WORKER = WORKERS / "engine_worker.py"
 
 
 def test_two_ranks_match_one_rank(tmp_path):
@@ -30,7 +28,7 @@ def test_two_ranks_match_one_rank(tmp_path):
 
     for backend, stage in (("torch", 0), ("deepspeed", 2)):
         engine = Engine(
-            tiny_vit("lora"), lr=1e-2, epochs=2, backend=backend, zero_stage=stage, clip_grad=1.0, progress=False
+            tiny_tuned_vit("lora"), lr=1e-2, epochs=2, backend=backend, zero_stage=stage, clip_grad=1.0, progress=False
         )
         engine.fit(shuffled(tiny_data(), batch_size=8))
         one_rank = engine.trainable_state_dict()

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_vit
 from torch.utils.data import DataLoader, Dataset
 
 import fastprompt
@@ -17,7 +18,6 @@ from fastprompt.engine import CheckpointError, Engine
 from fastprompt.engine.checkpoint import read_checkpoint
 from fastprompt.engine.data import EpochSampler
 from fastprompt.engine.report import write_curves
-from tests.helpers import tiny_vit
 
 
 class Labelled(Dataset):

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, WORKERS, feature_images, shuffled, tiny_data, tiny_fpt
 from PIL import Image
 from safetensors.torch import load_file
+from workers.reliability_worker import make_engine
 
 import fastprompt
 import fastprompt.engine.checkpoint as engine_checkpoint
@@ -29,11 +31,7 @@ from fastprompt.data import FeatureCache, FeatureDataset, ImageFolderDataset, bu
 from fastprompt.engine import NonFiniteLossError
 from fastprompt.engine.checkpoint import CheckpointError, read_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from reliability_worker import feature_images, make_engine, tiny_fpt, train_data  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).parent / "reliability_worker.py"
+WORKER = WORKERS / "reliability_worker.py"
 SEED = int(os.environ.get("FASTPROMPT_RELIABILITY_SEED", "20261124"))
 
 
@@ -71,7 +69,7 @@ def reference_run(tmp_path_factory):
     torch.set_num_threads(1)  # module-scoped: set up before the function-scoped one_thread fixture
     try:
         engine = make_engine(out)
-        history = engine.fit(train_data())
+        history = engine.fit(shuffled(tiny_data()))
     finally:
         torch.set_num_threads(threads)
     return engine.trainable_state_dict(), [h["train_loss"] for h in history]
@@ -105,7 +103,7 @@ def test_sigkill_in_a_step_in_a_checkpoint_write_and_at_a_random_time_resumes_bi
     assert all(name.endswith(".tmp") for name in leftovers), leftovers  # only hidden temp files, never read
 
     resumed = make_engine(out)
-    history = resumed.fit(train_data(), resume=True)
+    history = resumed.fit(shuffled(tiny_data()), resume=True)
     parameters, losses = reference_run
     assert_same_parameters(resumed.trainable_state_dict(), parameters)
     assert [h["train_loss"] for h in history] == losses, f"kill points {points}, then SIGKILL {delay:.3f}s in"
@@ -118,10 +116,10 @@ def test_a_kill_between_the_last_checkpoint_and_its_reports_loses_no_report(tmp_
     """Killed after the final epoch's last.pt but before metrics.jsonl / metrics.csv were written: the resume has no
     epoch left to train, and still writes the reports from the checkpoint's history."""
     out = tmp_path / "run"
-    make_engine(out).fit(train_data())
+    make_engine(out).fit(shuffled(tiny_data()))
     for name in ("metrics.jsonl", "metrics.csv"):
         (out / name).unlink()
-    history = make_engine(out).fit(train_data(), resume=True)
+    history = make_engine(out).fit(shuffled(tiny_data()), resume=True)
     assert [h["epoch"] for h in history] == [1, 2]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
@@ -193,7 +191,7 @@ def disk_full_open(budget: int):
 def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, budget):
     """ENOSPC part-way through a mid-epoch checkpoint: fit raises the OSError, last.pt is the previous step's."""
     engine = make_engine(tmp_path, epochs=1, checkpoint_every=2)
-    loader = train_data()
+    loader = shuffled(tiny_data())
     real_write = engine_checkpoint.write_checkpoint
     writes = []
 
@@ -215,9 +213,9 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, mo
     assert read_checkpoint(directory / "last.pt")["state"]["global_step"] == 2  # the step-2 checkpoint, intact
     resumed = make_engine(tmp_path, epochs=1, checkpoint_every=2)
     monkeypatch.undo()
-    resumed.fit(train_data(), resume=True)  # after space is freed, the run resumes from step 2
+    resumed.fit(shuffled(tiny_data()), resume=True)  # after space is freed, the run resumes from step 2
     reference = make_engine(tmp_path / "reference", epochs=1, checkpoint_every=2)
-    reference.fit(train_data())
+    reference.fit(shuffled(tiny_data()))
     assert_same_parameters(resumed.trainable_state_dict(), reference.trainable_state_dict())
 
 
@@ -256,7 +254,7 @@ class FaultyLoss:
 def test_nonfinite_loss_names_the_step_and_last_good_checkpoint(tmp_path, value):
     engine = make_engine(tmp_path, loss=FaultyLoss(9, value))
     with pytest.raises(NonFiniteLossError) as raised:
-        engine.fit(train_data())
+        engine.fit(shuffled(tiny_data()))
     message = str(raised.value)
     assert "epoch 2, step 3 of the epoch" in message and "global step 9" in message, message
     assert str(tmp_path / "checkpoints" / "last.pt") in message, message
@@ -266,7 +264,7 @@ def test_nonfinite_loss_names_the_step_and_last_good_checkpoint(tmp_path, value)
 
 def test_nonfinite_loss_is_skipped_with_skip_nonfinite(tmp_path):
     engine = make_engine(tmp_path, loss=FaultyLoss(4, float("nan")), skip_nonfinite=True)
-    history = engine.fit(train_data())
+    history = engine.fit(shuffled(tiny_data()))
     assert [h["skipped_batches"] for h in history] == [1, 0]
     verify_checkpoint_dir(tmp_path / "checkpoints")
 
@@ -285,7 +283,7 @@ def test_nan_parameter_is_never_saved(tmp_path):
 
     engine.loss_fn = PoisonAfter(3, 0.0)
     with pytest.raises(NonFiniteLossError, match="refusing to write a checkpoint"):
-        engine.fit(train_data())
+        engine.fit(shuffled(tiny_data()))
     verify_checkpoint_dir(tmp_path / "checkpoints")
 
 
@@ -448,7 +446,7 @@ def test_same_seed_same_backend_gives_bit_identical_parameters(backend, stage):
 
     def run(seed: int) -> dict:
         engine = make_engine(None, backend=backend, zero_stage=stage, checkpoint_every=None, seed=seed)
-        engine.fit(train_data())
+        engine.fit(shuffled(tiny_data()))
         return engine.trainable_state_dict()
 
     first = run(0)

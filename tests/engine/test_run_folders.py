@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLI_TINY, learnable_task, tiny_vit, write_image_folder
+from helpers import CLI_TINY, TESTS, WORKERS, learnable_task, tiny_vit, write_image_folder
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastprompt
@@ -34,8 +34,8 @@ from fastprompt.engine.checkpoint import (
 )
 from fastprompt.runlock import LOCK_FILE, RunLockedError, run_lock
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy_pickle_checkpoint.pt"  # written by the code at 8a8e2e7
-WORKER = Path(__file__).parent / "reliability_worker.py"
+LEGACY = TESTS / "fixtures" / "legacy_pickle_checkpoint.pt"  # written by the code at 8a8e2e7
+WORKER = WORKERS / "reliability_worker.py"
 
 
 def raw_payload_bytes(path: Path) -> bytes:
@@ -489,7 +489,7 @@ def test_csv_labels_that_would_split_or_merge_classes_are_refused_naming_the_row
 
 
 def test_cache_entries_of_a_wrong_shape_or_non_finite_are_named_dropped_and_recomputed(tmp_path):
-    from reliability_worker import feature_images, tiny_fpt
+    from helpers import feature_images, tiny_fpt
 
     from fastprompt.data import FeatureCache, FeatureDataset, preload
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import images
 from safetensors.torch import load_file
 from safetensors.torch import save_file as save_safetensors
 from torch.utils.data import DataLoader, TensorDataset
@@ -60,10 +61,6 @@ def trained(method: str, seed: int = 0, **kwargs):
     return model.eval()
 
 
-def images(size: int = 32) -> torch.Tensor:
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5))
-
-
 def trainable_names(model) -> set[str]:
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
@@ -76,7 +73,7 @@ def test_public_names():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_round_trips_through_load_with_identical_logits(tmp_path, method):
     model = trained(method)
-    expected = model(images())
+    expected = model(images(seed=5))
     path = save_trainable(model, tmp_path / "w.safetensors")
 
     stored = load_file(path)
@@ -90,7 +87,7 @@ def test_every_method_round_trips_through_load_with_identical_logits(tmp_path, m
 
     rebuilt = load(path, backbone=backbone())  # a fresh, unpatched backbone: the method is applied from the record
     assert not rebuilt.training
-    assert torch.equal(rebuilt(images()), expected)
+    assert torch.equal(rebuilt(images(seed=5)), expected)
 
 
 def test_load_trainable_into_a_patched_model_and_engine_save(tmp_path):
@@ -101,9 +98,9 @@ def test_load_trainable_into_a_patched_model_and_engine_save(tmp_path):
     assert set(load_file(path)) == set(engine.trainable_state_dict())
 
     target = fastprompt.apply(backbone(), "ept", num_classes=3, **METHODS["ept"])
-    assert not torch.equal(target(images()), model(images()))
+    assert not torch.equal(target(images(seed=5)), model(images(seed=5)))
     assert load_trainable(target, tmp_path / "out") is target
-    assert torch.equal(target.eval()(images()), model(images()))
+    assert torch.equal(target.eval()(images(seed=5)), model(images(seed=5)))
 
 
 def test_wrapped_models_save_and_load_under_their_own_names(tmp_path):
@@ -114,7 +111,7 @@ def test_wrapped_models_save_and_load_under_their_own_names(tmp_path):
         target = fastprompt.apply(backbone(), "lora", num_classes=3, **METHODS["lora"])
         wrapped = wrapper(target)
         assert load_trainable(wrapped, path) is wrapped
-        assert torch.equal(target.eval()(images()), model(images()))
+        assert torch.equal(target.eval()(images(seed=5)), model(images(seed=5)))
 
 
 def test_load_rebuilds_the_backbone_from_a_local_weight_file(tmp_path):
@@ -123,7 +120,7 @@ def test_load_rebuilds_the_backbone_from_a_local_weight_file(tmp_path):
     frozen = backbone().state_dict()
     save_safetensors({k: v.contiguous() for k, v in frozen.items()}, str(tmp_path / "backbone.safetensors"))
     rebuilt = load(path, backbone=tmp_path / "backbone.safetensors")  # architecture + kwargs from the record
-    assert torch.equal(rebuilt(images()), model(images()))
+    assert torch.equal(rebuilt(images(seed=5)), model(images(seed=5)))
 
 
 def test_digest_is_independent_of_order_and_sensitive_to_every_field():
@@ -273,7 +270,7 @@ def test_a_bare_model_without_a_recipe_must_be_passed_as_an_object(tmp_path):
         load(path)
     torch.manual_seed(0)
     fresh = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=3)
-    assert torch.equal(load(path, backbone=fresh)(images()), model.eval()(images()))
+    assert torch.equal(load(path, backbone=fresh)(images(seed=5)), model.eval()(images(seed=5)))
     with pytest.raises(ValueError, match="neither an existing weight file nor a timm model name"):
         load(path, backbone="no_such_model_or_file")
 
@@ -309,7 +306,7 @@ def test_load_run_rebuilds_last_and_best_with_their_epochs(tmp_path):
     assert last.classes == ["cat", "dog"] and last.epoch == 3 and last.step_in_epoch == 0
     assert last.metrics == engine.history[-1]
     engine.model.eval()
-    assert torch.equal(last.model(images()), engine.model(images()))
+    assert torch.equal(last.model(images(seed=5)), engine.model(images(seed=5)))
 
     best = load_run(tmp_path)  # default: best
     assert best.checkpoint.name == "best.pt" and best.best["epoch"] == best.epoch
@@ -391,7 +388,7 @@ def test_hugging_face_models_save_and_load_from_a_local_folder(tmp_path, monkeyp
                 param.add_(torch.randn_like(param))
 
     def logits(m):
-        out = m.eval()(images())
+        out = m.eval()(images(seed=5))
         return out.logits if hasattr(out, "logits") else out
 
     path = save_trainable(model, tmp_path / "w.safetensors")

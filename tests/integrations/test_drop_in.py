@@ -17,7 +17,7 @@ import sys
 import pytest
 import timm
 import torch
-from helpers import tiny_hf_model, tiny_vit
+from helpers import images, tiny_hf_model, tiny_vit
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
@@ -37,6 +37,7 @@ OPTIONS = {
 METHODS = list(OPTIONS)
 PROMPTS = 3  # VPT tokens
 DEPTH = 3  # timm's tests want at least 3 feature levels
+HF_CLASSIFIERS = {"vit": "ViTForImageClassification", "dinov2": "Dinov2ForImageClassification"}
 
 
 def timm_model(method: str, **kwargs) -> torch.nn.Module:
@@ -49,15 +50,11 @@ def timm_model(method: str, **kwargs) -> torch.nn.Module:
 
 
 def hf_model(kind: str, method: str, **config) -> torch.nn.Module:
-    model = fastprompt.apply(tiny_hf_model(kind, **config), method, **OPTIONS[method])
+    model = fastprompt.apply(tiny_hf_model(HF_CLASSIFIERS[kind], **config), method, **OPTIONS[method])
     for name, param in model.named_parameters():
         if "lora_B" in name or "adapter.up" in name:
             torch.nn.init.normal_(param, std=0.5)
     return model.eval()
-
-
-def images(size: int = 32, count: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def hf_images(kind: str, count: int = 2) -> torch.Tensor:
@@ -310,7 +307,7 @@ def test_hf_torch_save_deepcopy_and_print(kind, method):
         torch.testing.assert_close(twin(x).logits, expected, rtol=0, atol=0)
     if method in NAMES:
         assert NAMES[method] in str(model)
-    assert type(model).__name__ == type(tiny_hf_model(kind)).__name__  # save_pretrained records the HF class
+    assert type(model).__name__ == HF_CLASSIFIERS[kind]  # save_pretrained records the HF class
 
 
 LOAD_SCRIPT = """
@@ -388,7 +385,7 @@ def test_hf_ept_attentions_are_the_official_probabilities(kind):
     with torch.no_grad():
         for attn in hf.attention_modules(model).values():
             attn.prompt.fill_(-math.inf)
-    reference = tiny_hf_model(kind)
+    reference = tiny_hf_model(HF_CLASSIFIERS[kind])
     reference.set_attn_implementation("eager")
     x = hf_images(kind)
     got = model(x, output_attentions=True).attentions
@@ -483,7 +480,7 @@ def test_hf_save_pretrained_folder_loads_back_patched(tmp_path, kind, method):
     assert (tmp_path / "trainable.safetensors").is_file() and (tmp_path / "config.json").is_file()
     loaded = fastprompt.load(tmp_path)  # the folder is the backbone too
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
-    plain = type(tiny_hf_model(kind)).from_pretrained(tmp_path)
+    plain = type(tiny_hf_model(HF_CLASSIFIERS[kind])).from_pretrained(tmp_path)
     assert not torch.allclose(plain(x).logits, model(x).logits)
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import stop_trainer_at, tiny_hf_vit
+from helpers import TESTS, stop_trainer_at, tiny_hf_model
 
 import fastprompt
 from fastprompt.data import FeatureCache, hf_feature_transform, preload
@@ -24,8 +24,8 @@ CLASSES, IMG, SIDE, STEPS, BATCH = 3, 32, 16, 3, 4
 
 
 def build_backbone(seed: int = 0) -> ViTModel:
-    """The tiny HF ViT of tests/helpers.py; the same weights for the same seed."""
-    return tiny_hf_vit("ViTModel", seed=seed)
+    """tests/helpers.py's tiny HF ViT without pooler or head; the same weights for the same seed."""
+    return tiny_hf_model("ViTModel", seed, add_pooling_layer=False, initializer_range=0.2)
 
 
 def build_fpt() -> torch.nn.Module:
@@ -193,10 +193,11 @@ DDP_SCRIPT = """
 import sys
 import torch
 import fastprompt
-from helpers import stop_trainer_at, tiny_hf_vit
+from helpers import tiny_hf_model
 
 torch.distributed.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
-model = fastprompt.apply(tiny_hf_vit("ViTModel"), "fpt+", num_classes=3, side_input_size=16)
+backbone = tiny_hf_model("ViTModel", add_pooling_layer=False, initializer_range=0.2)
+model = fastprompt.apply(backbone, "fpt+", num_classes=3, side_input_size=16)
 model.release_backbone()
 wrapped = torch.nn.parallel.DistributedDataParallel(model)
 synced = {id(p) for p in wrapped._module_parameters}
@@ -211,9 +212,8 @@ def test_a_released_backbone_can_be_wrapped_in_ddp(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "store")], capture_output=True, text=True, env=env,
         timeout=300,

@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+from helpers import images, tiny_hf_model
 
 import fastprompt
 from fastprompt.kernels.reference import attention_importance_reference
@@ -15,7 +16,6 @@ from fastprompt.methods import hf, registry
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
     AttentionInterface,
-    Dinov2Config,
     Dinov2ForImageClassification,
     Dinov2Model,
     ViTConfig,
@@ -28,35 +28,9 @@ HIDDEN, HEADS, DEPTH, IMG, PATCH, MLP = 32, 4, 2, 32, 8, 64
 TOKENS = (IMG // PATCH) ** 2 + 1  # 17
 
 
-def vit_config(**kwargs) -> ViTConfig:
-    options = dict(
-        hidden_size=HIDDEN,
-        num_hidden_layers=DEPTH,
-        num_attention_heads=HEADS,
-        intermediate_size=MLP,
-        image_size=IMG,
-        patch_size=PATCH,
-        num_labels=3,
-    )
-    return ViTConfig(**{**options, **kwargs})
-
-
-def tiny_vit(cls=ViTForImageClassification, seed: int = 0, **kwargs):
-    torch.manual_seed(seed)
-    return cls(vit_config(**kwargs)).eval()
-
-
-def tiny_dinov2(cls=Dinov2ForImageClassification, seed: int = 0, **kwargs):
-    torch.manual_seed(seed)
-    config = Dinov2Config(
-        hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=HEADS, mlp_ratio=2, image_size=28,
-        patch_size=7, num_labels=3, **kwargs,
-    )  # fmt: skip
-    return cls(config).eval()
-
-
-def images(size: int = IMG, count: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+def tiny_dinov2(cls=Dinov2ForImageClassification, **kwargs):
+    """tiny_hf_model's DINOv2 (28×28 images, 7-pixel patches)."""
+    return tiny_hf_model(cls, **kwargs)
 
 
 def logits_of(model, x, **kwargs) -> torch.Tensor:
@@ -103,7 +77,7 @@ def hf_resampled(prompt: torch.Tensor, size: int, patch: int) -> torch.Tensor:
 def test_ept_matches_official_concat_softmax_slice(size, attention):
     """Logits and prompt gradients of EPT on an HF ViT equal the official formulation to 1e-5 (fp32), also at an
     interpolated size (prompt rows resampled as Hugging Face resamples position embeddings)."""
-    base = tiny_vit(initializer_range=0.2)  # weights large enough that prompt gradients are far above 1e-5
+    base = tiny_hf_model(initializer_range=0.2)  # weights large enough that prompt gradients are far above 1e-5
     model = fastprompt.apply(copy.deepcopy(base), "ept", prompt_length=7, attention=attention)
     with torch.no_grad():
         for attn in hf.attention_modules(model).values():
@@ -160,7 +134,7 @@ def randomise_norms(model) -> None:
                 module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=generator))
 
 
-@pytest.mark.parametrize("make", [tiny_vit, tiny_dinov2])
+@pytest.mark.parametrize("make", [tiny_hf_model, tiny_dinov2])
 def test_ept_scales_on_hf_are_the_official_attentions_non_prompt_mass(make):
     """σ(lse − g) per token, head-averaged, equals 1 − the probability the official concat-softmax puts on the prompt
     columns, read from Hugging Face's own attention probabilities (norms randomised; interpolated size for ViT)."""
@@ -211,7 +185,7 @@ OPTIONS = {"ept": dict(prompt_length=7), "lora": dict(rank=4), "vpt": dict(num_t
 
 @pytest.mark.parametrize("method", ["linear", "bitfit", "ept", "lora", "vpt", "adapter"])
 def test_methods_train_exactly_their_parameters(method):
-    model = fastprompt.apply(tiny_vit(), method, num_classes=5, **OPTIONS.get(method, {}))
+    model = fastprompt.apply(tiny_hf_model(), method, num_classes=5, **OPTIONS.get(method, {}))
     trainable, total = fastprompt.count_parameters(model)
     assert trainable == expected_trainable(method)
     assert model.config.num_labels == 5 and model.classifier.out_features == 5
@@ -253,13 +227,13 @@ def test_dinov2_vpt_head_pools_the_image_tokens_without_the_prompts():
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_lora_and_adapter_start_as_the_pretrained_model(method):
-    base = tiny_vit()
+    base = tiny_hf_model()
     model = fastprompt.apply(copy.deepcopy(base), method)
     torch.testing.assert_close(logits_of(model, images()), logits_of(base, images()), atol=0, rtol=0)
 
 
 def test_lora_merges_into_the_hf_projections():
-    model = fastprompt.apply(tiny_vit(), "lora", rank=2, targets=("qkv", "proj"))
+    model = fastprompt.apply(tiny_hf_model(), "lora", rank=2, targets=("qkv", "proj"))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -271,7 +245,7 @@ def test_lora_merges_into_the_hf_projections():
 
 
 def test_shallow_vpt_inserts_its_prompts_at_the_first_layer_only():
-    base = tiny_vit(num_hidden_layers=3)
+    base = tiny_hf_model(num_hidden_layers=3)
     model = fastprompt.apply(copy.deepcopy(base), "vpt", num_tokens=3, deep=False)
     prompts = model.vit.vpt.prompts
     assert prompts.shape[0] == 1  # one set of prompt tokens, at the input
@@ -286,7 +260,7 @@ def test_shallow_vpt_inserts_its_prompts_at_the_first_layer_only():
 
 
 def test_vpt_matches_tokens_inserted_by_hand():
-    base = tiny_vit()
+    base = tiny_hf_model()
     model = fastprompt.apply(copy.deepcopy(base), "vpt", num_tokens=3)
     prompts = model.vit.vpt.prompts
     x = images()
@@ -325,26 +299,26 @@ def test_options_mirror_the_timm_methods():
 )
 def test_errors_mirror_the_timm_path(method, options, error, match):
     with pytest.raises(error, match=match):
-        fastprompt.apply(tiny_vit(), method, **options)
+        fastprompt.apply(tiny_hf_model(), method, **options)
 
 
 def test_errors_specific_to_hugging_face_models():
     with pytest.raises(TypeError, match="ViTForMaskedImageModeling"):
-        fastprompt.apply(tiny_vit(ViTForMaskedImageModeling), "ept")
+        fastprompt.apply(tiny_hf_model(ViTForMaskedImageModeling), "ept")
     with pytest.raises(ValueError, match="ViTModel has no classifier"):
-        fastprompt.apply(tiny_vit(ViTModel), "linear", num_classes=4)
+        fastprompt.apply(tiny_hf_model(ViTModel), "linear", num_classes=4)
     with pytest.raises(ValueError, match="attention_probs_dropout_prob=0.0"):
-        fastprompt.apply(tiny_vit(attention_probs_dropout_prob=0.1), "ept")
-    model = fastprompt.apply(tiny_vit(), "ept", prompt_length=3)
+        fastprompt.apply(tiny_hf_model(attention_probs_dropout_prob=0.1), "ept")
+    model = fastprompt.apply(tiny_hf_model(), "ept", prompt_length=3)
     with pytest.raises(ValueError, match="already has method 'ept'"):
         fastprompt.apply(model, "lora")
 
 
 def test_from_pretrained_local_dir_works_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tiny_vit(seed=5).save_pretrained(tmp_path)
+    tiny_hf_model(seed=5).save_pretrained(tmp_path)
     loaded = ViTForImageClassification.from_pretrained(tmp_path, local_files_only=True).eval()
-    original = tiny_vit(seed=5)
+    original = tiny_hf_model(seed=5)
     torch.manual_seed(9)
     a = fastprompt.apply(loaded, "ept", prompt_length=4)
     torch.manual_seed(9)
@@ -356,7 +330,7 @@ def test_fpt_hf_tap_selects_the_true_keys_and_values():
     """The tap's selected K/V are Hugging Face's own k_proj/v_proj outputs at the tokens that receive the most
     attention in Hugging Face's eager attention probabilities (interpolated to 2× the config size; every norm
     randomised, so taking the wrong one shows)."""
-    backbone = tiny_vit(ViTModel, attn_implementation="eager")
+    backbone = tiny_hf_model(ViTModel, attn_implementation="eager")
     randomise_norms(backbone)
     model = fastprompt.apply(backbone, "fpt", num_classes=3, side_input_size=16, token_ratio=0.25)
     x = images(2 * IMG)
@@ -390,7 +364,7 @@ def heads_qk(layer, normed):
     )
 
 
-@pytest.mark.parametrize("make", [tiny_vit, tiny_dinov2])
+@pytest.mark.parametrize("make", [tiny_hf_model, tiny_dinov2])
 def test_fpt_on_hf_backbones_trains_only_fusion_and_side(make):
     backbone = make()
     size = 28 if make is tiny_dinov2 else IMG
@@ -448,7 +422,7 @@ def test_hugging_face_gradient_checkpointing_gives_the_same_gradients(method):
     models = []
     for checkpointing in (False, True):
         torch.manual_seed(4)
-        model = fastprompt.apply(tiny_vit(initializer_range=0.2), method, num_classes=3).train()
+        model = fastprompt.apply(tiny_hf_model(initializer_range=0.2), method, num_classes=3).train()
         if checkpointing:
             model.activation_checkpointing_enable()
         model(images(), labels=torch.tensor([0, 2])).loss.backward()

@@ -1,6 +1,6 @@
 """fastprompt models under other trainers: Hugging Face Trainer (plain and DeepSpeed ZeRO-2 on CPU) and Lightning
 (2-process DDP on gloo, DeepSpeed ZeRO-2 on CPU). Each run trains a tiny EPT-patched HF ViT in a subprocess
-(tests/trainer_worker.py); this file checks, independently of the worker: the loss falls, only trainable tensors
+(tests/workers/trainer_worker.py); this file checks, independently of the worker: the loss falls, only trainable tensors
 change, the saved file holds only trainable tensors, and reloading the saved weights gives identical logits."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import WORKERS
+from workers import trainer_worker
 
 import fastprompt
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-WORKER = Path(__file__).with_name("trainer_worker.py")
-sys.path.insert(0, str(WORKER.parent))
-import trainer_worker  # noqa: E402
+WORKER = WORKERS / "trainer_worker.py"
 
 DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
 

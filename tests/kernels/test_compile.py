@@ -7,14 +7,12 @@ import importlib
 
 import pytest
 import torch
-from helpers import tiny_vit
+from helpers import images, prompted, small_fpt, tiny_vit
 from timm.models.vision_transformer import VisionTransformer
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.compile_fx import compile_fx
 
-import fastprompt
-from fastprompt import FPT
 from fastprompt.kernels.dispatch import triton_importable
 from fastprompt.kernels.reference import sink_attention_reference
 
@@ -79,26 +77,9 @@ def recording_aot_eager(forward_graphs: list, backward_graphs: list):
     return aot_autograd(fw_compiler=keep(forward_graphs), bw_compiler=keep(backward_graphs))
 
 
-def ept_vit() -> VisionTransformer:
-    """A 2-block EPT ViT with std-1 prompts, so the sink visibly competes with the logits."""
-    model = fastprompt.apply(tiny_vit(num_classes=3), "ept", prompt_length=5)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.prompt.copy_(torch.randn(block.attn.prompt.shape, generator=generator))
-    return model
-
-
-def tiny_fpt() -> FPT:
-    """FPT+ on a 4-block backbone (embed 64, 17 tokens); eval mode, so dropout does not differ between runs."""
-    torch.manual_seed(0)
-    backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=0)
-    torch.manual_seed(1)
-    return FPT(backbone, 3, variant="fpt+", side_input_size=16).eval()
-
-
-def images(count: int = 2) -> torch.Tensor:
-    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+def prompted_vit() -> VisionTransformer:
+    """A 2-block EPT ViT (3 classes, 5 prompts) with std-1 prompts, so the sink visibly competes with the logits."""
+    return prompted(tiny_vit(num_classes=3), prompt_length=5)
 
 
 def logits_and_grads(model: torch.nn.Module, run, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -123,17 +104,17 @@ def assert_compiled_matches_eager(eager_model: torch.nn.Module, x: torch.Tensor,
 
 @pytest.mark.slow
 def test_ept_vit_compiles_fullgraph_with_inductor_and_matches_eager():
-    model = ept_vit()
+    model = prompted_vit()
     graphs = []
-    assert_compiled_matches_eager(model, images(), graphs)
+    assert_compiled_matches_eager(model, images(seed=2), graphs)
     assert fastprompt_calls(graphs) == [(FORWARD, "flash_cpu")] * len(model.blocks)  # one op per prompted layer
 
 
 @pytest.mark.slow
 def test_fpt_compiles_fullgraph_with_inductor_and_matches_eager():
-    model = tiny_fpt()
+    model = small_fpt().eval()
     graphs = []
-    assert_compiled_matches_eager(model, images(), graphs)
+    assert_compiled_matches_eager(model, images(seed=2), graphs)
     ops = [op for op, _ in fastprompt_calls(graphs)]
     layers = len(model.layers)
     # every extracted layer but the last runs the attention forward (its output feeds the next block) + the scores
@@ -181,8 +162,8 @@ def on_meta(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> torc
 def test_explain_finds_no_graph_break_on_the_triton_path(triton_path_on_meta):
     """EPT's forward, and FPT's frozen branch (the part that runs kernels; its side network needs autocast, which the
     meta device lacks), each trace as one graph whose fastprompt calls are Triton custom ops."""
-    ept = on_meta(ept_vit())
-    fpt = on_meta(tiny_fpt())
+    ept = on_meta(prompted_vit())
+    fpt = on_meta(small_fpt().eval())
     x = torch.randn(2, 3, 32, 32, device="meta", dtype=torch.bfloat16)
     layers = len(fpt.layers)
     expected = {
@@ -201,7 +182,7 @@ def test_explain_finds_no_graph_break_on_the_triton_path(triton_path_on_meta):
 @needs_triton
 def test_triton_backward_traces_as_custom_ops(triton_path_on_meta):
     """AOTAutograd traces the registered backward formula: the row-delta and backward ops, no Triton launch code."""
-    model = on_meta(ept_vit())
+    model = on_meta(prompted_vit())
     x = torch.randn(2, 3, 32, 32, device="meta", dtype=torch.bfloat16)
     forward_graphs, backward_graphs = [], []
     compiled = torch.compile(model, fullgraph=True, backend=recording_aot_eager(forward_graphs, backward_graphs))
@@ -249,8 +230,8 @@ def test_custom_ops_pass_opcheck(op, args):
 
 @pytest.mark.gpu
 def test_gpu_ept_compiles_and_matches_eager_in_bf16():
-    model = ept_vit().cuda().bfloat16()
-    x = images(4).cuda().bfloat16()
+    model = prompted_vit().cuda().bfloat16()
+    x = images(count=4, seed=2).cuda().bfloat16()
     graphs = []
     compiled_model = copy.deepcopy(model)
     compiled = torch.compile(compiled_model, fullgraph=True, backend=recording_inductor(graphs))

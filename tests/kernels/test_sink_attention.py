@@ -6,6 +6,8 @@ import importlib
 
 import pytest
 import torch
+from helpers import assert_matches, make_qkv, sink_of_shape
+from helpers import outputs_and_grads as run
 
 from fastprompt.kernels import attention_forward, sink_attention
 from fastprompt.kernels.dispatch import triton_importable
@@ -14,68 +16,9 @@ from fastprompt.kernels.reference import ept_attention_reference, sink_attention
 sink_module = importlib.import_module("fastprompt.kernels.sink_attention")  # the package attribute is the function
 sink_attention_triton = sink_module.sink_attention_triton
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}  # fp16/bf16: flash-attention's rule (assert_matches)
 # Triton runs on CUDA tensors on a GPU and on CPU tensors through the interpreter (tests/conftest.py).
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="needs triton")
-
-
-def make_qkv(batch, heads, tokens, dim, dtype=torch.float32, seed=0, device="cpu"):
-    """q, k, v as the strided views timm's Attention produces from one fused qkv projection."""
-    torch.manual_seed(seed)
-    qkv = torch.randn(batch, tokens, 3 * heads * dim, dtype=dtype).to(device)
-    return [t.requires_grad_() for t in qkv.reshape(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)]
-
-
-def leaves(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
-
-
-def run(fn, q, k, v, sink, dout, **kwargs):
-    """Output and gradients (q, k, v, sink) of fn for upstream gradient dout."""
-    q, k, v, sink = leaves(q, k, v, sink)
-    out = fn(q, k, v, sink, **kwargs)
-    grads = torch.autograd.grad(out, (q, k, v, sink), dout)
-    return out.detach(), grads
-
-
-def assert_matches(fn, q, k, v, sink, dtype, tol=None, **kwargs):
-    """fn in `dtype` agrees with the fp64 reference in output and all four gradients.
-
-    fp64/fp32 (or an explicit `tol`): max error ≤ tol · max(1, max |reference|). fp16/bf16: flash-attention's rule,
-    max error ≤ 2 × the max error of PyTorch's own materialised computation in the same dtype + one rounding unit
-    of that dtype at the reference's magnitude.
-    """
-    torch.manual_seed(1)
-    dout = torch.randn(q.shape, dtype=torch.float64).to(q.device)
-    want_out, want_grads = run(sink_attention_reference, *(t.double() for t in (q, k, v, sink)), dout, **kwargs)
-    cast = [t.detach().to(dtype) for t in (q, k, v)]
-    sink = sink.double() if dtype == torch.float64 else sink.float()  # low-precision q, k, v with an fp32 prompt
-    got_out, got_grads = run(fn, *cast, sink, dout.to(dtype), **kwargs)
-    assert got_out.dtype == dtype
-    flash_rule = tol is None and dtype in (torch.float16, torch.bfloat16)
-    if flash_rule:
-        torch_out, torch_grads = run(sink_attention_reference, *cast, sink, dout.to(dtype), **kwargs)
-        torch_results = (torch_out, *torch_grads)
-    else:
-        tol = TOLERANCE[dtype] if tol is None else tol
-    named = zip(("out", "dq", "dk", "dv", "dsink"), (got_out, *got_grads), (want_out, *want_grads))
-    for i, (name, got, want) in enumerate(named):
-        assert got.shape == want.shape, name
-        assert torch.isfinite(got).all(), name
-        err = (got.double() - want).abs().max().item()
-        size = max(1.0, want.abs().max().item())
-        if flash_rule:
-            torch_err = (torch_results[i].double() - want).abs().max().item()
-            bound = 2 * torch_err + torch.finfo(dtype).eps * size
-            assert err <= bound, f"{name}: max error {err} > 2 × PyTorch's {dtype} error {torch_err} + atol"
-        else:
-            assert err <= tol * size, f"{name}: max error {err}"
-
-
-def sink_of_shape(shape, seed=2, device="cpu"):
-    torch.manual_seed(seed)
-    return (torch.randn(shape) * 2 + 1).to(device).requires_grad_()
 
 
 @pytest.mark.parametrize("tokens", [1, 17, 65])

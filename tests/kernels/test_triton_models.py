@@ -12,12 +12,17 @@ import copy
 
 import pytest
 import torch
-from test_ept import images as ept_images
-from test_ept import prompt_params, prompted
-from test_ept import tiny_vit as ept_vit
-from test_fpt import images as fpt_images
-from test_fpt import reference_features, tiny_fpt
-from test_sink_attention import assert_matches, make_qkv, sink_of_shape
+from helpers import (
+    assert_matches,
+    ept_vit,
+    fpt_reference_features,
+    images,
+    make_qkv,
+    prompt_params,
+    prompted,
+    sink_of_shape,
+    small_fpt,
+)
 
 from fastprompt.kernels import (
     attention_forward,
@@ -87,7 +92,7 @@ def test_ept_vit_through_triton_matches_official(embed, heads, triton_on_cpu, la
     base = ept_vit(embed_dim=embed, num_heads=heads, depth=2).to(DEVICE)
     fused = prompted(copy.deepcopy(base), "fused", prompt_length=6)
     official = prompted(copy.deepcopy(base), "official", prompt_length=6)
-    x = ept_images().to(DEVICE)
+    x = images().to(DEVICE)
     weights = torch.randn(2, 5, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     logits_f, prompts_f, head_f = with_grads(fused, x, weights)
     assert launches == {"forward": 2, "backward": 1}  # block 0's q, k, v need no gradient: the sink's only
@@ -105,11 +110,11 @@ def test_ept_vit_through_triton_matches_official(embed, heads, triton_on_cpu, la
 def test_fpt_extraction_through_triton_matches_the_materialised_reference(mode, triton_on_cpu, launches):
     """FPT's frozen branch with the Triton forward and importance kernels selects the same tokens as timm's blocks
     with full softmax probabilities and a stable top-k (the official semantics)."""
-    model = tiny_fpt(layers=[0, 2], token_importance=mode, token_ratio=0.3).to(DEVICE)
-    x = fpt_images().to(DEVICE)
+    model = small_fpt(layers=[0, 2], token_importance=mode, token_ratio=0.3).to(DEVICE)
+    x = images(seed=2).to(DEVICE)
     features = model.extract_features(x, return_indices=True)
     assert launches == {"forward": 1, "attention_importance": 2}  # layer 0: forward + scores; layer 2: scores only
-    keys, values, indices = reference_features(model.backbone, x, [0, 2], 0.3, mode)
+    keys, values, indices = fpt_reference_features(model.backbone, x, [0, 2], 0.3, mode)
     assert torch.equal(features["indices"], indices)
     backbone = model.backbone
     hidden = backbone.norm_pre(backbone._pos_embed(backbone.patch_embed(x)))

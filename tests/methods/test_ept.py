@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+from helpers import ept_vit, images, prompt_params, prompted
 
 import fastprompt
 from fastprompt.methods.ept import ept_scales, resample_prompt
@@ -17,35 +17,8 @@ from fastprompt.profiling import saved_tensor_bytes
 CLASSES = 5
 
 
-def tiny_vit(**kwargs) -> VisionTransformer:
-    """A 3-block ViT (embed 32, 4 heads, 8-pixel patches on 32×32: 16 patches + CLS)."""
-    torch.manual_seed(0)
-    options = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=CLASSES)
-    options.update(kwargs)
-    return VisionTransformer(**options)
-
-
-def prompted(model: VisionTransformer, attention: str = "fused", **options) -> VisionTransformer:
-    """EPT on `model` with large random prompts (std 1, so the sink visibly competes with the logits)."""
-    fastprompt.apply(model, "ept", attention=attention, **options)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for block in model.blocks:
-            if hasattr(block.attn, "prompt"):
-                block.attn.prompt.copy_(torch.randn(block.attn.prompt.shape, generator=generator))
-    return model
-
-
-def prompt_params(model: VisionTransformer) -> dict[int, torch.nn.Parameter]:
-    return {i: b.attn.prompt for i, b in enumerate(model.blocks) if hasattr(b.attn, "prompt")}
-
-
-def images(batch: int = 2, height: int = 32, width: int = 32, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
-
-
 def test_prompts_per_token_and_only_prompts_and_head_train():
-    model = fastprompt.apply(tiny_vit(reg_tokens=2), "ept", num_classes=3, prompt_length=7, prompt_layers=[2, 0])
+    model = fastprompt.apply(ept_vit(reg_tokens=2), "ept", num_classes=3, prompt_length=7, prompt_layers=[2, 0])
     prompts = prompt_params(model)
     assert sorted(prompts) == [0, 2]
     assert all(p.shape == (1 + 2 + 16, 7) for p in prompts.values())  # CLS + 2 registers + 4x4 patches
@@ -58,7 +31,7 @@ def test_prompts_per_token_and_only_prompts_and_head_train():
 
 @pytest.mark.parametrize("layers", [None, [0, 2]])
 def test_fused_matches_official_logits_and_gradients(layers):
-    base = tiny_vit(reg_tokens=1)
+    base = ept_vit(reg_tokens=1)
     fused = prompted(copy.deepcopy(base), "fused", prompt_length=9, prompt_layers=layers)
     official = prompted(copy.deepcopy(base), "official", prompt_length=9, prompt_layers=layers)
     x, weights = images(), torch.randn(2, CLASSES, generator=torch.Generator().manual_seed(2))
@@ -78,7 +51,7 @@ def test_fused_matches_official_logits_and_gradients(layers):
 
 
 def test_official_path_is_concat_softmax_slice_and_unprompted_blocks_untouched():
-    base = tiny_vit()
+    base = ept_vit()
     model = prompted(copy.deepcopy(base), "official", prompt_length=5, prompt_layers=[0, 2])
     attn, plain = model.blocks[0].attn, base.blocks[0].attn
     tokens = torch.randn(2, 17, 32)
@@ -94,7 +67,7 @@ def test_official_path_is_concat_softmax_slice_and_unprompted_blocks_untouched()
 
 
 def test_deepcopy_state_dict_and_grad_checkpointing_keep_the_prompts():
-    model = prompted(tiny_vit(), prompt_length=3, prompt_layers=[0, 2])
+    model = prompted(ept_vit(), prompt_length=3, prompt_layers=[0, 2])
     x = images()
     model(x).sum().backward()
     expected = {i: p.grad.clone() for i, p in prompt_params(model).items()}
@@ -105,13 +78,13 @@ def test_deepcopy_state_dict_and_grad_checkpointing_keep_the_prompts():
     twin(x).sum().backward()
     for i, param in prompt_params(twin).items():
         torch.testing.assert_close(param.grad, expected[i], atol=1e-6, rtol=1e-6)
-    fresh = fastprompt.apply(tiny_vit(), "ept", prompt_length=3, prompt_layers=[0, 2])
+    fresh = fastprompt.apply(ept_vit(), "ept", prompt_length=3, prompt_layers=[0, 2])
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
 
 
 def test_one_step_changes_only_prompts_and_head():
-    model = prompted(tiny_vit(), prompt_layers=[1])
+    model = prompted(ept_vit(), prompt_layers=[1])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     F.cross_entropy(model(images()), torch.tensor([0, 4])).backward()
@@ -128,7 +101,7 @@ def test_loss_falls_on_a_tiny_task():
     labels = torch.arange(10) % CLASSES
     colours = 2.0 * torch.randn(CLASSES, 3, 1, 1, generator=generator)
     x = 0.3 * torch.randn(10, 3, 32, 32, generator=generator) + colours[labels]
-    model = fastprompt.apply(tiny_vit(), "ept", prompt_length=4)
+    model = fastprompt.apply(ept_vit(), "ept", prompt_length=4)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     losses = []
     for _ in range(10):
@@ -142,7 +115,7 @@ def test_loss_falls_on_a_tiny_task():
 
 @pytest.mark.parametrize("init", ["normal", "uniform", "zero", "kaiming"])
 def test_prompt_inits(init):
-    model = tiny_vit(img_size=64)
+    model = ept_vit(img_size=64)
     torch.manual_seed(0)
     prompt = fastprompt.apply(model, "ept", prompt_init=init, prompt_layers=[0]).blocks[0].attn.prompt
     assert prompt.shape == (65, 100)
@@ -157,29 +130,29 @@ def test_prompt_inits(init):
 
 def test_option_errors():
     with pytest.raises(ValueError, match="normal.*uniform.*zero.*kaiming"):
-        fastprompt.apply(tiny_vit(), "ept", prompt_init="token")
+        fastprompt.apply(ept_vit(), "ept", prompt_init="token")
     with pytest.raises(ValueError, match="fused.*official"):
-        fastprompt.apply(tiny_vit(), "ept", attention="flash")
+        fastprompt.apply(ept_vit(), "ept", attention="flash")
     with pytest.raises(ValueError, match="prompt_length"):
-        fastprompt.apply(tiny_vit(), "ept", prompt_length=0)
+        fastprompt.apply(ept_vit(), "ept", prompt_length=0)
     with pytest.raises(ValueError, match="out of range"):
-        fastprompt.apply(tiny_vit(), "ept", prompt_layers=[3])
+        fastprompt.apply(ept_vit(), "ept", prompt_layers=[3])
     with pytest.raises(ValueError, match="attn_drop_rate=0"):
-        fastprompt.apply(tiny_vit(attn_drop_rate=0.1), "ept")
+        fastprompt.apply(ept_vit(attn_drop_rate=0.1), "ept")
     with pytest.raises(ValueError, match="patch_drop_rate=0"):
-        fastprompt.apply(tiny_vit(patch_drop_rate=0.5), "ept")
+        fastprompt.apply(ept_vit(patch_drop_rate=0.5), "ept")
     with pytest.raises(TypeError, match="standard Attention"):
-        fastprompt.apply(tiny_vit(attn_layer="diff"), "ept")
+        fastprompt.apply(ept_vit(attn_layer="diff"), "ept")
 
 
 def test_runtime_errors_name_the_problem():
-    model = fastprompt.apply(tiny_vit(), "ept", prompt_layers=[0])
+    model = fastprompt.apply(ept_vit(), "ept", prompt_layers=[0])
     with pytest.raises(ValueError, match="EPT does not support is_causal=True"):
         model.blocks[0](torch.randn(1, 17, 32), is_causal=True)
     with pytest.raises(ValueError, match="17 rows .* got 20 tokens"):
         model.blocks[0].attn(torch.randn(1, 20, 32))
     with pytest.raises(ValueError, match="no EPT prompts"):
-        ept_scales(tiny_vit(), images())
+        ept_scales(ept_vit(), images())
 
 
 def test_resample_prompt_is_timm_bicubic_on_the_grid_prefix_kept():
@@ -194,9 +167,9 @@ def test_resample_prompt_is_timm_bicubic_on_the_grid_prefix_kept():
 
 
 def test_other_resolutions_resample_the_prompt():
-    base = tiny_vit()
+    base = ept_vit()
     static = prompted(copy.deepcopy(base), prompt_length=6, prompt_layers=[0, 2])
-    dynamic = prompted(tiny_vit(dynamic_img_size=True), prompt_length=6, prompt_layers=[0, 2])
+    dynamic = prompted(ept_vit(dynamic_img_size=True), prompt_length=6, prompt_layers=[0, 2])
     x = images()
     at_training_size = dynamic(x)
     torch.testing.assert_close(at_training_size, static(x), atol=0, rtol=0)  # the prompt is used as it is
@@ -210,7 +183,7 @@ def test_other_resolutions_resample_the_prompt():
             patches = prompt[1:].reshape(1, 4, 4, 6).permute(0, 3, 1, 2)
             patches = F.interpolate(patches, size=(6, 4), mode="bicubic", antialias=True, align_corners=False)
             prompt_params(expected)[i].copy_(torch.cat([prompt[:1], patches.permute(0, 2, 3, 1).reshape(24, 6)]))
-    tall = images(height=48, width=32)
+    tall = images((48, 32))
     want = expected(tall)
     torch.testing.assert_close(dynamic(tall), want, atol=1e-5, rtol=1e-5)
     static.set_input_size(img_size=(48, 32))  # a static model moved to another input size after EPT
@@ -219,10 +192,10 @@ def test_other_resolutions_resample_the_prompt():
 
 
 def test_ept_scales_is_the_sink_scaling_map():
-    model = prompted(tiny_vit(reg_tokens=1), prompt_length=5, prompt_layers=[1, 2]).train()
+    model = prompted(ept_vit(reg_tokens=1), prompt_length=5, prompt_layers=[1, 2]).train()
     captured = {}
     model.blocks[1].attn.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
-    x = images(batch=3)
+    x = images(count=3)
     scales = ept_scales(model, x)
     assert model.training and sorted(scales) == [1, 2]
     assert all(s.shape == (3, 18) and not s.requires_grad for s in scales.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_hf_vit, tiny_vit
+from helpers import images, tiny_hf_model, tiny_vit
 from PIL import Image
 
 import fastprompt
@@ -19,7 +19,7 @@ IMG, PATCH = 32, 8
 
 
 def hf_vit(**kwargs) -> ViTForImageClassification:
-    return tiny_hf_vit("ViTForImageClassification", **kwargs)
+    return tiny_hf_model(initializer_range=0.2, **kwargs)
 
 
 def perturb(model: torch.nn.Module) -> torch.nn.Module:
@@ -30,10 +30,6 @@ def perturb(model: torch.nn.Module) -> torch.nn.Module:
             if param.requires_grad:
                 param.add_(0.3 * torch.randn_like(param))
     return model
-
-
-def images(size: int = IMG, count: int = 2) -> torch.Tensor:
-    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("size", [IMG, 2 * IMG])

@@ -6,32 +6,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+from helpers import fpt_reference_features, images, small_backbone, small_fpt
 
 import fastprompt
 from fastprompt import FPT
 from fastprompt.explain import fpt_token_counts
-from fastprompt.kernels.reference import attention_importance_reference, select_tokens_reference
 
 EMBED, HEADS, DEPTH, IMG, PATCH = 64, 4, 4, 32, 8
-
-
-def tiny_backbone(**kwargs) -> VisionTransformer:
-    """A 4-block ViT (embed 64, 4 heads, 17 tokens at 32×32)."""
-    torch.manual_seed(0)
-    options = dict(img_size=IMG, patch_size=PATCH, embed_dim=EMBED, depth=DEPTH, num_heads=HEADS, num_classes=0)
-    return VisionTransformer(**{**options, **kwargs})
-
-
-def tiny_fpt(variant: str = "fpt+", **options) -> FPT:
-    options.setdefault("side_input_size", 16)
-    model = FPT(tiny_backbone(), 3, variant=variant, **options)
-    torch.manual_seed(1)
-    return model
-
-
-def images(count: int = 2, seed: int = 2) -> torch.Tensor:
-    return torch.randn(count, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
 
 
 def expected_trainable(variant, *, embed, side, layers, prompts, channels, patch, side_size, classes) -> int:
@@ -64,7 +45,7 @@ def test_vit_b_parameter_counts_match_the_papers(variant, published):
 
 @pytest.mark.parametrize("variant", ["fpt+", "fpt"])
 def test_tiny_parameter_count_follows_the_formula(variant):
-    model = tiny_fpt(variant, num_prompts=5)
+    model = small_fpt(variant, num_prompts=5)
     layers = 2 if variant == "fpt+" else 4
     assert model.layers == list(range(DEPTH - layers, DEPTH))
     formula = expected_trainable(
@@ -74,7 +55,7 @@ def test_tiny_parameter_count_follows_the_formula(variant):
 
 
 def test_backbone_stays_frozen_and_in_eval():
-    model = tiny_fpt().train()
+    model = small_fpt().train()
     assert model.training and model.fusion.dropout.training and model.side.training
     assert not any(module.training for module in model.backbone.modules())
     assert not any(p.requires_grad for p in model.backbone.parameters())
@@ -83,38 +64,20 @@ def test_backbone_stays_frozen_and_in_eval():
 
 
 def test_only_fusion_and_side_receive_gradients():
-    model = tiny_fpt().train()
-    F.cross_entropy(model(images()), torch.tensor([0, 2])).backward()
+    model = small_fpt().train()
+    F.cross_entropy(model(images(seed=2)), torch.tensor([0, 2])).backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     assert {name.split(".")[0] for name, _ in trainable} == {"fusion", "side"}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable)
 
 
-def reference_features(backbone: VisionTransformer, x: torch.Tensor, layers, ratio: float, mode: str):
-    """Materialised frozen branch: timm's own blocks, full softmax probabilities, stable top-k."""
-    x = backbone.norm_pre(backbone._pos_embed(backbone.patch_embed(x)))
-    keys, values, indices = [], [], []
-    for i, block in enumerate(backbone.blocks):
-        if i in layers:
-            attn = block.attn
-            qkv = attn.qkv(block.norm1(x)).reshape(x.shape[0], x.shape[1], 3, attn.num_heads, attn.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            scores = attention_importance_reference(q, k, mode=mode, scale=attn.scale)
-            k_sel, v_sel, chosen = select_tokens_reference(k, v, scores, ratio)
-            keys.append(k_sel)
-            values.append(v_sel)
-            indices.append(chosen)
-        x = block(x)
-    return torch.stack(keys, 1), torch.stack(values, 1), torch.stack(indices, 1)
-
-
 @pytest.mark.parametrize("mode", ["global", "cls"])
 def test_token_selection_matches_the_materialised_reference(mode):
-    model = tiny_fpt(layers=[0, 2], token_importance=mode, token_ratio=0.3)
-    x = images()
+    model = small_fpt(layers=[0, 2], token_importance=mode, token_ratio=0.3)
+    x = images(seed=2)
     features = model.extract_features(x, return_indices=True)
-    keys, values, indices = reference_features(model.backbone, x, [0, 2], 0.3, mode)
+    keys, values, indices = fpt_reference_features(model.backbone, x, [0, 2], 0.3, mode)
     assert features["keys"].shape == (2, 2, HEADS, int(17 * 0.3), EMBED // HEADS)
     torch.testing.assert_close(features["keys"], keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(features["values"], values, rtol=1e-5, atol=1e-5)
@@ -126,24 +89,24 @@ def test_token_selection_matches_the_materialised_reference(mode):
 
 
 def test_cls_and_global_importance_select_different_tokens():
-    x = images()
-    by_mode = {mode: tiny_fpt(token_importance=mode).extract_features(x)["keys"] for mode in ("global", "cls")}
+    x = images(seed=2)
+    by_mode = {mode: small_fpt(token_importance=mode).extract_features(x)["keys"] for mode in ("global", "cls")}
     assert not torch.equal(by_mode["global"], by_mode["cls"])
 
 
 def test_frozen_forward_stops_after_the_last_extracted_layer():
-    model = tiny_fpt(layers=[1])
+    model = small_fpt(layers=[1])
     calls = []
     for i, block in enumerate(model.backbone.blocks):
         block.register_forward_pre_hook(lambda module, args, i=i: calls.append(i))
         block.mlp.register_forward_pre_hook(lambda module, args, i=i: calls.append(f"mlp{i}"))
-    model.extract_features(images())
+    model.extract_features(images(seed=2))
     assert calls == [0, "mlp0"]  # block 0 runs whole; block 1 only up to its keys and scores; blocks 2-3 never
 
 
 def test_cached_features_give_the_online_logits():
-    model = tiny_fpt().eval()
-    x = images()
+    model = small_fpt().eval()
+    x = images(seed=2)
     online = model(x)
     features = {name: tensor.clone() for name, tensor in model.extract_features(x).items()}
     cached = model.forward_features_cached(features, model.resize_for_side(x))
@@ -151,8 +114,8 @@ def test_cached_features_give_the_online_logits():
 
 
 def test_side_images_given_or_resized_from_the_input():
-    model = tiny_fpt().eval()
-    x = images()
+    model = small_fpt().eval()
+    x = images(seed=2)
     resized = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
     torch.testing.assert_close(model(x, side_images=resized), model(x), rtol=0, atol=0)
     assert not torch.allclose(model(x, side_images=torch.randn_like(resized)), model(x))
@@ -161,8 +124,8 @@ def test_side_images_given_or_resized_from_the_input():
 
 
 def test_dropout_is_active_in_training_only():
-    model = tiny_fpt().train()
-    features = model.extract_features(images())
+    model = small_fpt().train()
+    features = model.extract_features(images(seed=2))
     prompts = [model.fusion(features["keys"], features["values"]) for _ in range(2)]
     assert not torch.equal(prompts[0], prompts[1])
     model.eval()
@@ -175,7 +138,7 @@ def test_learns_a_tiny_task_through_the_frozen_features(variant):
     labels = torch.arange(12) % 3
     colours = 2.0 * torch.randn(3, 3, 1, 1, generator=generator)
     x = 0.3 * torch.randn(12, 3, IMG, IMG, generator=generator) + colours[labels]
-    model = tiny_fpt(variant).train()
+    model = small_fpt(variant).train()
     features = model.extract_features(x)
     noise = torch.randn(12, 3, 16, 16, generator=generator)  # side images carry no label: fusion must learn
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -193,10 +156,10 @@ def test_learns_a_tiny_task_through_the_frozen_features(variant):
 
 
 def test_apply_returns_the_same_wrapper():
-    model = fastprompt.apply(tiny_backbone(), "fpt+", num_classes=3, side_input_size=16, num_prompts=4)
+    model = fastprompt.apply(small_backbone(), "fpt+", num_classes=3, side_input_size=16, num_prompts=4)
     assert isinstance(model, FPT) and model.fastprompt_method == "fpt+" and model.variant == "fpt+"
     assert model.fusion.prompts.shape == (2, 4, EMBED) and model.fusion.norm is not None
-    fpt = fastprompt.apply(tiny_backbone(), "fpt", num_classes=3, side_input_size=16)
+    fpt = fastprompt.apply(small_backbone(), "fpt", num_classes=3, side_input_size=16)
     assert fpt.fusion.prompts.shape == (4, 16, 8) and fpt.fusion.query_proj is not None and fpt.fusion.norm is None
     assert float(fpt.fusion.prompts.detach().std()) < 1e-5
 
@@ -214,12 +177,12 @@ def test_apply_returns_the_same_wrapper():
 )
 def test_invalid_options_are_named(options, error, message):
     with pytest.raises(error, match=message):
-        FPT(tiny_backbone(), 3, **options)
+        FPT(small_backbone(), 3, **options)
 
 
 def test_too_small_token_ratio_is_explained():
     with pytest.raises(ValueError, match="ratio"):
-        tiny_fpt(token_ratio=0.01).extract_features(images())
+        small_fpt(token_ratio=0.01).extract_features(images(seed=2))
 
 
 @pytest.mark.slow

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_vit
 
 import fastprompt
 from fastprompt import FPT
-from tests.helpers import tiny_vit
 
 
 @pytest.mark.parametrize("method", sorted(fastprompt.available_methods()))

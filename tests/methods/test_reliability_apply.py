@@ -13,9 +13,9 @@ import string
 
 import pytest
 import torch
+from helpers import tiny_vit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from timm.models.vision_transformer import VisionTransformer
 
 import fastprompt
 from fastprompt.methods.adapter import Adapter
@@ -27,13 +27,6 @@ DEPTH, WIDTH, HEADS, PATCH, TOKENS = 2, 32, 4, 8, 17
 SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None, derandomize=True
 )
-
-
-def tiny_vit() -> VisionTransformer:
-    torch.manual_seed(0)
-    return VisionTransformer(
-        img_size=32, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=5
-    )
 
 
 # ------------------------------------------------------------------------------------------------ valid spaces
@@ -205,7 +198,7 @@ PER_OPTION = settings(SETTINGS, max_examples=15)
 
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if not METHODS[m]))
 def test_methods_without_options_work(method):
-    check_model(fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES))
+    check_model(fastprompt.apply(tiny_vit(num_classes=5), method, num_classes=NUM_CLASSES))
 
 
 @pytest.mark.parametrize("method, option", PAIRS)
@@ -217,7 +210,7 @@ def test_valid_options_always_work(method, option, data):
     rest = sorted(set(space) - {option})
     drawn = [option] + (data.draw(st.lists(st.sampled_from(rest), unique=True, max_size=2)) if rest else [])
     options = small_side(method, {name: data.draw(space[name], label=name) for name in drawn})
-    model = fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES, **options)
+    model = fastprompt.apply(tiny_vit(num_classes=5), method, num_classes=NUM_CLASSES, **options)
     check_model(model)
     check_options_took_effect(model, method, options)
 
@@ -232,7 +225,7 @@ def test_an_invalid_value_fails_naming_its_option(method, option, data):
     options = {name: data.draw(VALID[method][name], label=name) for name in others}
     options[option] = data.draw(INVALID[method][option], label="bad value")
     with pytest.raises((ValueError, TypeError)) as error:
-        fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES, **small_side(method, options))
+        fastprompt.apply(tiny_vit(num_classes=5), method, num_classes=NUM_CLASSES, **small_side(method, options))
     assert f"'{option}'" in str(error.value), f"the error does not name option {option!r}: {error.value}"
 
 
@@ -256,14 +249,18 @@ DEFINITELY_INVALID = [  # (method, option, value): regression examples, rejected
 @pytest.mark.parametrize("method, option, value", DEFINITELY_INVALID)
 def test_invalid_values_raise_naming_the_option(method, option, value):
     with pytest.raises((ValueError, TypeError), match=f"'{option}'"):
-        fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES, **small_side(method, {option: value}))
+        fastprompt.apply(
+            tiny_vit(num_classes=5), method, num_classes=NUM_CLASSES, **small_side(method, {option: value})
+        )
 
 
 @pytest.mark.parametrize("method", ["fpt", "fpt+"])
 def test_a_token_ratio_that_keeps_no_token_is_refused_at_the_first_forward(method):
     """The token count depends on the input size, so a ratio keeping int(N·ratio) = 0 tokens fails when N is
     known, with the smallest usable ratio."""
-    model = fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES, token_ratio=0.05, side_input_size=16)
+    model = fastprompt.apply(
+        tiny_vit(num_classes=5), method, num_classes=NUM_CLASSES, token_ratio=0.05, side_input_size=16
+    )
     with pytest.raises(ValueError, match=r"ratio=0\.05 keeps int\(N·ratio\) = 0 of N=17 tokens; use ratio >= 0\.0588"):
         model(torch.randn(1, 3, 32, 32))
 
@@ -281,21 +278,21 @@ def test_unknown_option_names_are_rejected_by_name(data):
     name = data.draw(identifiers.filter(lambda n: n not in reserved), label="name")
     value = data.draw(st.integers() | st.text(max_size=3) | st.none(), label="value")
     with pytest.raises(ValueError, match=re.escape(f"unknown option(s) ['{name}'] for method '{method}'")):
-        fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES, **{name: value})
+        fastprompt.apply(tiny_vit(num_classes=5), method, num_classes=NUM_CLASSES, **{name: value})
 
 
 @SETTINGS
 @given(st.text(max_size=12).filter(lambda m: m.lower() not in METHODS))
 def test_unknown_method_names_are_rejected_listing_the_valid_ones(method):
     with pytest.raises(ValueError, match="unknown method") as error:
-        fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES)
+        fastprompt.apply(tiny_vit(num_classes=5), method, num_classes=NUM_CLASSES)
     assert all(name in str(error.value) for name in METHODS)
 
 
 @pytest.mark.parametrize("method", [None, 3, ["lora"], b"lora"])
 def test_a_method_that_is_not_a_string_is_a_type_error(method):
     with pytest.raises(TypeError, match="method must be a string"):
-        fastprompt.apply(tiny_vit(), method, num_classes=NUM_CLASSES)
+        fastprompt.apply(tiny_vit(num_classes=5), method, num_classes=NUM_CLASSES)
 
 
 @SETTINGS
@@ -304,12 +301,12 @@ def test_bad_num_classes_names_num_classes(method, num_classes):
     if num_classes is None and method not in ("fpt", "fpt+"):
         num_classes = 0  # None keeps a patch method's classifier: valid there
     with pytest.raises((ValueError, TypeError), match="num_classes"):
-        fastprompt.apply(tiny_vit(), method, num_classes=num_classes, **small_side(method, {}))
+        fastprompt.apply(tiny_vit(num_classes=5), method, num_classes=num_classes, **small_side(method, {}))
 
 
 def test_non_vit_and_twice_applied_models_are_rejected():
     with pytest.raises(TypeError, match="VisionTransformer"):
         fastprompt.apply(torch.nn.Linear(3, 3), "lora")
-    model = fastprompt.apply(tiny_vit(), "lora", num_classes=NUM_CLASSES)
+    model = fastprompt.apply(tiny_vit(num_classes=5), "lora", num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="already has method 'lora'"):
         fastprompt.apply(model, "bitfit")

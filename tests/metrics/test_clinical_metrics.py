@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import logits_predicting
 
 from fastprompt.metrics import compute_metrics, resolve_positive_class, sensitivity_at_specificity
-
-
-def _logits_predicting(predicted, num_classes):
-    logits = np.full((len(predicted), num_classes), -3.0)
-    logits[np.arange(len(predicted)), predicted] = 3.0
-    return logits
 
 
 @pytest.mark.parametrize(
@@ -55,7 +50,7 @@ def test_abnormal_normal_headline_metrics_describe_abnormal():
     predicted = np.array([0, 0, 1, 0, 0, 1, 1, 1])
     # abnormal: TP 2 (rows 0, 1), FN 1 (row 2), FP 2 (rows 3, 4), TN 3
     result = compute_metrics(
-        _logits_predicting(predicted, 2), targets, multilabel=False, class_names=["abnormal", "normal"]
+        logits_predicting(predicted, 2), targets, multilabel=False, class_names=["abnormal", "normal"]
     )
     assert result["positive_class"] == "abnormal"
     assert result["confusion_matrix"] == [[2, 1], [2, 3]]
@@ -70,7 +65,7 @@ def test_an_explicit_positive_class_overrides_the_default():
     targets = np.array([0, 0, 0, 1, 1, 1, 1, 1])
     predicted = np.array([0, 0, 1, 0, 0, 1, 1, 1])
     result = compute_metrics(
-        _logits_predicting(predicted, 2), targets, multilabel=False, class_names=["abnormal", "normal"],
+        logits_predicting(predicted, 2), targets, multilabel=False, class_names=["abnormal", "normal"],
         positive_class="normal",
     )  # fmt: skip
     # normal: TP 3, FN 2, FP 1, TN 2
@@ -83,11 +78,11 @@ def test_multiclass_positive_class_is_one_against_the_rest():
     targets = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     predicted = np.array([0, 1, 0, 1, 1, 2, 0, 2, 2])
     names = ["a", "b", "c"]
-    result = compute_metrics(_logits_predicting(predicted, 3), targets, multilabel=False, class_names=names)
+    result = compute_metrics(logits_predicting(predicted, 3), targets, multilabel=False, class_names=names)
     assert result["positive_class"] is None  # three classes, none named: means
     assert "sensitivity_at_90_specificity" not in result
     result = compute_metrics(
-        _logits_predicting(predicted, 3), targets, multilabel=False, class_names=names, positive_class="b"
+        logits_predicting(predicted, 3), targets, multilabel=False, class_names=names, positive_class="b"
     )
     # b: TP 2, FN 0, FP 1 (row 1), TN 6
     assert result["positive_class"] == "b"

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import logits_predicting
 from scipy.special import expit, softmax
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
@@ -177,16 +178,10 @@ def test_extreme_logits_keep_their_order():
     assert result["acc"] == pytest.approx(0.5)  # every row predicts [0, 1]: rows 1 and 3 match exactly
 
 
-def _logits_predicting(predicted, num_classes):
-    logits = np.full((len(predicted), num_classes), -3.0)
-    logits[np.arange(len(predicted)), predicted] = 3.0
-    return logits
-
-
 def test_confusion_matrix_sensitivity_specificity_hand_computed_three_classes():
     targets = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     predicted = np.array([0, 1, 0, 1, 1, 2, 0, 2, 2])
-    result = compute_metrics(_logits_predicting(predicted, 3), targets, multilabel=False, class_names=["a", "b", "c"])
+    result = compute_metrics(logits_predicting(predicted, 3), targets, multilabel=False, class_names=["a", "b", "c"])
     assert result["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 3]]  # rows: true class, columns: predicted
     # a: TP 2, FN 1, FP 1, TN 5; b: TP 2, FN 0, FP 1, TN 6; c: TP 3, FN 1, FP 0, TN 5
     assert result["per_class_sensitivity"] == pytest.approx({"a": 2 / 3, "b": 1.0, "c": 3 / 4})
@@ -198,7 +193,7 @@ def test_confusion_matrix_sensitivity_specificity_hand_computed_three_classes():
 
 def test_binary_sensitivity_and_specificity_are_the_positive_class():
     targets = np.array([0, 0, 0, 1, 1])
-    result = compute_metrics(_logits_predicting(np.array([0, 1, 0, 1, 0]), 2), targets, multilabel=False)
+    result = compute_metrics(logits_predicting(np.array([0, 1, 0, 1, 0]), 2), targets, multilabel=False)
     assert result["confusion_matrix"] == [[2, 1], [1, 1]]
     assert (result["sensitivity"], result["specificity"]) == pytest.approx((1 / 2, 2 / 3))  # TP 1 FN 1; TN 2 FP 1
 
@@ -214,7 +209,7 @@ def test_multilabel_sensitivity_and_specificity_at_one_half():
 
 
 def test_a_class_absent_from_the_set_has_no_sensitivity():
-    result = compute_metrics(_logits_predicting(np.array([0, 1, 0]), 3), np.array([0, 1, 1]), multilabel=False)
+    result = compute_metrics(logits_predicting(np.array([0, 1, 0]), 3), np.array([0, 1, 1]), multilabel=False)
     assert np.isnan(result["per_class_sensitivity"]["2"])  # no positives of class 2: undefined, not 0 or 1
     assert result["per_class_specificity"]["2"] == 1.0
     assert result["sensitivity"] == pytest.approx((1.0 + 0.5) / 2)  # the mean over defined classes

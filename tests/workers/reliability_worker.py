@@ -1,6 +1,6 @@
 """Subprocess side of the crash-safety tests: a tiny training run or FPT preload that gets SIGKILLed.
 
-Usage: ``python tests/reliability_worker.py MODE OUT_DIR [KILL]``.
+Usage: ``python tests/workers/reliability_worker.py MODE OUT_DIR [KILL]``.
 
 - ``train``: `Engine.fit(resume=True)` of a 2-block LoRA ViT (torch backend, a checkpoint after every step) in
   OUT_DIR. Touches OUT_DIR/started after the first optimizer step, and OUT_DIR/done when fit returns.
@@ -21,51 +21,20 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 import fastprompt
 import fastprompt.engine.checkpoint
 import fastprompt.io
 
-NUM_CLASSES = 3
-IMG = 32
-
-
-def tiny_vit(seed: int = 0) -> torch.nn.Module:
-    """A 2-block ViT (embed 32, 4 heads) on 32x32 inputs; the same weights for the same seed."""
-    from timm.models.vision_transformer import VisionTransformer  # after fastprompt's torchvision shim
-
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=IMG, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=NUM_CLASSES)
-
-
-def train_data(count: int = 24) -> DataLoader:
-    """A shuffling loader over learnable random images (class = colour-channel shift)."""
-    generator = torch.Generator().manual_seed(1)
-    labels = torch.arange(count) % NUM_CLASSES
-    images = torch.randn(count, 3, IMG, IMG, generator=generator) * 0.5
-    images[torch.arange(count), labels] += 1.0
-    return DataLoader(TensorDataset(images, labels), batch_size=4, shuffle=True)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers, when run as a script
+from helpers import feature_images, shuffled, tiny_data, tiny_fpt, tiny_tuned_vit  # noqa: E402
 
 
 def make_engine(out_dir: Path | None, **overrides) -> fastprompt.Engine:
     """The crash-test configuration: LoRA with dropout (uses the RNG), warm-up + cosine, checkpoint every step."""
-    model = fastprompt.apply(tiny_vit(), "lora", num_classes=NUM_CLASSES, dropout=0.1)
+    model = tiny_tuned_vit("lora", dropout=0.1)
     options = dict(lr=1e-2, epochs=2, warmup_steps=2, backend="torch", checkpoint_every=1, progress=False)
     return fastprompt.Engine(model, output_dir=out_dir, **{**options, **overrides})
-
-
-def feature_images(count: int = 12) -> torch.Tensor:
-    return torch.randn(count, 3, IMG, IMG, generator=torch.Generator().manual_seed(5))
-
-
-def tiny_fpt() -> torch.nn.Module:
-    """An FPT+ wrapper around a headless tiny ViT (layers 0 and 1, 16-pixel side input)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    backbone = VisionTransformer(img_size=IMG, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0)
-    return fastprompt.FPT(backbone, NUM_CLASSES, layers=[0, 1], side_input_size=16)
 
 
 def die() -> None:
@@ -124,7 +93,7 @@ def run_train(out_dir: Path, kill: list[str]) -> None:
         return result
 
     torch.optim.AdamW.step = step_and_mark
-    engine.fit(train_data(), resume=True)
+    engine.fit(shuffled(tiny_data()), resume=True)
     (out_dir / "done").touch()
 
 

@@ -1,6 +1,7 @@
-"""Worker for tests/test_trainers.py: trains a tiny fastprompt-patched HF ViT under another trainer, in its own process.
+"""Worker for tests/integrations/test_trainers.py: trains a tiny fastprompt-patched HF ViT under another trainer, in
+its own process.
 
-    python tests/trainer_worker.py hf|hf-deepspeed|hf-resume|lightning-ddp|lightning-deepspeed[-resume] OUT_DIR
+    python tests/workers/trainer_worker.py hf|hf-deepspeed|hf-resume|lightning-ddp|lightning-deepspeed[-resume] OUT_DIR
 
 Writes OUT_DIR/result.json: the training losses, the names of the parameters that changed, and the logits of
 the trained model on a fixed batch (what the reloaded weights must reproduce). Saved weights go under OUT_DIR.
@@ -14,23 +15,18 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import stop_trainer_at  # tests/, this script's folder, is first on sys.path
 
 import fastprompt  # noqa: F401  (before transformers / lightning: repairs torchvision)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers, when run as a script
+from helpers import stop_trainer_at, tiny_hf_model  # noqa: E402
 
 CLASSES, STEPS, BATCH, SAMPLES, LR = 3, 18, 4, 24, 0.01
 
 
 def build_model(method: str = "ept") -> torch.nn.Module:
     """The tiny patched model; the same weights in every process and in the test that reloads it."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
-        patch_size=8, num_labels=CLASSES, initializer_range=0.2,
-    )  # fmt: skip
-    model = ViTForImageClassification(config)
+    model = tiny_hf_model(initializer_range=0.2).train()
     torch.manual_seed(1)
     return fastprompt.apply(model, method, num_classes=CLASSES, prompt_length=4)
 
