@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from timm.models.vision_transformer import VisionTransformer
 
 from benchmarks import gpu, report, results
 from fastprompt import FPT
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY_FILES = {
     "kernels.json": "kernels",
     "memory_ept.json": "memory",
@@ -33,8 +33,8 @@ TINY_FILES = {
 def run_check(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """`python -m benchmarks.gpu --out out --profile tiny ...` from the repository root, as a user would run it."""
     command = [sys.executable, "-m", "benchmarks.gpu", "--out", str(out), "--profile", "tiny", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_dry_run_lists_every_part_and_goal_and_writes_nothing(tmp_path, capsys):
@@ -49,17 +49,21 @@ def test_dry_run_lists_every_part_and_goal_and_writes_nothing(tmp_path, capsys):
     assert '"batch": 32, "width": 768, "n": 1025, "d": 64, "dtype": "bf16"' in text
     assert '"model": "vit_base_patch16_224", "resolution": 512, "batch": 32' in text
     assert '"model": "vit_base_patch16_384", "resolution": 512, "batch": 16}' in text
-    assert "pytest -m gpu tests/test_sink_attention.py tests/test_importance.py" in text
+    assert "pytest -m gpu tests/kernels/test_sink_attention.py tests/kernels/test_importance.py" in text
     assert sum(part.box_seconds for part in gpu.PARTS[:-1]) < gpu.TOTAL_SECONDS <= 8 * 60 - 30
     assert not out.exists()
 
 
 def test_gpu_tests_run_the_kernels_first():
     files = gpu.gpu_test_files(["tests"])
-    assert files[:3] == ["tests/test_sink_attention.py", "tests/test_importance.py", "tests/test_fpt.py"]
-    assert "tests/test_compile.py" in files and len(files) == len(set(files))
-    assert all("pytest.mark.gpu" in (ROOT / file).read_text() for file in files)
-    assert "tests/test_metrics.py" not in files  # no GPU test there: not collected at all
+    assert files[:3] == [
+        "tests/kernels/test_sink_attention.py",
+        "tests/kernels/test_importance.py",
+        "tests/methods/test_fpt.py",
+    ]
+    assert "tests/kernels/test_compile.py" in files and len(files) == len(set(files))
+    assert all("pytest.mark.gpu" in (REPO / file).read_text() for file in files)
+    assert "tests/metrics/test_metrics.py" not in files  # no GPU test there: not collected at all
 
 
 def test_an_uninstalled_checkout_imports_the_kernels_through_the_module(tmp_path):
@@ -77,7 +81,7 @@ def test_an_uninstalled_checkout_imports_the_kernels_through_the_module(tmp_path
     env = {**os.environ, "PYTHONPATH": "."}
     for mode, ok in (("plain", False), ("hook", True)):
         done = subprocess.run(
-            [sys.executable, "-c", script, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", script, mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
         )
         assert (done.returncode == 0) == ok, (mode, done.stderr[-2000:])
     assert done.stdout.strip().endswith(str(Path("kernels") / "__init__.py"))
@@ -365,7 +369,7 @@ def test_gpu_tests_file_keeps_each_finished_test_when_the_box_stops_pytest(tmp_p
     real = subprocess.Popen
     out = str(tmp_path / "gpu_tests.json")
     monkeypatch.setattr(gpu.subprocess, "Popen", lambda command, **kw: real([sys.executable, "-c", script, out], **kw))
-    profile = {"device": "cpu", "gpu_tests": {"paths": ["tests/test_compile.py"]}}
+    profile = {"device": "cpu", "gpu_tests": {"paths": ["tests/kernels/test_compile.py"]}}
     started = time.perf_counter()
     gpu.gpu_tests_part(profile, tmp_path, box_seconds=15)
     assert time.perf_counter() - started < 60

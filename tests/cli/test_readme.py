@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 import yaml
+from helpers import REPO
 
 from fastprompt.cli import build_parser
 from fastprompt.cli.config import expand_config
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 
 
 def code_blocks(language: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Reliability under faults: SIGKILL mid-step / mid-write / mid-preload, disk full, NaN, bad data, damaged caches.
 
-The subprocess side is tests/reliability_worker.py. Kill points are drawn from a seeded RNG (printed on failure).
+The subprocess side is tests/workers/reliability_worker.py. Kill points are drawn from a seeded RNG (printed on
+failure).
 """
 
 from __future__ import annotations

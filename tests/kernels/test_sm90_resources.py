@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TESTS
 
 from fastprompt.kernels.dispatch import triton_importable
 
-SCRIPT = Path(__file__).with_name("sm90_kernels.py")
+SCRIPT = TESTS / "sm90_kernels.py"
 LIMIT = 232_448  # bytes of shared memory per program on sm_90
 LAUNCHED = {  # the kernels a forward + backward + importance run launches, by mode
     False: ("_forward_kernel", "_delta_kernel", "_backward_kernel", "_row_lse_kernel", "_column_mass_kernel"),
