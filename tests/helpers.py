@@ -1,4 +1,8 @@
-"""Small models and tasks shared by the tests."""
+"""What the tests share, each defined once: tiny models and data, the sink-attention checks, CLI arguments, paths.
+
+Every test module and worker imports it as `from helpers import ...` (tests/ is on pytest's pythonpath; a worker run
+as a script puts tests/ on sys.path itself). Test modules never import each other: tests/test_layout.py checks.
+"""
 
 from __future__ import annotations
 
