@@ -5,7 +5,7 @@ gradients and AdamW state, plus the step's peak of live tensor bytes (`fastpromp
 traced on PyTorch's meta device, where ops allocate shapes but do no arithmetic, so ViT-L at 1024 costs seconds.
 On the meta device `scaled_dot_product_attention` would take its materialising math path; the trace routes it to
 the op it reaches on CPU (`_scaled_dot_product_flash_attention_for_cpu`), so the trace allocates what a CPU step
-allocates (tests/test_activation_memory.py checks equality with a real CPU step for every policy).
+allocates (tests/engine/test_activation_memory.py checks equality with a real CPU step for every policy).
 
 python -m benchmarks.budget --model vit_large_patch16_224 --resolution 1024 --methods ept --budget 24GB
 """

@@ -99,7 +99,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "fpt": {"model": "vit_tiny_patch16_224", "resolution": 32, "batch": 2},
         "frozen": {"model": "vit_tiny_patch16_224", "resolution": 32, "batch": 2, "warmup": 0, "repeats": 1},
         "determinism": {"model": "vit_tiny_patch16_224", "resolution": 32, "batch": 2, "steps": 2, "n": 17},
-        "gpu_tests": {"paths": ["tests/test_compile.py"]},
+        "gpu_tests": {"paths": ["tests/kernels/test_compile.py"]},
         "precision": "fp32",
     },
 }
@@ -311,7 +311,7 @@ def gpu_test_files(paths: list[str]) -> list[str]:
     """The test files under `paths` that hold GPU-marked tests, the kernels' own first (a time box cuts the tail)."""
     files = set()
     for path in (ROOT / item for item in paths):
-        for file in [path] if path.is_file() else path.glob("test_*.py"):
+        for file in [path] if path.is_file() else path.rglob("test_*.py"):
             if "mark.gpu" in file.read_text(encoding="utf-8"):
                 files.add(file)
     rank = lambda file: (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# fastprompt.checkpointing.POLICIES and the keys of benchmarks.models.PRECISIONS (tests/test_benchmarks.py checks)
+# fastprompt.checkpointing.POLICIES and the keys of benchmarks.models.PRECISIONS (tests/bench/test_benchmarks.py checks)
 POLICIES = ("none", "selective", "full")
 PRECISION_NAMES = ("bf16", "fp32")
 HF_ARCHITECTURES = {  # ViTConfig overrides; ViTConfig's defaults are ViT-B/16

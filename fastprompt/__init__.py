@@ -34,7 +34,7 @@ _EXPORTS = {
     "save_trainable": "fastprompt.serialization",
 }
 
-__all__ = [  # the same names as _EXPORTS (tests/test_compat.py checks)
+__all__ = [  # the same names as _EXPORTS (tests/integrations/test_compat.py checks)
     "FPT",
     "Engine",
     "__version__",

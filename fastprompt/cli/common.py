@@ -135,7 +135,7 @@ def format_metrics(metrics: dict[str, Any], classes: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------------- shared flags
 
 # The registered methods, for --help without importing torch (the registry imports every method module);
-# tests/test_cli.py checks that this equals fastprompt.available_methods().
+# tests/cli/test_cli.py checks that this equals fastprompt.available_methods().
 METHOD_NAMES = ("adapter", "bitfit", "ept", "fpt", "fpt+", "full", "linear", "lora", "partial", "vpt")
 
 CSV_FORMAT = (

@@ -21,18 +21,18 @@ class Mutant:
 
 
 # Tests that check the installed layout itself, which the scratch copy's kernels/ symlink changes on purpose.
-DESELECT = ("tests/test_benchmarks_gpu.py::test_an_uninstalled_checkout_imports_the_kernels_through_the_module",)
+DESELECT = ("tests/bench/test_benchmarks_gpu.py::test_an_uninstalled_checkout_imports_the_kernels_through_the_module",)
 
-CKPT = ("tests/test_checkpointing.py",)
-ACT = ("tests/test_activation_memory.py",)
-HF = ("tests/test_hf.py",)
-PREDICT = ("tests/test_predict.py", "tests/test_cli_outputs.py")
-CLI_TRAIN = ("tests/test_cli_train.py", "tests/test_cli.py")
-DATA = ("tests/test_data.py",)
-CACHE = ("tests/test_feature_cache.py",)
-SINK = ("tests/test_kernel_contracts.py", "tests/test_sink_attention.py")
-IMPORTANCE = ("tests/test_kernel_contracts.py", "tests/test_importance.py")
-GPU = ("tests/test_benchmarks_gpu.py", "-m", "not slow")
+CKPT = ("tests/engine/test_checkpointing.py",)
+ACT = ("tests/engine/test_activation_memory.py",)
+HF = ("tests/integrations/test_hf.py",)
+PREDICT = ("tests/cli/test_predict.py", "tests/cli/test_cli_outputs.py")
+CLI_TRAIN = ("tests/cli/test_cli_train.py", "tests/cli/test_cli.py")
+DATA = ("tests/data/test_data.py",)
+CACHE = ("tests/data/test_feature_cache.py",)
+SINK = ("tests/kernels/test_kernel_contracts.py", "tests/kernels/test_sink_attention.py")
+IMPORTANCE = ("tests/kernels/test_kernel_contracts.py", "tests/kernels/test_importance.py")
+GPU = ("tests/bench/test_benchmarks_gpu.py", "-m", "not slow")
 
 MUTANTS: list[Mutant] = [
     # ---- the nine behaviours of issue 22's table
