@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastprompt.cli.common import (
     BACKBONE_FILE,
@@ -34,6 +34,9 @@ from fastprompt.cli.common import (
     write_json,
 )
 from fastprompt.cli.config import CONFIG_FLAG, RESOLVED_CONFIG, resolved_settings, write_settings
+
+if TYPE_CHECKING:
+    from fastprompt.engine import Engine
 
 
 def add_parser(commands: Any) -> None:
@@ -586,28 +589,28 @@ def epoch_line(record: dict[str, Any], epochs: int, best_epoch: int | None) -> s
     return f"epoch {record['epoch']}/{epochs}  {values}  ({record.get('time_s', 0.0):.1f} s){mark}"
 
 
-def print_epoch(record: dict[str, Any], engine: Any) -> None:
+def print_epoch(record: dict[str, Any], engine: Engine) -> None:
     """Print an epoch's line above the progress bars."""
     from tqdm.auto import tqdm
 
-    best = engine.state.get("best")
-    tqdm.write(epoch_line(record, engine.config["epochs"], best["epoch"] if best else None))
+    best = engine.state.best
+    tqdm.write(epoch_line(record, engine.config.epochs, best.epoch if best else None))
 
 
-def best_summary(engine: Any, out: Path) -> str:
+def best_summary(engine: Engine, out: Path) -> str:
     """Which checkpoint is best, at which epoch, with its validation metrics."""
-    best = engine.state.get("best")
+    best = engine.state.best
     path = out / "checkpoints" / "best.pt"
     if best and not path.is_file():
-        return f"the best checkpoint (epoch {best['epoch']}) is missing from {path}; use checkpoints/last.pt"
+        return f"the best checkpoint (epoch {best.epoch}) is missing from {path}; use checkpoints/last.pt"
     if not best:
         return (
             "no best checkpoint (no epoch had a finite monitored metric, or the best was lost: see the warnings "
             "above); use checkpoints/last.pt"
         )
-    record = next((r for r in engine.history if r.get("epoch") == best["epoch"]), {})
+    record = next((r for r in engine.history if r.get("epoch") == best.epoch), {})
     values = ", ".join(f"{key} {record[key]:.4f}" for key in SHOWN_METRICS if isinstance(record.get(key), float))
-    return f"best checkpoint: {path} (epoch {best['epoch']}, best {best['metric']}; {values})"
+    return f"best checkpoint: {path} (epoch {best.epoch}, best {best.metric}; {values})"
 
 
 def resume_command(args: argparse.Namespace) -> str:
