@@ -200,7 +200,7 @@ def test_a_second_writer_is_refused_naming_the_pid_until_the_holder_dies(trained
         (["--img-size=48"], "img_size"),
         (["--seed=1"], "seed"),
         (["--lr=0.5"], "engine.lr"),
-        ("renamed classes", "classes"),
+        ("renamed classes", "engine.class_names"),
     ],
 )
 def test_a_refused_resume_changes_no_file(trained, tmp_path, capsys, change, named):
@@ -536,8 +536,9 @@ def test_the_training_summary_says_a_best_checkpoint_is_missing_not_that_no_metr
     from types import SimpleNamespace
 
     from fastprompt.cli.train import best_summary
+    from fastprompt.engine import BestEpoch, TrainState
 
-    engine = SimpleNamespace(state={"best": {"epoch": 2, "metric": "val_auc", "value": 0.8}}, history=[])
+    engine = SimpleNamespace(state=TrainState(best=BestEpoch(metric="val_auc", value=0.8, epoch=2)), history=[])
     assert "best checkpoint (epoch 2) is missing" in best_summary(engine, tmp_path)
 
 
