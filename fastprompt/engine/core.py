@@ -148,6 +148,9 @@ def fast_optimizer(cls: type[torch.optim.Optimizer], params: list, **options: An
 class Engine:
     """Trains the trainable parameters of `model` (everything with requires_grad) on PyTorch or DeepSpeed.
 
+    The options are the fields of `EngineConfig` (`fastprompt.engine.config`), given as keywords, as
+    ``config=EngineConfig(...)``, or both (keywords replace the config's values).
+
     optimizer: "adamw" or "sgd" (with `momentum`); `weight_decay` applies to every trainable parameter.
     schedule: "cosine" (per optimizer step, to 0) or "constant", after `warmup_steps` of linear warmup.
     precision: "auto" (bf16 on a CUDA device that supports it, else fp32), "bf16", "fp16" or "fp32". The torch
