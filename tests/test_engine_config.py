@@ -184,3 +184,23 @@ def test_a_torch_backend_instance_is_a_backend():
     engine = Engine(model(), epochs=1, progress=False, backend="torch")
     engine.fit(loader())
     assert isinstance(engine.backend, Backend)
+
+
+def test_a_cli_resume_may_change_quiet_and_how_the_run_folder_is_named(tmp_path, monkeypatch, capsys):
+    import shutil
+    from pathlib import Path
+
+    from helpers import CLI_TINY
+
+    from fastprompt.cli import main
+
+    data = shutil.copytree(Path(__file__).parent / "fixtures" / "cli_v0_data", tmp_path / "data")
+    argv = ["train", f"--data={data}", "--val-fraction=0.25", *CLI_TINY]
+    assert main([*argv, "--epochs=1", f"--output-dir={tmp_path / 'run'}"]) == 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["engine"] == EngineConfig.from_dict(recorded["engine"]).to_dict()
+    assert not {"seed", "classes", "positive_class"} & set(recorded)  # recorded once, under "engine"
+    monkeypatch.chdir(tmp_path)
+    louder = [arg for arg in argv if arg != "--quiet"]
+    assert main([*louder, "--epochs=2", "--output-dir=run", "--resume"]) == 0, capsys.readouterr().err
+    assert fastprompt.read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["epoch"] == 2
