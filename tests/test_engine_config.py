@@ -62,6 +62,8 @@ def test_an_unknown_field_names_the_closest_and_lists_the_valid_ones():
     with pytest.raises(TypeError, match=r"unknown Engine config field 'lrr'; did you mean 'lr'\?") as raised:
         EngineConfig.from_dict({"lrr": 1})
     assert valid in str(raised.value)
+    with pytest.raises(TypeError, match=r"unknown Engine config field 'optimiser'; did you mean 'optimizer'\?"):
+        EngineConfig(optimiser="sgd")
     with pytest.raises(TypeError, match=r"unknown Engine option 'lrr'; did you mean 'lr'\?") as raised:
         Engine(model(), lrr=1)
     assert valid in str(raised.value)

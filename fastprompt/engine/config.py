@@ -67,6 +67,10 @@ class EngineConfig:
     class_weights: str | Sequence[float] | None = None
     balanced_sampler: bool = False
 
+    def __new__(cls, *args: Any, **fields: Any) -> EngineConfig:
+        cls.check_names(list(fields), what="config field")  # before dataclass __init__'s bare TypeError
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         for name, value in self._checked().items():
             object.__setattr__(self, name, value)
@@ -187,8 +191,7 @@ class EngineConfig:
 
         A recorded custom loss needs the callable again: ``from_dict(data, loss=fn)``.
         """
-        cls.check_names([*data, *overrides], what="config field")
-        values = {**data, **overrides}
+        values = {**data, **overrides}  # an unknown name is refused by __new__
         if values.get("loss") == CUSTOM_LOSS:
             raise ValueError(
                 "this configuration was trained with a custom loss callable, which is not saved; pass it again: "
