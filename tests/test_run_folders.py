@@ -32,6 +32,7 @@ from fastprompt.engine.checkpoint import (
     restore_best,
     write_checkpoint,
 )
+from fastprompt.engine.state import BestEpoch
 from fastprompt.runlock import LOCK_FILE, RunLockedError, run_lock
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_pickle_checkpoint.pt"  # written by the code at 8a8e2e7
@@ -316,7 +317,7 @@ def test_a_best_that_cannot_be_rebuilt_is_said_plainly_and_tracked_again(tmp_pat
     directory.mkdir()
     write_checkpoint(directory / "last.pt", {"state": {"epoch": 3, "step_in_epoch": 0}})
     write_checkpoint(directory / "prev.pt", {"state": {"epoch": 2, "step_in_epoch": 5}})
-    best = {"metric": "val_auc", "value": 0.9, "epoch": 2}
+    best = BestEpoch(metric="val_auc", value=0.9, epoch=2)
     with pytest.warns(RuntimeWarning, match=r"best epoch 2 \(val_auc 0.9\) is left: that model is lost"):
         assert restore_best(directory, best, [directory / "last.pt", directory / "prev.pt"], write=True) is None
     assert not (directory / "best.pt").exists()

@@ -692,11 +692,9 @@ class Engine:
         payload, path = found
         self._check_compatible(payload, path)
         state = TrainState.from_dict(payload["state"])  # today's form and the dict of fastprompt <= cc56237
-        best = restore_best(
-            directory, None if state.best is None else state.best.to_dict(),
-            [directory / "last.pt", directory / "prev.pt"], write=self.rank == 0, trust=trust,
-        )  # fmt: skip
-        state.best = BestEpoch.from_dict(best)
+        state.best = restore_best(
+            directory, state.best, [directory / "last.pt", directory / "prev.pt"], write=self.rank == 0, trust=trust
+        )
         self.backend.load_trainable(payload["trainable"])
         self.backend.load_optimizer_state(payload["optimizer"], self.rank)
         self.state = state
