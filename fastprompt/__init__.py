@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it; add new exports here (and to the TYPE_CHECKING imports below)
 _EXPORTS = {
     "Engine": "fastprompt.engine",
+    "EngineConfig": "fastprompt.engine",
     "FPT": "fastprompt.methods.fpt",
     "apply": "fastprompt.patch",
     "available_methods": "fastprompt.patch",
@@ -37,6 +38,7 @@ _EXPORTS = {
 __all__ = [  # the same names as _EXPORTS (tests/integrations/test_compat.py checks)
     "FPT",
     "Engine",
+    "EngineConfig",
     "__version__",
     "apply",
     "available_methods",
@@ -54,7 +56,7 @@ __all__ = [  # the same names as _EXPORTS (tests/integrations/test_compat.py che
 
 if TYPE_CHECKING:  # what static tools see; at run time `__getattr__` imports these on first use
     from fastprompt.checkpointing import checkpoint_activations
-    from fastprompt.engine import Engine
+    from fastprompt.engine import Engine, EngineConfig
     from fastprompt.methods.ept import ept_scales
     from fastprompt.methods.fpt import FPT
     from fastprompt.patch import apply, available_methods, count_parameters, merge

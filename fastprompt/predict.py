@@ -119,6 +119,7 @@ def predict_images(
     probability of that class.
     """
     from fastprompt.data import SkippedImageWarning, transforms_for_model
+    from fastprompt.run_folders import recorded_option
     from fastprompt.serialization import load_run
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -127,7 +128,8 @@ def predict_images(
     paths = image_files(data)
     model, classes = loaded.model, list(loaded.classes)
     multilabel = bool(loaded.config.get("multilabel"))
-    positive_class = positive_class if positive_class is not None else loaded.config.get("positive_class")
+    if positive_class is None:
+        positive_class = recorded_option(loaded.config, "positive_class")
     if positive_class is not None and (multilabel or positive_class not in classes):
         raise ValueError(
             f"positive_class {positive_class!r} must be one of the classes {classes} of a single-label run"

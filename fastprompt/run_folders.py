@@ -21,7 +21,7 @@ from torch import nn
 
 from fastprompt.serialization import WeightsError, assign_trainable
 
-__all__ = ["RUN_CONFIG", "LoadedRun", "build_run_model", "load_run", "read_checkpoint"]
+__all__ = ["RUN_CONFIG", "LoadedRun", "build_run_model", "load_run", "read_checkpoint", "recorded_option"]
 
 RUN_CONFIG = "config.json"  # written by `fastprompt train` into the run folder
 
@@ -103,6 +103,20 @@ class LoadedRun:
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's record up to the checkpoint
 
 
+# config.json written before the run's Engine options were EngineConfig.to_dict() (fastprompt <= cc56237) kept the
+# class names only at the top level, under this name; every other option it recorded is in its "engine" too.
+_LEGACY_TOP_LEVEL = {"class_names": "classes"}
+
+
+def recorded_option(config: Mapping[str, Any], name: str) -> Any:
+    """The Engine option `name` (an `EngineConfig` field) a run's config.json records under "engine"."""
+    engine = config.get("engine") or {}
+    if name in engine:
+        return engine[name]
+    legacy = _LEGACY_TOP_LEVEL.get(name)
+    return config.get(legacy) if legacy is not None else None
+
+
 def build_run_model(config: Mapping[str, Any], run_dir: str | os.PathLike | None = None) -> nn.Module:
     """The untrained patched model a run's config.json describes: its backbone (and frozen weights), the method.
 
@@ -132,7 +146,7 @@ def build_run_model(config: Mapping[str, Any], run_dir: str | os.PathLike | None
                     f"{expected[:16]}…): restore the file the run was trained with"
                 )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(config.get("seed", 0)))
+        torch.manual_seed(int(recorded_option(config, "seed") or 0))
         backbone = create_backbone(
             config["model"],
             img_size=int(config["img_size"]),
@@ -140,7 +154,8 @@ def build_run_model(config: Mapping[str, Any], run_dir: str | os.PathLike | None
             checkpoint=file,
             **dict(config.get("model_kwargs") or {}),
         )
-        return apply(backbone, config["method"], num_classes=len(config["classes"]), **config["method_options"])
+        classes = recorded_option(config, "class_names")
+        return apply(backbone, config["method"], num_classes=len(classes), **config["method_options"])
 
 
 def load_run(run: str | os.PathLike, *, checkpoint: str = "best", trust: bool = False) -> LoadedRun:
@@ -163,7 +178,7 @@ def load_run(run: str | os.PathLike, *, checkpoint: str = "best", trust: bool = 
     return LoadedRun(
         model=model.eval(),
         config=config,
-        classes=list(config["classes"]),
+        classes=list(recorded_option(config, "class_names")),
         checkpoint=path,
         epoch=epoch,
         step_in_epoch=int(state.get("step_in_epoch", 0)),

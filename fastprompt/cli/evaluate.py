@@ -69,14 +69,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     from fastprompt.data import transforms_for_model
     from fastprompt.engine import Engine
+    from fastprompt.run_folders import recorded_option
 
     output = Path(args.output) if args.output else None
     if output is not None and output.exists() and not args.overwrite:
         raise UsageError(f"{output} exists (an earlier evaluation); pass --overwrite to replace it or another --output")
     run = load_trained(args.checkpoint, trust=args.trust_checkpoint)
     config, classes = run.config, run.classes
+    recorded = recorded_option(config, "positive_class")
     positive_class = positive_class_for(
-        classes, args.positive_class, multilabel=bool(config.get("multilabel")), recorded=config.get("positive_class")
+        classes, args.positive_class, multilabel=bool(config.get("multilabel")), recorded=recorded
     )
     backbone = backbone_of(run.model)
     data = open_dataset(args.data, classes=classes, skip_unknown=args.skip_unknown_classes)

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from fastprompt.cli.runs import load_trained
     from fastprompt.io import atomic_write_bytes
     from fastprompt.predict import image_files, predict_images, rows_to_csv
+    from fastprompt.run_folders import recorded_option
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     config = loaded.config
     positive = positive_class_for(
         loaded.classes, args.positive_class, multilabel=bool(config.get("multilabel")),
-        recorded=config.get("positive_class"),
+        recorded=recorded_option(config, "positive_class"),
     )  # fmt: skip
     rows = predict_images(
         loaded, files, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,

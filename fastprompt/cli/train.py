@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastprompt.cli.common import (
     BACKBONE_FILE,
@@ -34,6 +34,9 @@ from fastprompt.cli.common import (
     write_json,
 )
 from fastprompt.cli.config import CONFIG_FLAG, RESOLVED_CONFIG, resolved_settings, write_settings
+
+if TYPE_CHECKING:
+    from fastprompt.engine import Engine
 
 
 def add_parser(commands: Any) -> None:
@@ -248,8 +251,9 @@ def _train(
     )
     from fastprompt.data import make_few_shot_splits, train_val_split, transforms_for_model, write_unreadable
     from fastprompt.data.transforms import describe_transforms
-    from fastprompt.engine import Engine, TrainingInterrupted
+    from fastprompt.engine import Engine, EngineConfig, TrainingInterrupted
     from fastprompt.io import sha256_file
+    from fastprompt.run_folders import recorded_option
 
     if not args.resume and (out / "checkpoints" / "last.pt").is_file():
         raise UsageError(
@@ -264,11 +268,12 @@ def _train(
         val_data = open_dataset(args.val, classes=data.classes, skip_unknown=args.skip_unknown_classes)
     if data.multilabel and (args.class_weights is not None or args.balanced_sampler):
         raise UsageError("--class-weights and --balanced-sampler need single-label data (one class per image)")
+    same_classes = recorded is not None and recorded_option(recorded, "class_names") == data.classes
     positive_class, positive_line = positive_class_choice(
         data.classes,
         args.positive_class,
         multilabel=bool(data.multilabel),
-        recorded=(recorded or {}).get("positive_class") if (recorded or {}).get("classes") == data.classes else None,
+        recorded=recorded_option(recorded, "positive_class") if same_classes else None,
     )  # a resume with other classes is refused by check_resume below, naming the classes
     torch.manual_seed(args.seed)
     saved_backbone = out / BACKBONE_FILE
@@ -334,7 +339,10 @@ def _train(
     train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True)
     val_loader = make_loader(val_set, args.batch_size, args.workers, shuffle=False)
 
-    engine_options = dict(
+    engine_config = EngineConfig(
+        output_dir=out,
+        progress=not args.quiet,
+        class_names=data.classes,
         optimizer=args.optimizer,
         lr=args.lr,
         weight_decay=args.weight_decay,
@@ -361,14 +369,11 @@ def _train(
         "weights": weights,
         "method": method,
         "method_options": options,
-        "classes": list(data.classes),
-        "positive_class": positive_class,
         "multilabel": bool(data.multilabel),
         "data": str(Path(args.data).resolve()),
         "val": str(Path(args.val).resolve()) if args.val is not None else None,
         "val_fraction": None if args.val is not None else args.val_fraction,
         "shots": args.shots,
-        "seed": args.seed,
         "batch_size": args.batch_size,
         "train_size": len(train_idx),
         "val_size": len(val_idx),
@@ -376,7 +381,7 @@ def _train(
         "augmentation": augmentation,
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "engine": engine_options,
+        "engine": engine_config.to_dict(),  # the Engine's options: seed, class_names, positive_class, ...
     }
     changes = check_resume(recorded, config) if recorded is not None else None
     if positive_line is not None:
@@ -401,7 +406,7 @@ def _train(
         f"{len(train_idx)} training and {len(val_idx)} validation images, {len(data.classes)} classes",
         file=sys.stderr,
     )
-    engine = Engine(trained, output_dir=out, progress=not args.quiet, class_names=data.classes, **engine_options)
+    engine = Engine(trained, config=engine_config)
     pending = {"changes": changes}  # a resume is recorded once the Engine has accepted its checkpoint
 
     def record_once(epoch: int) -> None:
@@ -444,7 +449,14 @@ RESUME_HISTORY = "resume_history.jsonl"
 # activation-memory budget (recomputation only), the feature cache folder (entries are keyed by content). Derived
 # or informational entries are not compared. Everything else defines the run and must match.
 SAFE_ON_RESUME = ("engine.epochs", "engine.activation_memory", "cache", "fastprompt_version")
-NOT_COMPARED = ("trainable_parameters", "total_parameters", "weights.file", "weights.copied_from")
+NOT_COMPARED = (
+    "trainable_parameters",
+    "total_parameters",
+    "weights.file",
+    "weights.copied_from",
+    "engine.output_dir",  # the run folder itself, however it was named on the command line
+    "engine.progress",  # --quiet
+)
 
 
 def read_recorded_config(out: Path) -> dict[str, Any] | None:
@@ -586,28 +598,28 @@ def epoch_line(record: dict[str, Any], epochs: int, best_epoch: int | None) -> s
     return f"epoch {record['epoch']}/{epochs}  {values}  ({record.get('time_s', 0.0):.1f} s){mark}"
 
 
-def print_epoch(record: dict[str, Any], engine: Any) -> None:
+def print_epoch(record: dict[str, Any], engine: Engine) -> None:
     """Print an epoch's line above the progress bars."""
     from tqdm.auto import tqdm
 
-    best = engine.state.get("best")
-    tqdm.write(epoch_line(record, engine.config["epochs"], best["epoch"] if best else None))
+    best = engine.state.best
+    tqdm.write(epoch_line(record, engine.config.epochs, best.epoch if best else None))
 
 
-def best_summary(engine: Any, out: Path) -> str:
+def best_summary(engine: Engine, out: Path) -> str:
     """Which checkpoint is best, at which epoch, with its validation metrics."""
-    best = engine.state.get("best")
+    best = engine.state.best
     path = out / "checkpoints" / "best.pt"
     if best and not path.is_file():
-        return f"the best checkpoint (epoch {best['epoch']}) is missing from {path}; use checkpoints/last.pt"
+        return f"the best checkpoint (epoch {best.epoch}) is missing from {path}; use checkpoints/last.pt"
     if not best:
         return (
             "no best checkpoint (no epoch had a finite monitored metric, or the best was lost: see the warnings "
             "above); use checkpoints/last.pt"
         )
-    record = next((r for r in engine.history if r.get("epoch") == best["epoch"]), {})
+    record = next((r for r in engine.history if r.get("epoch") == best.epoch), {})
     values = ", ".join(f"{key} {record[key]:.4f}" for key in SHOWN_METRICS if isinstance(record.get(key), float))
-    return f"best checkpoint: {path} (epoch {best['epoch']}, best {best['metric']}; {values})"
+    return f"best checkpoint: {path} (epoch {best.epoch}, best {best.metric}; {values})"
 
 
 def resume_command(args: argparse.Namespace) -> str:

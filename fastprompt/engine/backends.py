@@ -14,7 +14,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -96,6 +96,34 @@ def barrier(world_size: int) -> None:
     """Synchronise ranks (no-op in a single process)."""
     if world_size > 1:
         torch.distributed.barrier()
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the Engine uses of a backend; `TorchBackend` and `DeepSpeedBackend` implement it."""
+
+    name: ClassVar[str]  # "torch" or "deepspeed", recorded in checkpoints
+    module: nn.Module  # the model as the backend placed it (for train()/eval())
+    optimizer: torch.optim.Optimizer  # the torch optimizer whose param groups get the scheduled lr
+    device: torch.device
+
+    def to_device(self, value: Any, *, cast: bool = True) -> Any: ...
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+    def forward(self, inputs: Any, *, train: bool) -> torch.Tensor: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+    def trainable_state(self, names: list[str]) -> dict[str, torch.Tensor]: ...
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def optimizer_state(self) -> dict[str, Any]: ...
+
+    def load_optimizer_state(self, states: list[dict[str, Any]], rank: int) -> None: ...
 
 
 class TorchBackend:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastprompt.engine.state import BestEpoch, TrainState
 from fastprompt.io import atomic_open
 
 MAGIC = b"FASTPROMPT-CKPT-1\n"
@@ -205,15 +206,15 @@ def _epoch_of(path: Path, trust: bool) -> tuple[int, int] | None:
     if not path.is_file():
         return None
     try:
-        state = read_checkpoint(path, trust=trust).get("state") or {}
-    except CheckpointError:
+        state = TrainState.from_dict(read_checkpoint(path, trust=trust)["state"])
+    except (CheckpointError, KeyError, TypeError):
         return None
-    return int(state.get("epoch", -1)), int(state.get("step_in_epoch", -1))
+    return state.epoch, state.step_in_epoch
 
 
 def restore_best(
-    directory: Path, best: dict[str, Any] | None, sources: list[Path], *, write: bool, trust: bool = False
-) -> dict[str, Any] | None:
+    directory: Path, best: BestEpoch | None, sources: list[Path], *, write: bool, trust: bool = False
+) -> BestEpoch | None:
     """On resume: make ``best.pt`` hold the epoch the state calls best; returns the best record to keep.
 
     When best.pt is missing, corrupt or of another epoch, it is rewritten (if `write`) from the first of
@@ -222,7 +223,7 @@ def restore_best(
     """
     if not best:
         return best
-    epoch, path = int(best["epoch"]), directory / "best.pt"
+    epoch, path = best.epoch, directory / "best.pt"
     found = _epoch_of(path, trust)
     if found == (epoch, 0):
         return best
@@ -233,15 +234,15 @@ def restore_best(
                 with open(source, "rb") as handle, atomic_open(path, "wb") as target:
                     shutil.copyfileobj(handle, target)
             warnings.warn(
-                f"{path} {problem} but the run's best is epoch {epoch} ({best.get('metric')} {best.get('value')}); "
+                f"{path} {problem} but the run's best is epoch {epoch} ({best.metric} {best.value}); "
                 f"rewrote it from {source.name}, written at the end of that epoch",
                 RuntimeWarning,
                 stacklevel=3,
             )
             return best
     warnings.warn(
-        f"{path} {problem}, and no checkpoint of the run's best epoch {epoch} ({best.get('metric')} "
-        f"{best.get('value')}) is left: that model is lost. The best is tracked again from the resumed epochs on; "
+        f"{path} {problem}, and no checkpoint of the run's best epoch {epoch} ({best.metric} "
+        f"{best.value}) is left: that model is lost. The best is tracked again from the resumed epochs on; "
         "until a new best is written, only last.pt holds a trained model",
         RuntimeWarning,
         stacklevel=3,

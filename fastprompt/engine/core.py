@@ -12,6 +12,7 @@ training loader is sharded like a DistributedSampler; evaluate/predict run the f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -31,8 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fastprompt.engine.activation import PlanChoice, check_budget_option, format_bytes, plan_engine_step
+from fastprompt.engine.activation import PlanChoice, format_bytes, plan_engine_step
 from fastprompt.engine.backends import (
+    Backend,
     DeepSpeedBackend,
     TorchBackend,
     all_finite,
@@ -41,7 +43,6 @@ from fastprompt.engine.backends import (
     deepspeed_installed,
     gather_objects,
     init_distributed,
-    load_user_config,
     world_info,
 )
 from fastprompt.engine.checkpoint import (
@@ -55,6 +56,7 @@ from fastprompt.engine.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from fastprompt.engine.config import CHECKPOINT_VERSION, EngineConfig, Resolved, check_version, saved_config
 from fastprompt.engine.data import (
     EpochSampler,
     LossFn,
@@ -72,19 +74,16 @@ from fastprompt.engine.precision import cpu_bf16_support
 from fastprompt.engine.report import (
     TENSORBOARD_DIR,
     TensorBoardLogger,
-    check_loggers,
     write_curves,
     write_metrics_csv,
     write_metrics_jsonl,
 )
-from fastprompt.methods.registry import check_choice, check_float, check_int
+from fastprompt.engine.state import BestEpoch, RunningLoss, TrainState
 from fastprompt.runlock import run_lock
 
 _LOG = logging.getLogger("fastprompt.engine")
 
 __all__ = ["CheckpointError", "Engine", "NonFiniteLossError", "TrainingInterrupted"]
-
-CHECKPOINT_VERSION = 1
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -149,6 +148,9 @@ def fast_optimizer(cls: type[torch.optim.Optimizer], params: list, **options: An
 class Engine:
     """Trains the trainable parameters of `model` (everything with requires_grad) on PyTorch or DeepSpeed.
 
+    The options are the fields of `EngineConfig` (`fastprompt.engine.config`), given as keywords, as
+    ``config=EngineConfig(...)``, or both (keywords replace the config's values).
+
     optimizer: "adamw" or "sgd" (with `momentum`); `weight_decay` applies to every trainable parameter.
     schedule: "cosine" (per optimizer step, to 0) or "constant", after `warmup_steps` of linear warmup.
     precision: "auto" (bf16 on a CUDA device that supports it, else fp32), "bf16", "fp16" or "fp32". The torch
@@ -188,43 +190,16 @@ class Engine:
     inverse proportion to their class's size (still a function of seed and epoch, so resume stays exact).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        optimizer: str = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        epochs: int = 10,
-        warmup_steps: int = 0,
-        schedule: str = "cosine",
-        precision: str = "auto",
-        zero_stage: int = 0,
-        grad_accum: int = 1,
-        clip_grad: float | None = None,
-        grad_checkpointing: bool = False,
-        activation_memory: str | int | None = None,
-        backend: str = "auto",
-        deepspeed_config: dict | str | None = None,
-        loss: str | LossFn = "auto",
-        output_dir: str | Path | None = None,
-        seed: int = 0,
-        skip_nonfinite: bool = False,
-        momentum: float = 0.9,
-        checkpoint_every: int | None = None,
-        monitor: str = "auto",
-        progress: bool = True,
-        deterministic: bool = False,
-        class_names: Sequence[str] | None = None,
-        positive_class: str | int | None = None,
-        loggers: str | Sequence[str] = ("csv",),
-        patience: int | None = None,
-        class_weights: str | Sequence[float] | None = None,
-        balanced_sampler: bool = False,
-    ) -> None:
-        """Validate the configuration; nothing heavy (DeepSpeed, process groups) happens before the first fit."""
+    def __init__(self, model: nn.Module, config: EngineConfig | None = None, **options: Any) -> None:
+        """Validate the configuration; nothing heavy (DeepSpeed, process groups) happens before the first fit.
+
+        The options are `EngineConfig`'s fields, given as keywords (``Engine(model, lr=1e-2)``), as an
+        `EngineConfig` (``Engine(model, config=cfg)``), or both: keywords then replace the config's values
+        (``Engine(model, config=cfg, epochs=5)`` trains with ``dataclasses.replace(cfg, epochs=5)``).
+        """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.config: EngineConfig = EngineConfig.from_options(config, **options)
         self.model = model
         self.trainable_names = [name for name, p in model.named_parameters() if p.requires_grad]
         if not self.trainable_names:
@@ -232,64 +207,17 @@ class Engine:
                 "the model has no trainable parameters (nothing with requires_grad=True); "
                 "apply a method first, e.g. fastprompt.apply(model, 'linear', num_classes=...)"
             )
-        if not (isinstance(loss, str) and loss == "auto") and not callable(loss):
-            raise ValueError(f"option 'loss' must be 'auto' or a callable(logits, targets) -> loss, got {loss!r}")
-        self.loss_fn: LossFn = auto_loss if loss == "auto" else loss
-        class_weights = self._check_class_weights(class_weights, loss, class_names)
-        if isinstance(class_weights, list):
+        cfg = self.config
+        self.loss_fn: LossFn = auto_loss if cfg.loss == "auto" else cfg.loss
+        if isinstance(cfg.class_weights, tuple):
             self.loss_fn = self._weighted_loss
-        self.user_deepspeed_config = load_user_config(deepspeed_config)
-        self.config = self._validate(
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            epochs=epochs,
-            warmup_steps=warmup_steps,
-            schedule=schedule,
-            precision=precision,
-            zero_stage=zero_stage,
-            grad_accum=grad_accum,
-            clip_grad=clip_grad,
-            grad_checkpointing=grad_checkpointing,
-            backend=backend,
-            seed=seed,
-            skip_nonfinite=skip_nonfinite,
-            momentum=momentum,
-            checkpoint_every=checkpoint_every,
-            monitor=monitor,
-            progress=progress,
-            deterministic=deterministic,
-        )
-        self.config["loss"] = "auto" if loss == "auto" else "callable"
-        self.config["deepspeed_config"] = self.user_deepspeed_config
-        self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.class_names = [str(name) for name in class_names] if class_names is not None else None
-        if positive_class is not None and self.class_names is not None:
-            from fastprompt.metrics import resolve_positive_class
-
-            resolve_positive_class(self.class_names, positive_class)  # an unknown name fails here, naming the classes
-        if patience is not None:
-            check_int("patience", patience, minimum=1)
-        if not isinstance(balanced_sampler, bool):
-            raise TypeError(f"option 'balanced_sampler' must be True or False, got {balanced_sampler!r}")
-        self.config.update(
-            class_names=self.class_names,
-            positive_class=positive_class,
-            loggers=list(check_loggers(loggers)),
-            patience=patience,
-            class_weights=class_weights,
-            balanced_sampler=balanced_sampler,
-        )
-        if "tensorboard" in self.config["loggers"] and output_dir is None:
-            raise ValueError("loggers=['tensorboard'] writes into output_dir/tensorboard; pass output_dir=...")
         self._notes_shown: set[str] = set()
         self._tensorboard: TensorBoardLogger | None = None  # opened by fit when loggers has "tensorboard"
-        self.activation_memory = check_budget_option(activation_memory, grad_checkpointing)
         self.activation_choice: PlanChoice | None = None
         self._stop_requested = False  # set by a Ctrl-C during fit (see _stop_on_interrupt)
-        if deterministic:
+        if cfg.deterministic:
             enable_determinism()
-        if grad_checkpointing:
+        if cfg.grad_checkpointing:
             if hasattr(model, "set_grad_checkpointing"):
                 model.set_grad_checkpointing(True)  # timm ViTs checkpoint every block, the frozen ones included
             else:
@@ -298,65 +226,21 @@ class Engine:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        self.backend: TorchBackend | DeepSpeedBackend | None = None
+        self.backend: Backend | None = None
+        self.resolved: Resolved | None = None  # backend and precision chosen at set-up
+        self.state = TrainState()
+        self.total_steps = 0
         self.rank, self.world_size = 0, 1
         self.history: list[dict[str, Any]] = []
+        # the class names in use: config.class_names, else (from fit on) those of the training dataset
+        self.class_names = list(cfg.class_names) if cfg.class_names is not None else None
 
-    @staticmethod
-    def _validate(**cfg: Any) -> dict[str, Any]:
-        check_choice("optimizer", cfg["optimizer"], ("adamw", "sgd"))
-        cfg["lr"] = check_float("lr", cfg["lr"], minimum=0.0)
-        cfg["weight_decay"] = check_float("weight_decay", cfg["weight_decay"], minimum=0.0)
-        cfg["momentum"] = check_float("momentum", cfg["momentum"], minimum=0.0, maximum=1.0)
-        check_int("epochs", cfg["epochs"], minimum=1)
-        check_int("warmup_steps", cfg["warmup_steps"], minimum=0)
-        check_choice("schedule", cfg["schedule"], ("cosine", "constant"))
-        check_choice("precision", cfg["precision"], ("auto", "bf16", "fp16", "fp32"))
-        check_int("zero_stage", cfg["zero_stage"], minimum=0)
-        if cfg["zero_stage"] > 3:
-            raise ValueError(f"option 'zero_stage' must be one of [0, 1, 2, 3], got {cfg['zero_stage']}")
-        check_int("grad_accum", cfg["grad_accum"], minimum=1)
-        if cfg["clip_grad"] is not None:
-            cfg["clip_grad"] = check_float("clip_grad", cfg["clip_grad"], minimum=0.0)
-        check_choice("backend", cfg["backend"], ("auto", "deepspeed", "torch"))
-        check_int("seed", cfg["seed"], minimum=0)
-        if cfg["checkpoint_every"] is not None:
-            check_int("checkpoint_every", cfg["checkpoint_every"], minimum=1)
-        if not isinstance(cfg["monitor"], str):
-            raise TypeError(f"option 'monitor' must be a metric name ('auc', 'acc', 'loss'), got {cfg['monitor']!r}")
-        for flag in ("grad_checkpointing", "skip_nonfinite", "progress", "deterministic"):
-            if not isinstance(cfg[flag], bool):
-                raise TypeError(f"option {flag!r} must be True or False, got {cfg[flag]!r}")
-        if cfg["backend"] == "torch" and cfg["zero_stage"] > 0:
-            raise ValueError("option 'zero_stage' > 0 needs backend='deepspeed' (or 'auto' with DeepSpeed installed)")
-        if cfg["backend"] == "deepspeed" and not deepspeed_installed():
-            raise ValueError("backend='deepspeed' but DeepSpeed is not installed: pip install deepspeed or use 'torch'")
-        return cfg
-
-    @staticmethod
-    def _check_class_weights(
-        weights: str | Sequence[float] | None, loss: Any, class_names: Sequence[str] | None
-    ) -> str | list[float] | None:
-        if weights is None or (isinstance(weights, str) and weights == "none"):
-            return None
-        if not (isinstance(loss, str) and loss == "auto"):
-            raise ValueError("class_weights weight the built-in loss (loss='auto'); put the weights in your own loss")
-        if isinstance(weights, str):
-            if weights != "auto":
-                raise ValueError(
-                    f"option 'class_weights' must be 'auto', 'none' or one weight per class, got {weights!r}"
-                )
-            return "auto"
-        values = [check_float("class_weights", value, minimum=0.0) for value in weights]
-        if class_names is not None and len(values) != len(class_names):
-            raise ValueError(
-                f"class_weights has {len(values)} values but there are {len(class_names)} classes "
-                f"({', '.join(map(str, class_names))}); give one weight per class, in class order"
-            )
-        return values
+    @property
+    def output_dir(self) -> Path | None:
+        return self.config.output_dir
 
     def _weighted_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        weight = torch.tensor(self.config["class_weights"], dtype=torch.float32)
+        weight = torch.tensor(self.config.class_weights, dtype=torch.float32)
         return auto_loss(logits, targets, weight=weight)
 
     def _note(self, line: str) -> None:
@@ -379,15 +263,13 @@ class Engine:
 
     def _prepare_imbalance(self, loader: DataLoader) -> list[float] | None:
         """Resolve class_weights='auto' from the training labels; the balanced sampler's per-sample weights."""
-        cfg = self.config
-        if cfg["class_weights"] == "auto":
-            cfg["class_weights"] = balanced_class_weights(
-                self._training_labels(loader, "class_weights='auto'"), self.class_names
-            )
+        if self.config.class_weights == "auto":
+            labels = self._training_labels(loader, "class_weights='auto'")
+            weights = tuple(balanced_class_weights(labels, self.class_names))
+            self.config = dataclasses.replace(self.config, class_weights=weights)  # recorded as trained with
             self.loss_fn = self._weighted_loss
-            shown = ", ".join(f"{w:.3g}" for w in cfg["class_weights"])
-            self._note(f"class weights (auto, N / (C * n_c)): {shown}")
-        if not cfg["balanced_sampler"]:
+            self._note(f"class weights (auto, N / (C * n_c)): {', '.join(f'{w:.3g}' for w in weights)}")
+        if not self.config.balanced_sampler:
             return None
         labels = self._training_labels(loader, "balanced_sampler=True").astype(np.int64)
         counts = class_counts(labels)
@@ -396,10 +278,10 @@ class Engine:
     # ------------------------------------------------------------------ set-up
 
     def _resolve_backend(self, world_size: int) -> str:
-        choice = self.config["backend"]
+        choice = self.config.backend
         if choice != "auto":
             return choice
-        useful = torch.cuda.is_available() or world_size > 1 or self.config["zero_stage"] > 0
+        useful = torch.cuda.is_available() or world_size > 1 or self.config.zero_stage > 0
         if useful and deepspeed_installed():
             try:
                 import deepspeed  # noqa: F401
@@ -407,12 +289,12 @@ class Engine:
                 warnings.warn(f"DeepSpeed failed to import ({error}); using the torch backend", stacklevel=3)
                 return "torch"
             return "deepspeed"
-        if self.config["zero_stage"] > 0:
+        if self.config.zero_stage > 0:
             raise ValueError("option 'zero_stage' > 0 needs DeepSpeed: pip install deepspeed")
         return "torch"
 
     def _resolve_precision(self) -> str:
-        precision = self.config["precision"]
+        precision = self.config.precision
         if precision == "bf16" and not torch.cuda.is_available():
             native, reason = cpu_bf16_support()
             if not native:  # emulated bf16 is slower than fp32: never train slower than asked for silently
@@ -428,11 +310,11 @@ class Engine:
         params = dict(self.model.named_parameters())
         trainable = [params[name] for name in self.trainable_names]
         cfg = self.config
-        if cfg["optimizer"] == "sgd":
+        if cfg.optimizer == "sgd":
             return fast_optimizer(
-                torch.optim.SGD, trainable, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
+                torch.optim.SGD, trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
             )
-        return fast_optimizer(torch.optim.AdamW, trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        return fast_optimizer(torch.optim.AdamW, trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def _setup(self, micro_batch: int) -> None:
         """Create the backend once: process group, device placement, optimizer, DeepSpeed engine."""
@@ -443,7 +325,7 @@ class Engine:
         init_distributed(required=kind == "deepspeed")
         self.rank, self.world_size, local_rank = world_info()
         precision = self._resolve_precision()
-        self.config["resolved"] = {"backend": kind, "precision": precision, "world_size": self.world_size}
+        self.resolved = Resolved(backend=kind, precision=precision, world_size=self.world_size)
         optimizer = self._make_optimizer()
         if kind == "deepspeed" and precision == "fp16" and not torch.cuda.is_available():
             raise ValueError(
@@ -453,12 +335,12 @@ class Engine:
         if kind == "deepspeed":
             ds_config = deepspeed_config(
                 micro_batch=micro_batch,
-                grad_accum=self.config["grad_accum"],
+                grad_accum=self.config.grad_accum,
                 world_size=self.world_size,
-                zero_stage=self.config["zero_stage"],
+                zero_stage=self.config.zero_stage,
                 precision=precision,
-                clip_grad=self.config["clip_grad"],
-                user=self.user_deepspeed_config,
+                clip_grad=self.config.clip_grad,
+                user=self.config.deepspeed_config or {},
             )
             self.backend = DeepSpeedBackend(self.model, optimizer, config=ds_config, precision=precision)
         else:
@@ -466,8 +348,8 @@ class Engine:
                 self.model,
                 optimizer,
                 precision=precision,
-                grad_accum=self.config["grad_accum"],
-                clip_grad=self.config["clip_grad"],
+                grad_accum=self.config.grad_accum,
+                clip_grad=self.config.clip_grad,
                 world_size=self.world_size,
                 local_rank=local_rank,
             )
@@ -498,24 +380,23 @@ class Engine:
             raise TypeError(f"train_loader must be a torch.utils.data.DataLoader, got {type(train_loader).__name__}")
         if resume and self.output_dir is None:
             raise ValueError("fit(resume=True) needs Engine(output_dir=...) where the checkpoints are")
-        if self.config["patience"] is not None and val_loader is None:
+        if self.config.patience is not None and val_loader is None:
             raise ValueError(
-                f"patience={self.config['patience']} stops on a validation metric: pass val_loader (the CLI: --val "
+                f"patience={self.config.patience} stops on a validation metric: pass val_loader (the CLI: --val "
                 "or --val-fraction), or drop patience"
             )
         if self.class_names is None:
             self.class_names = _dataset_classes(train_loader.dataset)
-            self.config["class_names"] = self.class_names
         self._setup(train_loader.batch_size or 1)
-        cfg = self.config
         weights = self._prepare_imbalance(train_loader)
+        cfg = self.config
         loader, sampler = rebuild_loader(
-            train_loader, seed=cfg["seed"], rank=self.rank, world_size=self.world_size, sample_weights=weights
+            train_loader, seed=cfg.seed, rank=self.rank, world_size=self.world_size, sample_weights=weights
         )
-        if self.activation_memory is not None and self.activation_choice is None:
+        if cfg.activation_memory is not None and self.activation_choice is None:
             self._plan_activation_memory(loader)
         per_epoch = batches_per_epoch(loader, sampler)
-        steps_per_epoch = per_epoch // cfg["grad_accum"]
+        steps_per_epoch = per_epoch // cfg.grad_accum
         if per_epoch == 0:
             raise ValueError(
                 f"the training loader yielded no batches (dataset of {_length(loader.dataset)} samples, batch_size "
@@ -524,23 +405,23 @@ class Engine:
             )
         if steps_per_epoch == 0:
             raise ValueError(
-                f"grad_accum={cfg['grad_accum']} exceeds the {per_epoch} batches per epoch (per rank); lower it"
+                f"grad_accum={cfg.grad_accum} exceeds the {per_epoch} batches per epoch (per rank); lower it"
             )
-        if per_epoch % cfg["grad_accum"] and self.rank == 0:
+        if per_epoch % cfg.grad_accum and self.rank == 0:
             warnings.warn(
-                f"{per_epoch} batches per epoch is not a multiple of grad_accum={cfg['grad_accum']}; "
-                f"the last {per_epoch % cfg['grad_accum']} batch(es) of each epoch are dropped",
+                f"{per_epoch} batches per epoch is not a multiple of grad_accum={cfg.grad_accum}; "
+                f"the last {per_epoch % cfg.grad_accum} batch(es) of each epoch are dropped",
                 stacklevel=2,
             )
-        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "last_good": None}
-        self.total_steps = steps_per_epoch * cfg["epochs"]
+        self.state = TrainState()
+        self.total_steps = steps_per_epoch * cfg.epochs
         self.history = []
         writer = self.output_dir is not None and self.rank == 0
         with run_lock(self.output_dir) if writer else contextlib.nullcontext():  # one writer per output_dir
             if not (resume and self._resume(trust=trust_checkpoint)):
-                _seed_everything(cfg["seed"])
+                _seed_everything(cfg.seed)
             self._tensorboard = None
-            if "tensorboard" in cfg["loggers"] and self.rank == 0:
+            if "tensorboard" in cfg.loggers and self.rank == 0:
                 self._tensorboard = TensorBoardLogger(self.output_dir / TENSORBOARD_DIR)
             try:
                 with _stop_on_interrupt(self):
@@ -559,7 +440,7 @@ class Engine:
         on_epoch_end: Callable[[dict[str, Any]], None] | None,
     ) -> None:
         cfg = self.config
-        while self.state["epoch"] < cfg["epochs"] and not self._patience_spent():
+        while self.state.epoch < cfg.epochs and not self._patience_spent():
             self._stop_if_requested(steps_per_epoch)
             record = self._train_epoch(loader, sampler, steps_per_epoch)
             if self.activation_choice is not None:
@@ -569,40 +450,40 @@ class Engine:
                 record.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))})
                 record["positive_class"] = val.get("positive_class")
             self.history.append(record)
-            self.state["epoch"] += 1
-            self.state["step_in_epoch"] = 0
+            self.state.epoch += 1
+            self.state.step_in_epoch = 0
             self._update_best(record)
             self._checkpoint_epoch_end()
             if self._tensorboard is not None:
                 self._tensorboard.log(record)
             if on_epoch_end is not None and self.rank == 0:
                 on_epoch_end(record)
-        if self._patience_spent() and self.state["epoch"] < cfg["epochs"]:
-            best = self.state["best"]
+        if self._patience_spent() and self.state.epoch < cfg.epochs:
+            best = self.state.best
             self._note(
-                f"early stopping after epoch {self.state['epoch']}: {best['metric']} has not improved for "
-                f"{cfg['patience']} epoch(s) (best {best['value']:.4f} at epoch {best['epoch']}, kept in "
+                f"early stopping after epoch {self.state.epoch}: {best.metric} has not improved for "
+                f"{cfg.patience} epoch(s) (best {best.value:.4f} at epoch {best.epoch}, kept in "
                 "checkpoints/best.pt)"
             )
 
     def _patience_spent(self) -> bool:
         """Whether `patience` epochs have passed since the monitored metric last improved."""
-        patience = self.config["patience"]
-        return patience is not None and self.state.get("stale_epochs", 0) >= patience
+        patience = self.config.patience
+        return patience is not None and self.state.stale_epochs >= patience
 
     def _stop_if_requested(self, steps_per_epoch: int) -> None:
         """After Ctrl-C: save the position (mid-epoch when inside one) to last.pt and raise TrainingInterrupted."""
         if not self._stop_requested:
             return
         state = self.state
-        if state["step_in_epoch"] > 0 or state["last_good"] is None:
+        if state.step_in_epoch > 0 or state.last_good is None:
             self._checkpoint_last()
-        raise TrainingInterrupted(state["last_good"], state["epoch"], state["step_in_epoch"], steps_per_epoch)
+        raise TrainingInterrupted(state.last_good, state.epoch, state.step_in_epoch, steps_per_epoch)
 
     def _train_epoch(self, loader: DataLoader, sampler: Any, steps_per_epoch: int) -> dict[str, Any]:
         cfg, state, backend = self.config, self.state, self.backend
-        epoch, start_step = state["epoch"], state["step_in_epoch"]
-        grad_accum = cfg["grad_accum"]
+        epoch, start_step = state.epoch, state.step_in_epoch
+        grad_accum = cfg.grad_accum
         skip_batches = start_step * grad_accum
         if isinstance(sampler, EpochSampler):
             sampler.set_epoch(epoch, start=skip_batches * loader.batch_size)
@@ -610,7 +491,7 @@ class Engine:
         elif hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         backend.module.train()
-        iterator = _rng_neutral_iter(loader, cfg["seed"], epoch)
+        iterator = _rng_neutral_iter(loader, cfg.seed, epoch)
         if skip_batches:  # a sampler fastprompt cannot start mid-epoch: load and discard, RNG untouched
             saved = rng_state()
             for _ in itertools.islice(iterator, skip_batches):
@@ -619,13 +500,13 @@ class Engine:
         bar = tqdm(
             total=steps_per_epoch * grad_accum,
             initial=start_step * grad_accum,
-            desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-            disable=not cfg["progress"] or self.rank != 0,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress or self.rank != 0,
             leave=False,
         )
         if start_step == 0:
-            state["running"] = {"loss_sum": 0.0, "loss_count": 0, "skipped": 0}
-        running = state["running"]  # checkpointed, so a resumed epoch reports the whole epoch's loss
+            state.running = RunningLoss()
+        running = state.running  # checkpointed, so a resumed epoch reports the whole epoch's loss
         images, good_in_group = 0, 0
         started = time.perf_counter()
         micro = 0
@@ -635,11 +516,11 @@ class Engine:
             loss = self.loss_fn(backend.forward(inputs, train=True), targets)
             if all_finite(loss, self.world_size):
                 backend.backward(loss)
-                running["loss_sum"] += loss.item()
-                running["loss_count"] += 1
+                running.loss_sum += loss.item()
+                running.loss_count += 1
                 good_in_group += 1
-            elif cfg["skip_nonfinite"]:
-                running["skipped"] += 1
+            elif cfg.skip_nonfinite:
+                running.skipped += 1
             else:
                 self._raise_nonfinite(loss, targets)
             images += batch_size_of(inputs) * self.world_size
@@ -648,25 +529,25 @@ class Engine:
             if micro % grad_accum:
                 continue
             if good_in_group:
-                self._set_lr(state["global_step"])
+                self._set_lr(state.global_step)
                 backend.step()
             good_in_group = 0
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
+            state.global_step += 1
+            state.step_in_epoch += 1
             elapsed = time.perf_counter() - started
-            mean_loss = running["loss_sum"] / max(1, running["loss_count"])
+            mean_loss = running.loss_sum / max(1, running.loss_count)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images / max(elapsed, 1e-9):.1f}")
-            every = cfg["checkpoint_every"]
-            if every and state["global_step"] % every == 0 and state["step_in_epoch"] < steps_per_epoch:
+            every = cfg.checkpoint_every
+            if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
                 self._checkpoint_last()
-            if state["step_in_epoch"] >= steps_per_epoch:
+            if state.step_in_epoch >= steps_per_epoch:
                 break
             if self._stop_requested:
                 bar.close()
                 self._stop_if_requested(steps_per_epoch)
         bar.close()
         elapsed = time.perf_counter() - started
-        totals = torch.tensor([running["loss_sum"], running["loss_count"], running["skipped"]], dtype=torch.float64)
+        totals = torch.tensor([running.loss_sum, running.loss_count, running.skipped], dtype=torch.float64)
         if self.world_size > 1:
             totals = _all_reduce_sum(totals)
         return {
@@ -680,7 +561,7 @@ class Engine:
 
     def _plan_activation_memory(self, loader: DataLoader) -> None:
         """Choose and apply the activation plan for `activation_memory` from measured steps; report it."""
-        choice = plan_engine_step(self, loader, self.activation_memory)
+        choice = plan_engine_step(self, loader, self.config.activation_memory)
         self.activation_choice = choice
         line = (
             f"activation memory: plan {choice.description} (step {format_bytes(choice.fixed + choice.measured_peak)} "
@@ -688,21 +569,21 @@ class Engine:
             f"{format_bytes(choice.fixed + choice.unrecomputed_peak)})"
         )
         _LOG.info(line)
-        if self.rank == 0 and self.config["progress"]:
+        if self.rank == 0 and self.config.progress:
             tqdm.write(line, file=sys.stderr)
 
     def _set_lr(self, step: int) -> None:
         cfg = self.config
-        factor = _lr_factor(step, total=self.total_steps, warmup=cfg["warmup_steps"], schedule=cfg["schedule"])
+        factor = _lr_factor(step, total=self.total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule)
         for group in self.backend.optimizer.param_groups:
-            group["lr"] = cfg["lr"] * factor
+            group["lr"] = cfg.lr * factor
 
     def _current_lr(self) -> float:
         return float(self.backend.optimizer.param_groups[0]["lr"])
 
     def _raise_nonfinite(self, loss: torch.Tensor, targets: Any = None) -> None:
-        last = self.state["last_good"]
-        where = f"epoch {self.state['epoch'] + 1}, step {self.state['step_in_epoch'] + 1} of the epoch"
+        last = self.state.last_good
+        where = f"epoch {self.state.epoch + 1}, step {self.state.step_in_epoch + 1} of the epoch"
         if isinstance(targets, torch.Tensor) and not targets.is_floating_point() and bool((targets == -100).all()):
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at {where}: every label in this batch is -100 (ignored), so the "
@@ -710,27 +591,28 @@ class Engine:
                 "pass skip_nonfinite=True to skip such batches"
             )
         raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at {where} (global step {self.state['global_step'] + 1}); "
+            f"non-finite loss ({loss.item()}) at {where} (global step {self.state.global_step + 1}); "
             f"parameters were not updated with it. Last good checkpoint: {last or 'none written yet'}. "
             "Lower the learning rate, enable clip_grad, check the data, or pass skip_nonfinite=True to skip such steps."
         )
 
     def _update_best(self, record: dict[str, Any]) -> None:
         """Track the best epoch by `monitor` (auto: val AUC, else val loss, else train loss)."""
-        monitor = self.config["monitor"]
+        monitor = self.config.monitor
         if monitor == "auto":
             usable = [k for k in ("val_auc", "val_loss", "train_loss") if not math.isnan(record.get(k, math.nan))]
             key = usable[0] if usable else None
         else:
             key = f"val_{monitor}" if f"val_{monitor}" in record else ("train_loss" if monitor == "loss" else None)
-        self.state["stale_epochs"] = self.state.get("stale_epochs", 0) + 1  # reset below on an improvement
+        self.state.stale_epochs += 1  # reset below on an improvement
         if key is None or math.isnan(record.get(key, math.nan)):
             return
         value, minimise = record[key], key.endswith("loss")
-        best = self.state["best"]
-        if best is None or (value < best["value"] if minimise else value > best["value"]):
-            self.state["best"] = {"metric": key, "value": value, "epoch": record["epoch"], "is_new": True}
-            self.state["stale_epochs"] = 0
+        best = self.state.best
+        if best is None or (value < best.value if minimise else value > best.value):
+            self.state.best = BestEpoch(metric=key, value=value, epoch=record["epoch"])
+            self.state.new_best = True
+            self.state.stale_epochs = 0
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -745,19 +627,20 @@ class Engine:
                 raise NonFiniteLossError(f"parameter {name!r} holds NaN/inf values; refusing to write a checkpoint")
         optim = gather_objects(self.backend.optimizer_state(), self.world_size)
         rngs = gather_objects(rng_state(), self.world_size)
-        running = gather_objects(self.state.get("running"), self.world_size)
+        running = self.state.running
+        running = gather_objects(None if running is None else running.to_dict(), self.world_size)
         if self.rank != 0:
             return None
-        state = {k: v for k, v in self.state.items() if k not in ("last_good", "running")}
         return {
             "version": CHECKPOINT_VERSION,
-            "config": self.config,
+            "config": self.config.to_dict(),
+            "resolved": self.resolved.to_dict(),
             "trainable": trainable,
             "optimizer": optim,
-            "scheduler": {"global_step": self.state["global_step"], "total_steps": self.total_steps},
+            "scheduler": {"global_step": self.state.global_step, "total_steps": self.total_steps},
             "rng": rngs,
             "running": running,
-            "state": state,
+            "state": self.state.to_dict(),
             "history": self.history,
             "world_size": self.world_size,
             "backend": self.backend.name,
@@ -778,13 +661,12 @@ class Engine:
         payload = self._payload()
         path = directory / "last.pt"
         self._write(payload, path, keep_prev=True)
-        self.state["last_good"] = str(path)
+        self.state.last_good = str(path)
 
     def _checkpoint_epoch_end(self) -> None:
         if self.output_dir is None:
             return
-        best = self.state["best"]
-        is_new_best = bool(best and best.pop("is_new", False))
+        is_new_best, self.state.new_best = self.state.new_best, False
         self._checkpoint_last()
         if is_new_best:
             directory = self._checkpoint_dir()
@@ -809,39 +691,38 @@ class Engine:
             return False
         payload, path = found
         self._check_compatible(payload, path)
-        payload["state"]["best"] = restore_best(
-            directory, payload["state"].get("best"), [directory / "last.pt", directory / "prev.pt"],
-            write=self.rank == 0, trust=trust,
-        )  # fmt: skip
+        state = TrainState.from_dict(payload["state"])  # today's form and the dict of fastprompt <= cc56237
+        state.best = restore_best(
+            directory, state.best, [directory / "last.pt", directory / "prev.pt"], write=self.rank == 0, trust=trust
+        )
         self.backend.load_trainable(payload["trainable"])
         self.backend.load_optimizer_state(payload["optimizer"], self.rank)
-        self.state.update(payload["state"])
-        self.state["last_good"] = str(path)
+        self.state = state
+        self.state.last_good = str(path)
         self.history = list(payload["history"])
         if self.history:  # a kill between the epoch's checkpoint and its reports must not lose them
             self._write_reports()
         set_rng_state(payload["rng"][self.rank])
-        self.state["running"] = payload["running"][self.rank]
+        self.state.running = RunningLoss.from_dict(payload["running"][self.rank])
         return True
 
     def _check_compatible(self, payload: dict[str, Any], path: Path) -> None:
-        if payload.get("version") != CHECKPOINT_VERSION:
-            version = payload.get("version")
-            raise CheckpointError(f"{path} has checkpoint version {version}, expected {CHECKPOINT_VERSION}")
+        check_version(payload, path)
         self._check_set_up(payload.get("model") or {}, path)
         self._check_names(payload["trainable"], path)
-        saved = (payload["backend"], payload["config"]["zero_stage"])
-        if saved != (self.backend.name, self.config["zero_stage"]):
+        config = saved_config(payload, loss=self.config.loss, output_dir=self.output_dir)
+        saved = (payload["backend"], config.zero_stage)
+        if saved != (self.backend.name, self.config.zero_stage):
             raise CheckpointError(
                 f"{path} was written by the {saved[0]} backend with zero_stage={saved[1]}; resume with the same "
-                f"backend and zero_stage (this run: {self.backend.name}, zero_stage={self.config['zero_stage']})"
+                f"backend and zero_stage (this run: {self.backend.name}, zero_stage={self.config.zero_stage})"
             )
         if payload["world_size"] != self.world_size and payload["backend"] == "deepspeed":
             raise CheckpointError(
                 f"{path} was written by {payload['world_size']} DeepSpeed ranks; resume with the same number of ranks"
             )
-        saved_total, saved_epochs = payload["scheduler"]["total_steps"], payload["config"]["epochs"]
-        epochs = self.config["epochs"]
+        saved_total, saved_epochs = payload["scheduler"]["total_steps"], config.epochs
+        epochs = self.config.epochs
         if saved_total == self.total_steps:
             return
         if epochs > saved_epochs and saved_total * epochs == self.total_steps * saved_epochs:
@@ -874,9 +755,6 @@ class Engine:
         """Write a checkpoint (trainable parameters, optimizer, schedule position, RNG, config) atomically."""
         if self.backend is None:
             self._setup(1)
-        if not hasattr(self, "state"):
-            self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "last_good": None}
-            self.total_steps = 0
         self._write(self._payload(), Path(path), keep_prev=False)
 
     @classmethod
@@ -888,14 +766,8 @@ class Engine:
         that holds more than plain data (an older fastprompt's), which can run code (see `read_checkpoint`).
         """
         payload = read_checkpoint(path, trust=trust)
-        config = dict(payload["config"])
-        config.pop("resolved", None)
-        if config.pop("loss") == "callable" and "loss" not in overrides:
-            raise ValueError(f"{path} was trained with a custom loss callable; pass Engine.load(..., loss=fn)")
-        if "output_dir" not in overrides:  # nowhere to write a TensorBoard log
-            config["loggers"] = [name for name in config.get("loggers", ()) if name != "tensorboard"]
-        config.update(overrides)
-        engine = cls(model, **config)
+        check_version(payload, path)
+        engine = cls(model, config=saved_config(payload, **overrides))
         engine._check_names(payload["trainable"], path)
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -961,7 +833,7 @@ class Engine:
         names = self.class_names or _dataset_classes(loader.dataset)
         if names is not None and len(names) != logits.shape[1]:
             names = None
-        positive = None if multilabel else self.config["positive_class"]
+        positive = None if multilabel else self.config.positive_class
         if not multilabel and positive is None and logits.shape[1] == 2:
             self._note(resolve_positive_class(names, None, num_classes=2)[1])
         metrics = compute_metrics(

@@ -58,7 +58,7 @@ def test_train_writes_the_run_and_skips_unreadable_images(ept_run, capsys):
         assert (ept_run / name).is_file(), name
     assert (ept_run / "checkpoints" / "last.pt").is_file()
     config = json.loads((ept_run / "config.json").read_text())
-    assert config["classes"] == list(CLASSES)
+    assert config["engine"]["class_names"] == list(CLASSES)
     assert config["method"] == "ept" and config["method_options"] == {"prompt_length": 4}
     assert config["train_size"] == 12 and config["val_size"] == 4  # broken.png dropped
     metrics = json.loads((ept_run / "metrics.json").read_text())
@@ -200,7 +200,7 @@ def test_train_on_a_csv_list_few_shot(data, tmp_path):
     argv = ["train", f"--data={tmp_path / 'list.csv'}", *TINY, "--method=linear", "--shots=2", "--seed=1", *FAST]
     assert main([*argv, f"--output-dir={out}"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["classes"] == list(CLASSES)
+    assert config["engine"]["class_names"] == list(CLASSES)
     assert (config["shots"], config["train_size"], config["val_size"]) == (2, 4, 2)
 
 

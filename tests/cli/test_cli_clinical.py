@@ -47,7 +47,7 @@ def test_default_run_on_abnormal_and_normal_reports_abnormal_with_a_line_saying_
     assert metrics["sensitivity"] == pytest.approx(tp / (tp + fn))
     assert metrics["specificity"] == pytest.approx(tn / (tn + fp))
     assert re.search(r"^positive class +abnormal$", captured.out, re.MULTILINE)  # the metrics table names it
-    assert json.loads((out / "config.json").read_text())["positive_class"] == "abnormal"
+    assert json.loads((out / "config.json").read_text())["engine"]["positive_class"] == "abnormal"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["positive_class"] for row in rows] == ["abnormal", "abnormal"]
     with open(out / "metrics.csv", newline="") as handle:
@@ -83,7 +83,8 @@ def test_the_run_records_loggers_and_class_weights_and_writes_tensorboard(run):
     assert config["engine"]["loggers"] == LOGGERS
     assert config["engine"]["class_weights"] == pytest.approx([1.0, 1.0])  # 6 and 6 images: N / (C * n_c) = 1
     assert config["engine"]["balanced_sampler"] is False
-    assert config["positive_class"] == json.loads((run / "metrics.json").read_text())["positive_class"] == "normal"
+    recorded = json.loads((run / "metrics.json").read_text())["positive_class"]
+    assert config["engine"]["positive_class"] == recorded == "normal"
     if HAS_TENSORBOARD:
         assert any(path.name.startswith("events.out.tfevents") for path in (run / "tensorboard").iterdir())
 

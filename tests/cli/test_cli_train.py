@@ -91,7 +91,7 @@ def test_ctrl_c_saves_mid_epoch_and_prints_the_resume_command(folders, tmp_path,
     resumed, uninterrupted = (read_checkpoint(p / "checkpoints" / "last.pt")["trainable"] for p in (out, reference))
     for name, value in uninterrupted.items():  # ... to the same parameters as a run never interrupted
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
-    assert CLASSES == tuple(json.loads((out / "config.json").read_text())["classes"])
+    assert CLASSES == tuple(json.loads((out / "config.json").read_text())["engine"]["class_names"])
 
 
 def test_warnings_name_the_class_and_are_printed_once(folders, tmp_path, capsys):

@@ -140,7 +140,7 @@ def test_deepspeed_resume_and_user_config(tmp_path, stage):
 )
 def test_half_precision_trains(backend, stage, precision):
     engine, history = train(backend=backend, zero_stage=stage, precision=precision, epochs=3)
-    assert engine.config["resolved"]["precision"] == precision
+    assert engine.resolved.precision == precision
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert all(torch.isfinite(v).all() for v in engine.trainable_state_dict().values())
 
@@ -150,8 +150,8 @@ def test_half_precision_trains(backend, stage, precision):
 def test_cuda_deepspeed_half_precision(precision):
     engine, history = train(epochs=3, precision=precision)
     expected = "bf16" if precision == "auto" and torch.cuda.is_bf16_supported() else precision
-    assert engine.config["resolved"]["backend"] == "deepspeed"  # auto on CUDA
-    assert engine.config["resolved"]["precision"] == ("fp32" if expected == "auto" else expected)
+    assert engine.resolved.backend == "deepspeed"  # auto on CUDA
+    assert engine.resolved.precision == ("fp32" if expected == "auto" else expected)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
@@ -323,7 +323,7 @@ def test_save_load_round_trip(tmp_path):
     engine.save(tmp_path / "model.pt")
     loader = DataLoader(tiny_data(6, seed=3), batch_size=3)
     loaded = Engine.load(tmp_path / "model.pt", tiny_vit("lora"))
-    assert loaded.config["lr"] == engine.config["lr"]
+    assert loaded.config.lr == engine.config.lr
     assert_equal(loaded.trainable_state_dict(), engine.trainable_state_dict())
     torch.testing.assert_close(loaded.predict(loader), engine.predict(loader), rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="trainable parameters"):

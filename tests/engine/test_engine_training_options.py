@@ -117,7 +117,7 @@ def test_patience_stops_when_the_metric_stops_improving_and_keeps_the_best(tmp_p
     eng = engine(epochs=10, lr=0.0, output_dir=tmp_path, patience=2, monitor="loss")
     history = eng.fit(loader(Labelled(BALANCED)), loader(Labelled(BALANCED, seed=2), shuffle=False))
     assert [record["epoch"] for record in history] == [1, 2, 3]
-    assert eng.state["best"]["epoch"] == 1
+    assert eng.state.best.epoch == 1
     assert read_checkpoint(tmp_path / "checkpoints" / "best.pt")["state"]["epoch"] == 1
     assert "early stopping after epoch 3: val_loss has not improved for 2 epoch(s)" in capsys.readouterr().err
 
@@ -177,7 +177,7 @@ def test_auto_class_weights_are_inverse_frequency():
     data = Labelled([0] * 9 + [1] * 3)  # N 12, C 2: 12 / (2 * 9), 12 / (2 * 3)
     eng = engine(epochs=1, class_weights="auto")
     eng.fit(loader(data))
-    assert eng.config["class_weights"] == pytest.approx([12 / 18, 2.0])
+    assert eng.config.class_weights == pytest.approx([12 / 18, 2.0])
 
 
 def test_balanced_sampler_draws_the_classes_equally_often():

@@ -70,7 +70,7 @@ def test_engine_bf16_stores_frozen_weights_once_in_bf16(method: str, tmp_path) -
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
     engine = Engine(model, epochs=1, lr=1e-2, precision="bf16", backend="torch", progress=False)
     grad_dtypes = _step_dtypes(engine, _loader())
-    assert engine.config["resolved"]["precision"] == "bf16"
+    assert engine.resolved.precision == "bf16"
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert {p.dtype for p in frozen} == {torch.bfloat16}  # no frozen fp32 weight remains
     assert sum(p.numel() * p.element_size() for p in frozen) == fp32_bytes // 2
@@ -104,7 +104,7 @@ def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, tmp_path,
     engine = Engine(model, epochs=1, lr=1e-2, precision="bf16", backend="torch", progress=False)
     with pytest.warns(RuntimeWarning, match="no native bf16 instructions.*training in fp32"):
         engine.fit(_loader())
-    assert engine.config["resolved"]["precision"] == "fp32"
+    assert engine.resolved.precision == "fp32"
     assert engine.backend.autocast_dtype is None
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 

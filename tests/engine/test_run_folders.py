@@ -32,6 +32,7 @@ from fastprompt.engine.checkpoint import (
     restore_best,
     write_checkpoint,
 )
+from fastprompt.engine.state import BestEpoch
 from fastprompt.runlock import LOCK_FILE, RunLockedError, run_lock
 
 LEGACY = TESTS / "fixtures" / "legacy_pickle_checkpoint.pt"  # written by the code at 8a8e2e7
@@ -200,7 +201,7 @@ def test_a_second_writer_is_refused_naming_the_pid_until_the_holder_dies(trained
         (["--img-size=48"], "img_size"),
         (["--seed=1"], "seed"),
         (["--lr=0.5"], "engine.lr"),
-        ("renamed classes", "classes"),
+        ("renamed classes", "engine.class_names"),
     ],
 )
 def test_a_refused_resume_changes_no_file(trained, tmp_path, capsys, change, named):
@@ -316,7 +317,7 @@ def test_a_best_that_cannot_be_rebuilt_is_said_plainly_and_tracked_again(tmp_pat
     directory.mkdir()
     write_checkpoint(directory / "last.pt", {"state": {"epoch": 3, "step_in_epoch": 0}})
     write_checkpoint(directory / "prev.pt", {"state": {"epoch": 2, "step_in_epoch": 5}})
-    best = {"metric": "val_auc", "value": 0.9, "epoch": 2}
+    best = BestEpoch(metric="val_auc", value=0.9, epoch=2)
     with pytest.warns(RuntimeWarning, match=r"best epoch 2 \(val_auc 0.9\) is left: that model is lost"):
         assert restore_best(directory, best, [directory / "last.pt", directory / "prev.pt"], write=True) is None
     assert not (directory / "best.pt").exists()
@@ -536,8 +537,9 @@ def test_the_training_summary_says_a_best_checkpoint_is_missing_not_that_no_metr
     from types import SimpleNamespace
 
     from fastprompt.cli.train import best_summary
+    from fastprompt.engine import BestEpoch, TrainState
 
-    engine = SimpleNamespace(state={"best": {"epoch": 2, "metric": "val_auc", "value": 0.8}}, history=[])
+    engine = SimpleNamespace(state=TrainState(best=BestEpoch(metric="val_auc", value=0.8, epoch=2)), history=[])
     assert "best checkpoint (epoch 2) is missing" in best_summary(engine, tmp_path)
 
 

@@ -315,7 +315,8 @@ def test_load_run_rebuilds_last_and_best_with_their_epochs(tmp_path):
     state = dict(best.model.named_parameters())
     assert all(torch.equal(state[name], value) for name, value in payload["trainable"].items())
     assert read_checkpoint(tmp_path)["state"] == payload["state"]  # a run folder means its best checkpoint
-    documented = {"version", "trainable", "config", "optimizer", "scheduler", "state", "history", "rng", "running"}
+    documented = {"version", "trainable", "config", "resolved", "optimizer", "scheduler", "state", "history"}
+    documented |= {"rng", "running"}
     assert set(payload) == documented | {"world_size", "backend", "model"}, (
         "update the README's checkpoint format table"
     )
