@@ -8,17 +8,14 @@ import json
 
 import pytest
 import torch
-from helpers import learnable_task, tiny_vit
+from fixtures.make_engine_v0_checkpoint import engine_model as model
+from helpers import TESTS, learnable_task
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastprompt
 from fastprompt.engine import Backend, BestEpoch, Engine, EngineConfig, TrainState
 from fastprompt.engine.backends import DeepSpeedBackend, TorchBackend
 from fastprompt.engine.config import saved_config
-
-
-def model():
-    return fastprompt.apply(tiny_vit(), "linear", num_classes=4)
 
 
 def loader():
@@ -190,13 +187,12 @@ def test_a_torch_backend_instance_is_a_backend():
 
 def test_a_cli_resume_may_change_quiet_and_how_the_run_folder_is_named(tmp_path, monkeypatch, capsys):
     import shutil
-    from pathlib import Path
 
     from helpers import CLI_TINY
 
     from fastprompt.cli import main
 
-    data = shutil.copytree(Path(__file__).parent / "fixtures" / "cli_v0_data", tmp_path / "data")
+    data = shutil.copytree(TESTS / "fixtures" / "cli_v0_data", tmp_path / "data")
     argv = ["train", f"--data={data}", "--val-fraction=0.25", *CLI_TINY]
     assert main([*argv, "--epochs=1", f"--output-dir={tmp_path / 'run'}"]) == 0
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from fixtures.make_engine_v0_checkpoint import ENGINE_OPTIONS, engine_loaders, engine_model
+from helpers import TESTS
 
-FIXTURES = Path(__file__).parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
+from fastprompt import Engine, load_run, read_checkpoint
+from fastprompt.cli import main
+from fastprompt.engine import BestEpoch, EngineConfig, TrainState
 
-from make_engine_v0_checkpoint import ENGINE_OPTIONS, engine_loaders, engine_model  # noqa: E402
-
-from fastprompt import Engine, load_run, read_checkpoint  # noqa: E402
-from fastprompt.cli import main  # noqa: E402
-from fastprompt.engine import BestEpoch, EngineConfig, TrainState  # noqa: E402
+FIXTURES = TESTS / "fixtures"
 
 ENGINE_RUN, CLI_RUN, CLI_DATA = FIXTURES / "engine_v0_run", FIXTURES / "cli_v0_run", FIXTURES / "cli_v0_data"
 
