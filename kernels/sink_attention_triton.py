@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from fastprompt.kernels.dispatch import deterministic, interpreting
-from fastprompt.kernels.sink_attention import _like_heads_last
+from fastprompt.kernels.layout import empty_heads_last
 
 LOG2E = math.log2(math.e)
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constants, usable inside kernels
@@ -500,7 +500,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(O, lse', σ(lse − g)) for fp32 sink logits g of shape [B, H, N] (any strides, e.g. broadcast)."""
     batch, heads, n_q, dim = q.shape
-    out = _like_heads_last(q)
+    out = empty_heads_last(q)
     lse = torch.empty(batch, heads, n_q, dtype=torch.float32, device=q.device)
     keep = torch.empty_like(lse)
     launch(
@@ -542,7 +542,7 @@ def backward(
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     lse, delta = lse.contiguous(), delta.contiguous()
-    dk, dv = _like_heads_last(k), _like_heads_last(v)
+    dk, dv = empty_heads_last(k), empty_heads_last(v)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     sizes = (heads, n_q, n_k, dim, scale, scale * LOG2E)
     options = dict(BLOCK_D=block_d(dim), PRECISION=precision(q))
@@ -552,7 +552,7 @@ def backward(
         args = (q, k, v, dout, lse, delta, dq, dk, dv, *common, *dq.stride(), *dk.stride(), *sizes)
         launch(_backward_fused, grid, *args, **options)
         return dq.mul_(scale).to(q.dtype), dk, dv
-    dq = _like_heads_last(q)
+    dq = empty_heads_last(q)
     launch(_dkdv, grid, q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *sizes, **options)
     grid = tile_grid(batch * heads, n_q, "BLOCK_M")
     launch(_dq, grid, q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes, **options)
