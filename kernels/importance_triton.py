@@ -3,7 +3,8 @@
 Pass 1 (_row_lse_kernel) gives each program BLOCK_M query rows and runs the online log-sum-exp over all keys.
 Pass 2 (_column_mass_kernel) gives each program BLOCK_N keys and sums exp(s − lse) over all query rows, so every
 output element has one owner: no atomics, deterministic. Pointer arithmetic and masks only (tiles through
-sink_attention_triton's `load_tile`, whose row offsets are 64-bit); logits in log2 units.
+sink_attention_triton's `load_tile`, whose row offsets are 64-bit); logits in log2 units. As there, the autotuning
+key buckets the row and key counts (`KEY`), and EVEN_M/EVEN_N/EVEN_D drop the masks of sides without a tail.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ The backward is one kernel (5 products and 1 exp2 per tile, dq through fp32 atom
 atomic-free two-kernel pass (dK/dV, then dQ) in deterministic mode.
 
 Imported only when Triton is used (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). All kernels take
-explicit strides, mask every tail (tokens and the head dimension padded to a power of two) and keep row statistics
-in fp32, in log2 units inside the kernels and natural units outside.
+explicit strides, mask every tail (tokens and the head dimension padded to a power of two) unless their EVEN_* flags
+say the sizes divide the blocks, and keep row statistics in fp32, in log2 units inside the kernels and natural
+units outside. Autotuning keys on the token counts in buckets of 32 (see `KEY`).
 """
 
 from __future__ import annotations
