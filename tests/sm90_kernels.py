@@ -110,7 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", nargs="*", type=int, default=[TOKENS], help="token counts N (default: 1025)")
     parser.add_argument("--modes", nargs="*", choices=list(MODES), default=list(MODES))
     parser.add_argument("--record", type=Path, default=None, help="also write the run's time as a benchmarks record")
+    parser.add_argument(
+        "--masks-record",
+        type=Path,
+        default=None,
+        help="with --tokens RAGGED EVEN: write their mask operations as a record",
+    )
     args = parser.parse_args(argv)
+    if args.masks_record and len(args.tokens) != 2:
+        parser.error("--masks-record compares two token counts: --tokens RAGGED EVEN")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("run with TRITON_INTERPRET=0: the interpreter replaces the compiler")
     cache = args.cache or default_cache()
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     harness = Harness(cache / "compiles.json")
     records = harness.run(args.dtypes, args.head_dims, args.tokens, [MODES[mode] for mode in args.modes])
     seconds = time.perf_counter() - started
-    payload = {"seconds": seconds, "limit": SM90_SHARED_MEMORY, "compiled": harness.misses, "records": records}
+    payload = {"seconds": seconds, "limit": SM90_SHARED_MEMORY, "records": records}
     args.out.write_text(json.dumps(payload, indent=1))
     print(f"{len(records)} launches, {harness.misses} compiled, {harness.hits} from the cache, {seconds:.1f} s")
     if args.record:
@@ -135,6 +143,44 @@ def main(argv: list[str] | None = None) -> None:
         record = run_record("sm90_compile_check", "cpu", config, [row], notes)
         record["command"] = "TRITON_INTERPRET=0 python " + " ".join(sys.argv)
         write_record(record, args.record)
+    if args.masks_record:
+        from benchmarks.results import run_record, write_record
+
+        config = {"dtypes": args.dtypes, "head_dims": args.head_dims, "batch": BATCH, "heads": HEADS}
+        config.update(ragged_tokens=args.tokens[0], even_tokens=args.tokens[1], target="sm_90, compiled offline")
+        notes = [
+            "selects: TTGIR arith.select; selp: PTX selp (a masked cp.async picks its source size with one); "
+            "predicated: PTX global ld/st/atom/red under a predicate",
+            "launch 1 of _column_mass_kernel is the 'cls' pass: one query row, ragged at any token count",
+        ]
+        record = run_record("sm90_tail_masks", "cpu", config, mask_rows(records, *args.tokens), notes)
+        record["device"] = "cpu (offline sm_90 compile)"
+        record["command"] = "TRITON_INTERPRET=0 python " + " ".join(sys.argv)
+        write_record(record, args.masks_record)
+
+
+def mask_rows(records: list[dict], ragged: int, even: int) -> list[dict]:
+    """Each compile's mask operations at `ragged` and `even` tokens, paired by launch (kernel, dtype, head dim, mode
+    and its launches of that kernel so far) and config."""
+
+    def compiles(tokens: int) -> list[tuple[dict, int, dict]]:
+        seen: dict[tuple, int] = {}
+        found = []
+        for record in records:
+            if record["tokens"] == tokens:
+                case = (record["kernel"], record["dtype"], record["head_dim"], record["deterministic"])
+                seen[case] = seen.get(case, -1) + 1
+                found += [(record, seen[case], compiled) for compiled in record["compiled"]]
+        return found
+
+    rows = []
+    for (record, launch, r), (_, _, e) in zip(compiles(ragged), compiles(even), strict=True):
+        row = {key: record[key] for key in ("kernel", "dtype", "head_dim")}
+        row.update(launch=launch, mode="deterministic" if record["deterministic"] else "autotuned", config=r["config"])
+        row.update({f"ragged_{op}": r[op] for op in ("selects", "selp", "predicated")})
+        row.update({f"even_{op}": e[op] for op in ("selects", "selp", "predicated")})
+        rows.append(row)
+    return rows
 
 
 class Harness:
