@@ -3,7 +3,8 @@
 Pass 1 (_row_lse_kernel) gives each program BLOCK_M query rows and runs the online log-sum-exp over all keys.
 Pass 2 (_column_mass_kernel) gives each program BLOCK_N keys and sums exp(s − lse) over all query rows, so every
 output element has one owner: no atomics, deterministic. Pointer arithmetic and masks only (tiles through
-sink_attention_triton's `load_tile`, whose row offsets are 64-bit); logits in log2 units.
+sink_attention_triton's `load_tile`, whose row offsets are 64-bit); logits in log2 units. As there, the autotuning
+key buckets the row and key counts (`KEY`), and EVEN_M/EVEN_N/EVEN_D drop the masks of sides without a tail.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import triton
 import triton.language as tl
 
 from fastprompt.kernels.sink_attention_triton import (
+    KEY,
     LOG2E,
+    EvenTails,
     autotuned,
     block_d,
+    bucket,
     launch,
+    load_rows,
     load_tile,
     precision,
     program_tile,
+    store_rows,
     tile_grid,
 )
 
@@ -40,30 +46,33 @@ def attention_importance(
     """Column means of exp(q kᵀ·scale − lse) over the first `rows` query rows, [B, H, N] fp32 (inputs pre-validated)."""
     batch, heads, tokens, dim = q.shape
     options = dict(BLOCK_D=block_d(dim), PRECISION=precision(q))
+    buckets = (bucket(rows), bucket(tokens))
     qk_scale = scale * LOG2E
     if lse is None:
         lse = torch.empty(batch, heads, rows, dtype=torch.float32, device=q.device)
         launch(
             _row_lse, tile_grid(batch * heads, rows, "BLOCK_M"),
-            q, k, lse, *q.stride(), *k.stride(), *lse.stride(), heads, rows, tokens, dim, qk_scale, **options,
+            q, k, lse, *q.stride(), *k.stride(), *lse.stride(), heads, rows, tokens, dim, qk_scale, *buckets,
+            **options,
         )  # fmt: skip
     scores = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device)
     launch(
         _column_mass, tile_grid(batch * heads, tokens, "BLOCK_N"),
         q, k, lse, scores, *q.stride(), *k.stride(), *lse.stride(), *scores.stride(), heads, rows, tokens, dim,
-        qk_scale, 1.0 / rows, **options,
+        qk_scale, 1.0 / rows, *buckets, **options,
     )  # fmt: skip
     return scores
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q_BUCKET", "N_K_BUCKET"])
 def _row_lse_kernel(
     Q, K, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_lb, stride_lh, stride_ln,
-    H, ROWS, N, D, qk_scale,
+    H, ROWS, N, D, qk_scale, N_Q_BUCKET, N_K_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 1: each program owns BLOCK_M query rows and runs the online log-sum-exp over every key block."""
     pid_bh, first = program_tile(ROWS, BLOCK_M)
@@ -75,32 +84,34 @@ def _row_lse_kernel(
     mask_m = offs_m < ROWS
     mask_d = offs_d < D
     q_base = Q + off_b * stride_qb + off_h * stride_qh
-    q = load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, mask_m[:, None] & mask_d[None, :])
+    q = load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, mask_m, mask_d, EVEN_M, EVEN_D)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N
-        k = load_tile(k_base, cols, offs_d, stride_kn, stride_kd, mask_n[:, None] & mask_d[None, :])
+        k = load_tile(k_base, cols, offs_d, stride_kn, stride_kd, mask_n, mask_d, EVEN_N, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+        if not EVEN_N:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln, lse, mask=mask_m)
+    store_rows(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln, lse, mask_m, EVEN_M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q_BUCKET", "N_K_BUCKET"])
 def _column_mass_kernel(
     Q, K, LSE, OUT,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_lb, stride_lh, stride_ln,
     stride_ob, stride_oh, stride_on,
-    H, ROWS, N, D, qk_scale, inv_rows,
+    H, ROWS, N, D, qk_scale, inv_rows, N_Q_BUCKET, N_K_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: each program owns BLOCK_N keys and sums exp(s − lse) over every query block (no atomics)."""
     pid_bh, first = program_tile(N, BLOCK_N)
@@ -112,22 +123,24 @@ def _column_mass_kernel(
     mask_n = offs_n < N
     mask_d = offs_d < D
     k_base = K + off_b * stride_kb + off_h * stride_kh
-    k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, mask_n[:, None] & mask_d[None, :])
+    k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, mask_n, mask_d, EVEN_N, EVEN_D)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     lse_base = LSE + off_b * stride_lb + off_h * stride_lh
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start_m in range(0, ROWS, BLOCK_M):
         rows = start_m + offs_m
         mask_m = rows < ROWS
-        q = load_tile(q_base, rows, offs_d, stride_qn, stride_qd, mask_m[:, None] & mask_d[None, :])
-        lse = tl.load(lse_base + rows * stride_ln, mask=mask_m, other=0.0).to(tl.float32) * 1.4426950408889634
+        q = load_tile(q_base, rows, offs_d, stride_qn, stride_qd, mask_m, mask_d, EVEN_M, EVEN_D)
+        lse = load_rows(lse_base + rows * stride_ln, mask_m, EVEN_M).to(tl.float32) * 1.4426950408889634
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
-        total += tl.sum(tl.where(mask_m[:, None], p, 0.0), axis=0)
+        if not EVEN_M:
+            p = tl.where(mask_m[:, None], p, 0.0)
+        total += tl.sum(p, axis=0)
     out_ptrs = OUT + off_b * stride_ob + off_h * stride_oh + offs_n * stride_on
-    tl.store(out_ptrs, total * inv_rows, mask=mask_n)
+    store_rows(out_ptrs, total * inv_rows, mask_n, EVEN_N)
 
 
-KEY = ["ROWS", "N", "BLOCK_D"]
-_row_lse = autotuned(_row_lse_kernel, SPACE, KEY)
-_column_mass = autotuned(_column_mass_kernel, SPACE, KEY)
+SIDES = dict(EVEN_M=("ROWS", "BLOCK_M"), EVEN_N=("N", "BLOCK_N"), EVEN_D=("D", "BLOCK_D"))
+_row_lse = autotuned(EvenTails(_row_lse_kernel, **SIDES), SPACE, KEY)  # KEY: the query rows' and keys' buckets, D
+_column_mass = autotuned(EvenTails(_column_mass_kernel, **SIDES), SPACE, KEY)

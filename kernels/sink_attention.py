@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastprompt.kernels.dispatch import triton_importable, use_triton
+from fastprompt.kernels.layout import as_heads_last, empty_heads_last
 
 _CHUNK_ELEMENTS = 1 << 24  # logits materialised at once by the chunked backend
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -108,7 +109,7 @@ def _query_chunks(q: torch.Tensor, k: torch.Tensor) -> range:
 def _chunked_forward(q, k, v, g, scale):
     acc = torch.promote_types(q.dtype, torch.float32)
     k_acc, v_acc = k.to(acc), v.to(acc)
-    out = _like_heads_last(q)
+    out = empty_heads_last(q)
     lse = torch.empty(q.shape[:-1], dtype=g.dtype, device=q.device)
     chunks = _query_chunks(q, k)
     for start in chunks:
@@ -123,7 +124,7 @@ def _chunked_forward(q, k, v, g, scale):
 def _chunked_backward(dout, q, k, v, lse_p, delta, scale):
     acc = torch.promote_types(q.dtype, torch.float32)
     k_acc, v_acc = k.to(acc), v.to(acc)
-    dq = _like_heads_last(q)
+    dq = empty_heads_last(q)
     dk = torch.zeros_like(k_acc, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(v_acc, memory_format=torch.contiguous_format)
     chunks = _query_chunks(q, k)
@@ -141,21 +142,6 @@ def _chunked_backward(dout, q, k, v, lse_p, delta, scale):
 def _triton_module():
     """The Triton kernels' module, imported on first use (it imports triton)."""
     return importlib.import_module("fastprompt.kernels.sink_attention_triton")
-
-
-def _like_heads_last(x: Tensor) -> Tensor:
-    """An empty tensor like [B, H, N, D] `x`, laid out as [B, N, H, D]: the layout timm reshapes attention outputs
-    from, and the one every backend's O, dq, dk and dv leave the custom ops in (the fake implementations promise it)."""
-    batch, heads, tokens, dim = x.shape
-    return torch.empty(batch, tokens, heads, dim, dtype=x.dtype, device=x.device).transpose(1, 2)
-
-
-def _as_heads_last(x: Tensor) -> Tensor:
-    """`x` itself when already in the heads-last layout of `_like_heads_last`, else a copy in that layout."""
-    batch, heads, tokens, dim = x.shape
-    if x.stride() == (tokens * heads * dim, dim, heads * dim, 1):
-        return x
-    return _like_heads_last(x).copy_(x)
 
 
 def _forward(backend: str, q, k, v, g, scale):
@@ -194,14 +180,14 @@ def _forward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(O, lse', σ(lse − g)) on `backend` ("triton", "flash_cpu" or "chunked"); g is [B, H, N] in the stat dtype."""
     out, lse_p, keep = _forward(backend, q, k, v, g, scale)
-    return _as_heads_last(out), lse_p.contiguous(), keep.contiguous()
+    return as_heads_last(out), lse_p.contiguous(), keep.contiguous()
 
 
 @_forward_op.register_fake
 def _(q, k, v, g, scale, backend):
     stat = torch.float32 if backend == "triton" else g.dtype
     rows = q.new_empty(q.shape[:-1], dtype=stat)
-    return _like_heads_last(q), rows, torch.empty_like(rows)
+    return empty_heads_last(q), rows, torch.empty_like(rows)
 
 
 @torch.library.custom_op("fastprompt::sink_attention_row_delta", mutates_args=())
@@ -221,12 +207,12 @@ def _backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of the flash-attention backward run with the sink-aware normaliser lse'."""
     grads = _backward(backend, dout, q, k, v, out, lse_p, delta, scale)
-    return tuple(_as_heads_last(grad.to(like.dtype)) for grad, like in zip(grads, (q, k, v)))
+    return tuple(as_heads_last(grad.to(like.dtype)) for grad, like in zip(grads, (q, k, v)))
 
 
 @_backward_op.register_fake
 def _(dout, q, k, v, out, lse_p, delta, scale, backend):
-    return tuple(_like_heads_last(t) for t in (q, k, v))
+    return tuple(empty_heads_last(t) for t in (q, k, v))
 
 
 def _sink_weight(g: torch.Tensor, lse_p: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@ The backward is one kernel (5 products and 1 exp2 per tile, dq through fp32 atom
 atomic-free two-kernel pass (dK/dV, then dQ) in deterministic mode.
 
 Imported only when Triton is used (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). All kernels take
-explicit strides, mask every tail (tokens and the head dimension padded to a power of two) and keep row statistics
-in fp32, in log2 units inside the kernels and natural units outside.
+explicit strides, mask every tail (tokens and the head dimension padded to a power of two) unless their EVEN_* flags
+say the sizes divide the blocks, and keep row statistics in fp32, in log2 units inside the kernels and natural
+units outside. Autotuning keys on the token counts in buckets of 32 (see `KEY`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from fastprompt.kernels.dispatch import deterministic, interpreting
-from fastprompt.kernels.sink_attention import _like_heads_last
+from fastprompt.kernels.layout import empty_heads_last
 
 LOG2E = math.log2(math.e)
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constants, usable inside kernels
@@ -222,12 +223,61 @@ def tile_ptrs(base, idx, dims, stride_n, stride_d):
 
 
 @triton.jit
-def load_tile(base, idx, dims, stride_n, stride_d, mask):
-    """The strided tile at rows `idx`, columns `dims`; zero where `mask` is false (ragged tails, padded D)."""
-    return tl.load(tile_ptrs(base, idx, dims, stride_n, stride_d), mask=mask, other=0.0)
+def tile_mask(idx_ok, dim_ok, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """The [rows, dims] mask of a tile whose rows (idx_ok) or head dims (dim_ok) have a tail; a side whose flag says
+    it divides its block evenly is left out. Call only where at least one side has a tail."""
+    if EVEN_ROWS:
+        mask = dim_ok[None, :]
+    elif EVEN_D:
+        mask = idx_ok[:, None]
+    else:
+        mask = idx_ok[:, None] & dim_ok[None, :]
+    return mask
 
 
 @triton.jit
+def load_tile(base, idx, dims, stride_n, stride_d, idx_ok, dim_ok, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """The strided tile at rows `idx`, columns `dims`: zero in rows past the end (idx_ok false) and in the padding of
+    the head dim (dim_ok false). Unmasked where both sides divide their blocks (EVEN_ROWS, EVEN_D)."""
+    ptrs = tile_ptrs(base, idx, dims, stride_n, stride_d)
+    if EVEN_ROWS and EVEN_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=tile_mask(idx_ok, dim_ok, EVEN_ROWS, EVEN_D), other=0.0)
+    return tile
+
+
+@triton.jit
+def store_tile(
+    base, idx, dims, stride_n, stride_d, value, idx_ok, dim_ok, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr
+):
+    """Store `value` at the tile of `load_tile`, skipping rows past the end and head-dim padding (unless even)."""
+    ptrs = tile_ptrs(base, idx, dims, stride_n, stride_d)
+    if EVEN_ROWS and EVEN_D:
+        tl.store(ptrs, value)
+    else:
+        tl.store(ptrs, value, mask=tile_mask(idx_ok, dim_ok, EVEN_ROWS, EVEN_D))
+
+
+@triton.jit
+def load_rows(ptrs, ok, EVEN: tl.constexpr):
+    """One value per row (a sink logit, lse', Δ): zero past the end, unmasked when the rows divide their block."""
+    if EVEN:
+        values = tl.load(ptrs)
+    else:
+        values = tl.load(ptrs, mask=ok, other=0.0)
+    return values
+
+
+@triton.jit
+def store_rows(ptrs, values, ok, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptrs, values)
+    else:
+        tl.store(ptrs, values, mask=ok)
+
+
+@triton.jit(do_not_specialize=["N_Q_BUCKET", "N_K_BUCKET"])
 def _forward_kernel(
     Q, K, V, G, Out, LSE, KEEP,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -235,9 +285,11 @@ def _forward_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, N_Q, N_K, D, qk_scale,
+    H, N_Q, N_K, D, qk_scale, N_Q_BUCKET, N_K_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
+    """O, lse' and the keep fraction for BLOCK_M query rows. G is the sink logits (strides stride_g*, per row)."""
     pid_bh, first = program_tile(N_Q, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -246,10 +298,8 @@ def _forward_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
     dim_ok = dims < D
-    q = load_tile(
-        Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, row_ok[:, None] & dim_ok[None, :]
-    )
-    sink = tl.load(G + b * stride_gb + h * stride_gh + rows * stride_gm, mask=row_ok, other=0.0).to(tl.float32)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, row_ok, dim_ok, EVEN_M, EVEN_D)
+    sink = load_rows(G + b * stride_gb + h * stride_gh + rows * stride_gm, row_ok, EVEN_M).to(tl.float32)
     sink = sink * LOG2E_C
     row_max = sink  # the online softmax is seeded with the sink logit
     key_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -259,68 +309,78 @@ def _forward_kernel(
     for start in range(0, N_K, BLOCK_N):
         keys = start + cols
         key_ok = keys < N_K
-        tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
+        k = load_tile(k_base, keys, dims, stride_kn, stride_kd, key_ok, dim_ok, EVEN_N, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+        if not EVEN_N:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         alpha = tl.where(new_max == row_max, 1.0, tl.exp2(row_max - new_max))
         p = tl.exp2(s - new_max[:, None])
         key_mass = key_mass * alpha + tl.sum(p, 1)
-        v = load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
+        v = load_tile(v_base, keys, dims, stride_vn, stride_vd, key_ok, dim_ok, EVEN_N, EVEN_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = new_max
     sink_mass = tl.where(sink == row_max, 1.0, tl.exp2(sink - row_max))
     total = key_mass + sink_mass
-    out = acc / total[:, None]
-    o_ptrs = tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    out = (acc / total[:, None]).to(Out.dtype.element_ty)
+    store_tile(
+        Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od, out, row_ok, dim_ok, EVEN_M, EVEN_D
+    )
     stat = pid_bh.to(tl.int64) * N_Q + rows
-    tl.store(LSE + stat, (row_max + tl.log2(total)) * LN2_C, mask=row_ok)
-    tl.store(KEEP + stat, key_mass / total, mask=row_ok)
+    store_rows(LSE + stat, (row_max + tl.log2(total)) * LN2_C, row_ok, EVEN_M)
+    store_rows(KEEP + stat, key_mass / total, row_ok, EVEN_M)
 
 
 @triton.jit
 def _delta_kernel(
     Out, DO, DELTA,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
     H, N_Q, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
+    """Δ = rowsum(dO ⊙ O) for BLOCK_M rows; dO has the strides stride_do*."""
     pid_bh, first = program_tile(N_Q, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     rows = first + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
-    mask = row_ok[:, None] & (dims < D)[None, :]
-    o = load_tile(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od, mask)
-    do = load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, mask)
+    dim_ok = dims < D
+    o = load_tile(Out + b * stride_ob + h * stride_oh, rows, dims, stride_om, stride_od, row_ok, dim_ok, EVEN_M, EVEN_D)
+    do = load_tile(
+        DO + b * stride_dob + h * stride_doh, rows, dims, stride_dom, stride_dod, row_ok, dim_ok, EVEN_M, EVEN_D
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + rows, delta, mask=row_ok)
+    store_rows(DELTA + pid_bh.to(tl.int64) * N_Q + rows, delta, row_ok, EVEN_M)
 
 
 @triton.jit
-def _tile_grads(q, k, v, do, lse, delta, valid, qk_scale, PRECISION: tl.constexpr):
-    """One tile's recomputed probabilities P' = exp2(s·log2e − lse'·log2e) and score gradients P' ⊙ (dO Vᵀ − Δ)."""
+def _tile_grads(q, k, v, do, lse, delta, valid, qk_scale, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One tile's recomputed probabilities P' = exp2(s·log2e − lse'·log2e) and score gradients P' ⊙ (dO Vᵀ − Δ);
+    P' is zeroed outside `valid` where the tile is MASKED (a padded key's logit is 0, whose exp2 can overflow)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(valid, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     return p, p * (dp - delta[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q_BUCKET", "N_K_BUCKET"])
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_db, stride_dh, stride_dm, stride_dd,
-    stride_gb, stride_gh, stride_gn, stride_gd,
-    H, N_Q, N_K, D, scale, qk_scale,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    H, N_Q, N_K, D, scale, qk_scale, N_Q_BUCKET, N_K_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
+    """Deterministic backward, pass 1: dK and dV of BLOCK_N keys. dO has the strides stride_do*; the outputs DK and
+    DV share the strides stride_dk* (both heads-last, of one shape)."""
     pid_bh, first = program_tile(N_K, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -329,41 +389,45 @@ def _dkdv_kernel(
     dims = tl.arange(0, BLOCK_D)
     key_ok = keys < N_K
     dim_ok = dims < D
-    kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
-    v = load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
+    k = load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, key_ok, dim_ok, EVEN_N, EVEN_D)
+    v = load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, key_ok, dim_ok, EVEN_N, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_db + h * stride_dh
+    do_base = DO + b * stride_dob + h * stride_doh
     stat_base = pid_bh.to(tl.int64) * N_Q
     for start in range(0, N_Q, BLOCK_M):
         rows = start + rows0
         row_ok = rows < N_Q
-        tile_ok = row_ok[:, None] & dim_ok[None, :]
-        q = load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
-        do = load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
-        lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0) * LOG2E_C
-        delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
-        p, ds = _tile_grads(q, k, v, do, lse, delta, row_ok[:, None] & key_ok[None, :], qk_scale, PRECISION)
+        q = load_tile(q_base, rows, dims, stride_qm, stride_qd, row_ok, dim_ok, EVEN_M, EVEN_D)
+        do = load_tile(do_base, rows, dims, stride_dom, stride_dod, row_ok, dim_ok, EVEN_M, EVEN_D)
+        lse = load_rows(LSE + stat_base + rows, row_ok, EVEN_M) * LOG2E_C
+        delta = load_rows(DELTA + stat_base + rows, row_ok, EVEN_M)
+        valid = row_ok[:, None] & key_ok[None, :]
+        p, ds = _tile_grads(q, k, v, do, lse, delta, valid, qk_scale, PRECISION, not EVEN_N)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    offsets = tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
-    tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    grads = b * stride_dkb + h * stride_dkh
+    dk = (dk * scale).to(DK.dtype.element_ty)
+    store_tile(DK + grads, keys, dims, stride_dkn, stride_dkd, dk, key_ok, dim_ok, EVEN_N, EVEN_D)
+    store_tile(
+        DV + grads, keys, dims, stride_dkn, stride_dkd, dv.to(DV.dtype.element_ty), key_ok, dim_ok, EVEN_N, EVEN_D
+    )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q_BUCKET", "N_K_BUCKET"])
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_db, stride_dh, stride_dm, stride_dd,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    H, N_Q, N_K, D, scale, qk_scale,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, N_Q, N_K, D, scale, qk_scale, N_Q_BUCKET, N_K_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
+    """Deterministic backward, pass 2: dQ of BLOCK_M query rows. dO has the strides stride_do*, DQ stride_dq*."""
     pid_bh, first = program_tile(N_Q, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -372,81 +436,86 @@ def _dq_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_Q
     dim_ok = dims < D
-    q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, q_mask)
-    do = load_tile(DO + b * stride_db + h * stride_dh, rows, dims, stride_dm, stride_dd, q_mask)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, stride_qm, stride_qd, row_ok, dim_ok, EVEN_M, EVEN_D)
+    do = load_tile(
+        DO + b * stride_dob + h * stride_doh, rows, dims, stride_dom, stride_dod, row_ok, dim_ok, EVEN_M, EVEN_D
+    )
     stat = pid_bh.to(tl.int64) * N_Q + rows
-    lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * LOG2E_C
-    delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+    lse = load_rows(LSE + stat, row_ok, EVEN_M) * LOG2E_C
+    delta = load_rows(DELTA + stat, row_ok, EVEN_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     for start in range(0, N_K, BLOCK_N):
         keys = start + cols
         key_ok = keys < N_K
-        tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = load_tile(k_base, keys, dims, stride_kn, stride_kd, tile_ok)
-        v = load_tile(v_base, keys, dims, stride_vn, stride_vd, tile_ok)
-        _, ds = _tile_grads(q, k, v, do, lse, delta, key_ok[None, :], qk_scale, PRECISION)
+        k = load_tile(k_base, keys, dims, stride_kn, stride_kd, key_ok, dim_ok, EVEN_N, EVEN_D)
+        v = load_tile(v_base, keys, dims, stride_vn, stride_vd, key_ok, dim_ok, EVEN_N, EVEN_D)
+        _, ds = _tile_grads(q, k, v, do, lse, delta, key_ok[None, :], qk_scale, PRECISION, not EVEN_N)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq_ptrs = tile_ptrs(DQ + b * stride_gb + h * stride_gh, rows, dims, stride_gm, stride_gd)
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    dq = (dq * scale).to(DQ.dtype.element_ty)
+    store_tile(
+        DQ + b * stride_dqb + h * stride_dqh, rows, dims, stride_dqm, stride_dqd, dq, row_ok, dim_ok, EVEN_M, EVEN_D
+    )
 
 
 @triton.jit
 def _backward_tile(
     dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, start, dims, key_ok, dim_ok, ragged_keys,
-    stride_qm, stride_qd, stride_dm, stride_dd, stride_cm, stride_cd, N_Q, qk_scale,
-    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, RAGGED_ROWS: tl.constexpr,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, N_Q, qk_scale,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, RAGGED_ROWS: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """One Q tile of the fused backward, transposed (keys are rows): 5 products and 1 exp2.
 
     Sᵀ = K Qᵀ, P'ᵀ = exp2(Sᵀ·qk_scale − lse'·log2e) (one FMA and one exp2 per element), dV += P'ᵀ dO, dPᵀ = V dOᵀ,
     dSᵀ = P'ᵀ ⊙ (dPᵀ − Δ), dK += dSᵀ Q, and dQ += dS K added atomically to the fp32 buffer. Rows past N_Q (only in
     the RAGGED_ROWS tile) load as zeros, so they add nothing anywhere; padded keys are zeroed only in the program
-    whose key tile is ragged (a padded key's logit is 0, whose exp2 can overflow against a very negative lse').
+    whose key tile is ragged (a padded key's logit is 0, whose exp2 can overflow against a very negative lse'), and
+    in none when N_K divides BLOCK_N (EVEN_N). Masks only where a side has a tail: none for an even tile.
     """
     rows = start + tl.arange(0, BLOCK_M)
-    if RAGGED_ROWS:
-        row_ok = rows < N_Q
-        tile_ok = row_ok[:, None] & dim_ok[None, :]
-        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-    else:
-        tile_ok = dim_ok[None, :]
-        lse = tl.load(lse_base + rows)
-        delta = tl.load(delta_base + rows)
-    q = load_tile(q_base, rows, dims, stride_qm, stride_qd, tile_ok)
-    do = load_tile(do_base, rows, dims, stride_dm, stride_dd, tile_ok)
+    row_ok = rows < N_Q
+    lse = load_rows(lse_base + rows, row_ok, not RAGGED_ROWS)
+    delta = load_rows(delta_base + rows, row_ok, not RAGGED_ROWS)
+    q = load_tile(q_base, rows, dims, stride_qm, stride_qd, row_ok, dim_ok, not RAGGED_ROWS, EVEN_D)
+    do = load_tile(do_base, rows, dims, stride_dom, stride_dod, row_ok, dim_ok, not RAGGED_ROWS, EVEN_D)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
     p_t = tl.exp2(s_t * qk_scale - (lse * LOG2E_C)[None, :])
-    if ragged_keys:
-        p_t = tl.where(key_ok[:, None], p_t, 0.0)
+    if not EVEN_N:
+        if ragged_keys:
+            p_t = tl.where(key_ok[:, None], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk += tl.dot(ds_t, q, input_precision=PRECISION)
     dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
-    tl.atomic_add(tile_ptrs(dq_base, rows, dims, stride_cm, stride_cd), dq, mask=tile_ok, sem="relaxed")
+    dq_ptrs = tile_ptrs(dq_base, rows, dims, stride_dqm, stride_dqd)
+    if RAGGED_ROWS or not EVEN_D:
+        tl.atomic_add(dq_ptrs, dq, mask=tile_mask(row_ok, dim_ok, not RAGGED_ROWS, EVEN_D), sem="relaxed")
+    else:
+        tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q_BUCKET", "N_K_BUCKET"])
 def _backward_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_db, stride_dh, stride_dm, stride_dd,
-    stride_cb, stride_ch, stride_cm, stride_cd,
-    stride_gb, stride_gh, stride_gn, stride_gd,
-    H, N_Q, N_K, D, scale, qk_scale,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    H, N_Q, N_K, D, scale, qk_scale, N_Q_BUCKET, N_K_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """Fused single-pass backward (FlashAttention-2's): one program per (batch·head, key tile), looping over Q tiles.
 
-    DQ is an fp32 accumulator (strides stride_c*) that the programs add to atomically, scaled and cast afterwards;
-    DK and DV share the strides stride_g*. Only the last Q tile is masked.
+    dO has the strides stride_do*. DQ is an fp32 accumulator (strides stride_dq*) that the programs add to
+    atomically, scaled and cast afterwards; DK and DV share the strides stride_dk*. Only the last Q tile is masked,
+    and none when N_Q divides BLOCK_M (EVEN_M).
     """
     pid_bh, first = program_tile(N_K, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
@@ -455,39 +524,77 @@ def _backward_kernel(
     dims = tl.arange(0, BLOCK_D)
     key_ok = keys < N_K
     dim_ok = dims < D
-    kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, kv_mask)
-    v = load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, kv_mask)
+    k = load_tile(K + b * stride_kb + h * stride_kh, keys, dims, stride_kn, stride_kd, key_ok, dim_ok, EVEN_N, EVEN_D)
+    v = load_tile(V + b * stride_vb + h * stride_vh, keys, dims, stride_vn, stride_vd, key_ok, dim_ok, EVEN_N, EVEN_D)
     ragged_keys = first + BLOCK_N > N_K
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_db + h * stride_dh
-    dq_base = DQ + b * stride_cb + h * stride_ch
+    do_base = DO + b * stride_dob + h * stride_doh
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
     stat_base = pid_bh.to(tl.int64) * N_Q
     full = (N_Q // BLOCK_M) * BLOCK_M
     for start in range(0, full, BLOCK_M):
         dk, dv = _backward_tile(
             dk, dv, k, v, q_base, do_base, dq_base, LSE + stat_base, DELTA + stat_base, start, dims, key_ok, dim_ok,
-            ragged_keys, stride_qm, stride_qd, stride_dm, stride_dd, stride_cm, stride_cd, N_Q, qk_scale,
-            BLOCK_M, PRECISION, False,
+            ragged_keys, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, N_Q, qk_scale,
+            BLOCK_M, PRECISION, False, EVEN_N, EVEN_D,
         )  # fmt: skip
-    if full < N_Q:
-        dk, dv = _backward_tile(
-            dk, dv, k, v, q_base, do_base, dq_base, LSE + stat_base, DELTA + stat_base, full, dims, key_ok, dim_ok,
-            ragged_keys, stride_qm, stride_qd, stride_dm, stride_dd, stride_cm, stride_cd, N_Q, qk_scale,
-            BLOCK_M, PRECISION, True,
-        )  # fmt: skip
-    offsets = tile_ptrs(b * stride_gb + h * stride_gh, keys, dims, stride_gn, stride_gd)
-    tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if not EVEN_M:
+        if full < N_Q:
+            dk, dv = _backward_tile(
+                dk, dv, k, v, q_base, do_base, dq_base, LSE + stat_base, DELTA + stat_base, full, dims, key_ok,
+                dim_ok, ragged_keys, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, N_Q,
+                qk_scale, BLOCK_M, PRECISION, True, EVEN_N, EVEN_D,
+            )  # fmt: skip
+    grads = b * stride_dkb + h * stride_dkh
+    dk = (dk * scale).to(DK.dtype.element_ty)
+    store_tile(DK + grads, keys, dims, stride_dkn, stride_dkd, dk, key_ok, dim_ok, EVEN_N, EVEN_D)
+    store_tile(
+        DV + grads, keys, dims, stride_dkn, stride_dkd, dv.to(DV.dtype.element_ty), key_ok, dim_ok, EVEN_N, EVEN_D
+    )
 
 
-KEY = ["N_Q", "N_K", "BLOCK_D"]
-_forward = autotuned(_forward_kernel, SPACES["forward"], KEY)
-_dkdv = autotuned(_dkdv_kernel, SPACES["backward"], KEY)
-_dq = autotuned(_dq_kernel, SPACES["backward"], KEY)
-_backward_fused = autotuned(_backward_kernel, SPACES["backward_fused"], KEY)
+def _divides(size: str, block: str, args: dict) -> bool:
+    return args[size] % args[block] == 0
+
+
+class EvenTails(triton.runtime.Heuristics):
+    """`kernel` launched with constexpr flags telling which sides have no tail to mask.
+
+    `sides` maps a flag to (size, block) argument names, e.g. EVEN_M=("N_Q", "BLOCK_M"): the flag is set when the
+    size is a multiple of the block the launch runs with (the autotuner's chosen config included), so the kernel
+    drops that side's masks and selects (flash-attention's EVEN_M/EVEN_N/EVEN_HEADDIM). Sizes that share their
+    remainders' evenness share one compiled kernel: 1025 and 1030 tokens both take the ragged path. Also a
+    `warmup` (a compile, what the config pruning calls) like a JITFunction's.
+    """
+
+    def __init__(self, kernel, **sides: tuple[str, str]) -> None:
+        rules = {flag: functools.partial(_divides, size, block) for flag, (size, block) in sides.items()}
+        super().__init__(kernel, kernel.arg_names, rules)
+        self.__name__ = kernel.__name__
+
+    def warmup(self, *args, grid, **kwargs):
+        return self.run(*args, grid=grid, warmup=True, **kwargs)
+
+
+# Autotuning keys: the token counts in buckets of 32 (extra integer arguments, never specialised, that the kernels
+# ignore), the head dim, and (added by Triton) the tensors' dtypes. cdiv rather than floor: every N of a bucket runs
+# the same number of tiles at BLOCK 32, 64 and 128, so one tuning serves a grid of the same shape; new resolutions
+# within a bucket reuse the tuning (and, ragged or even alike, the compiled kernels) instead of benchmarking again.
+BUCKET = 32
+KEY = ["N_Q_BUCKET", "N_K_BUCKET", "D"]
+SIDES = dict(EVEN_M=("N_Q", "BLOCK_M"), EVEN_N=("N_K", "BLOCK_N"), EVEN_D=("D", "BLOCK_D"))
+_forward = autotuned(EvenTails(_forward_kernel, **SIDES), SPACES["forward"], KEY)
+_dkdv = autotuned(EvenTails(_dkdv_kernel, **SIDES), SPACES["backward"], KEY)
+_dq = autotuned(EvenTails(_dq_kernel, **SIDES), SPACES["backward"], KEY)
+_backward_fused = autotuned(EvenTails(_backward_kernel, **SIDES), SPACES["backward_fused"], KEY)
+_delta = EvenTails(_delta_kernel, EVEN_M=("N_Q", "BLOCK_M"), EVEN_D=("D", "BLOCK_D"))
+
+
+def bucket(tokens: int) -> int:
+    """The autotuning key of a token count: cdiv(tokens, BUCKET)."""
+    return triton.cdiv(tokens, BUCKET)
 
 
 def tile_grid(programs_per_row: int, tokens: int, block: str):
@@ -500,14 +607,14 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(O, lse', σ(lse − g)) for fp32 sink logits g of shape [B, H, N] (any strides, e.g. broadcast)."""
     batch, heads, n_q, dim = q.shape
-    out = _like_heads_last(q)
+    out = empty_heads_last(q)
     lse = torch.empty(batch, heads, n_q, dtype=torch.float32, device=q.device)
     keep = torch.empty_like(lse)
     launch(
         _forward, tile_grid(batch * heads, n_q, "BLOCK_M"),
         q, k, v, g, out, lse, keep,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *out.stride(),
-        heads, n_q, k.shape[2], dim, scale * LOG2E,
+        heads, n_q, k.shape[2], dim, scale * LOG2E, bucket(n_q), bucket(k.shape[2]),
         BLOCK_D=block_d(dim), PRECISION=precision(q),
     )  # fmt: skip
     return out, lse, keep
@@ -518,7 +625,7 @@ def row_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     batch, heads, n_q, dim = out.shape
     delta = torch.empty(batch, heads, n_q, dtype=torch.float32, device=out.device)
     with _device_guard(out):
-        _delta_kernel[tile_grid(batch * heads, n_q, "BLOCK_M")](
+        _delta[tile_grid(batch * heads, n_q, "BLOCK_M")](
             out, dout, delta, *out.stride(), *dout.stride(), heads, n_q, dim, BLOCK_M=32, BLOCK_D=block_d(dim)
         )
     return delta
@@ -542,9 +649,9 @@ def backward(
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     lse, delta = lse.contiguous(), delta.contiguous()
-    dk, dv = _like_heads_last(k), _like_heads_last(v)
+    dk, dv = empty_heads_last(k), empty_heads_last(v)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    sizes = (heads, n_q, n_k, dim, scale, scale * LOG2E)
+    sizes = (heads, n_q, n_k, dim, scale, scale * LOG2E, bucket(n_q), bucket(n_k))
     options = dict(BLOCK_D=block_d(dim), PRECISION=precision(q))
     grid = tile_grid(batch * heads, n_k, "BLOCK_N")
     if not deterministic():
@@ -552,7 +659,7 @@ def backward(
         args = (q, k, v, dout, lse, delta, dq, dk, dv, *common, *dq.stride(), *dk.stride(), *sizes)
         launch(_backward_fused, grid, *args, **options)
         return dq.mul_(scale).to(q.dtype), dk, dv
-    dq = _like_heads_last(q)
+    dq = empty_heads_last(q)
     launch(_dkdv, grid, q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *sizes, **options)
     grid = tile_grid(batch * heads, n_q, "BLOCK_M")
     launch(_dq, grid, q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes, **options)

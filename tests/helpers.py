@@ -290,3 +290,37 @@ def sink_of_shape(shape, seed=2, device="cpu"):
     """A random EPT sink (mean 1, std 2) of `shape` that requires grad."""
     torch.manual_seed(seed)
     return (torch.randn(shape) * 2 + 1).to(device).requires_grad_()
+
+
+# ---- the offline sm_90 compile check (tests/sm90_kernels.py)
+
+
+def nvidia_tools() -> bool:
+    """Whether Triton ships its NVIDIA backend with ptxas and cuobjdump (Linux x86-64 and aarch64 wheels do)."""
+    from fastprompt.kernels.dispatch import triton_importable
+
+    if not triton_importable():
+        return False
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return (tools / "ptxas").exists() and (tools / "cuobjdump").exists()
+
+
+def sm90_compile_check(out: Path, *options: str) -> dict:
+    """Run tests/sm90_kernels.py (compiled, never interpreted) writing `out`; returns its JSON payload."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "FASTPROMPT_DETERMINISTIC": "0"}
+    done = subprocess.run(
+        [sys.executable, str(TESTS / "sm90_kernels.py"), str(out), *options],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(out.read_text())

@@ -2,7 +2,7 @@
 
 Run as a script with the interpreter off (tests/test_sm90_resources.py does this in a subprocess):
 
-    TRITON_INTERPRET=0 python tests/sm90_kernels.py OUT.json [--cache DIR]
+    TRITON_INTERPRET=0 python tests/sm90_kernels.py OUT.json [--cache DIR] [--tokens N ...] [--modes MODE ...]
 
 It calls the real launch functions (`sink_attention_triton.forward`, `row_delta`, `backward` and
 `importance_triton.attention_importance`) on CPU tensors laid out as on a GPU (q, k, v as views of timm's packed
@@ -20,9 +20,11 @@ qkv, outputs as the launch functions allocate them), with Triton patched only wh
 Every compile is recorded with its shared memory (`metadata.shared`), registers, stack and local memory (spill
 bytes per thread; `cuobjdump --dump-resource-usage`, shipped in Triton's NVIDIA backend), whether its PTX uses
 `wgmma`, and the structure of its main loop read from the TTGIR (`loop_structure`): matrix products, exponentials,
-global loads and atomics per iteration. Spills show up as stack bytes (ptxas puts them in the stack frame). The
-returned stand-in for a compiled kernel carries `n_spills` (stack + local bytes / 4, what the driver reports for a
-GPU's kernel), so the autotuner's pruning drops spilling configs here as it does on a device.
+global loads and atomics per iteration, what tail masks cost (`mask_ops`: TTGIR selects, PTX `selp`s and predicated
+memory operations) and its cache key (`key`: equal keys are one compile). Spills show up as stack bytes (ptxas
+puts them in the stack frame). The returned stand-in for a compiled kernel carries `n_spills` (stack + local
+bytes / 4, what the driver reports for a GPU's kernel), so the autotuner's pruning drops spilling configs here as it
+does on a device.
 
 Cost: each compile's record is cached in `DIR/compiles.json` under a key made of what the code depends on: the
 source of the kernel and of every jit function and constexpr it names, transitively (not their line numbers, so
@@ -52,7 +54,8 @@ DTYPES = ("float16", "bfloat16", "float32")
 HEAD_DIMS = (64, 80, 128)
 BATCH, HEADS, TOKENS = 2, 12, 1025  # ViT-B/16 at 512 px
 DIVISIBLE = ["tt.divisibility", 16]  # the hint the NVIDIA backend attaches to 16-divisible pointers and integers
-RECORD_VERSION = 2  # bump when a compile record gains a field: cached records are then recomputed
+RECORD_VERSION = 3  # bump when a compile record gains a field: cached records are then recomputed
+MODES = {"autotuned": False, "deterministic": True}  # --modes: FASTPROMPT_DETERMINISTIC off / on
 LOOP_OPS = {  # TTGIR operations counted per main-loop iteration
     "dots": r"(?:tt\.dot|ttng\.warp_group_dot)",
     "exp2": r"math\.exp2",
@@ -83,6 +86,16 @@ def loop_structure(ttgir: str) -> dict:
     return max(loops, key=lambda counts: counts["dots"], default=dict.fromkeys(LOOP_OPS, 0))
 
 
+def mask_ops(ttgir: str, ptx: str) -> dict:
+    """What tail masks cost in a compiled kernel: TTGIR `arith.select`s, PTX `selp`s (a masked async copy picks its
+    source size with one) and PTX global loads, stores and atomics under a predicate."""
+    return {
+        "selects": len(re.findall(r"= arith\.select\b", ttgir)),
+        "selp": len(re.findall(r"^\s*selp\.", ptx, flags=re.MULTILINE)),
+        "predicated": len(re.findall(r"^\s*@!?%p\d+\s+(?:ld|st|atom|red)\.global", ptx, flags=re.MULTILINE)),
+    }
+
+
 def default_cache() -> Path:
     return Path(os.environ.get("FASTPROMPT_SM90_CACHE") or Path.home() / ".cache" / "fastprompt-sm90")
 
@@ -94,8 +107,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: ~/.cache/fastprompt-sm90)")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))
     parser.add_argument("--head-dims", nargs="*", type=int, default=list(HEAD_DIMS))
+    parser.add_argument("--tokens", nargs="*", type=int, default=[TOKENS], help="token counts N (default: 1025)")
+    parser.add_argument("--modes", nargs="*", choices=list(MODES), default=list(MODES))
     parser.add_argument("--record", type=Path, default=None, help="also write the run's time as a benchmarks record")
+    parser.add_argument(
+        "--masks-record",
+        type=Path,
+        default=None,
+        help="with --tokens RAGGED EVEN: write their mask operations as a record",
+    )
     args = parser.parse_args(argv)
+    if args.masks_record and len(args.tokens) != 2:
+        parser.error("--masks-record compares two token counts: --tokens RAGGED EVEN")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("run with TRITON_INTERPRET=0: the interpreter replaces the compiler")
     cache = args.cache or default_cache()
@@ -103,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")  # read by triton's cache manager at compile time
     started = time.perf_counter()
     harness = Harness(cache / "compiles.json")
-    records = harness.run(args.dtypes, args.head_dims)
+    records = harness.run(args.dtypes, args.head_dims, args.tokens, [MODES[mode] for mode in args.modes])
     seconds = time.perf_counter() - started
     payload = {"seconds": seconds, "limit": SM90_SHARED_MEMORY, "records": records}
     args.out.write_text(json.dumps(payload, indent=1))
@@ -120,6 +143,44 @@ def main(argv: list[str] | None = None) -> None:
         record = run_record("sm90_compile_check", "cpu", config, [row], notes)
         record["command"] = "TRITON_INTERPRET=0 python " + " ".join(sys.argv)
         write_record(record, args.record)
+    if args.masks_record:
+        from benchmarks.results import run_record, write_record
+
+        config = {"dtypes": args.dtypes, "head_dims": args.head_dims, "batch": BATCH, "heads": HEADS}
+        config.update(ragged_tokens=args.tokens[0], even_tokens=args.tokens[1], target="sm_90, compiled offline")
+        notes = [
+            "selects: TTGIR arith.select; selp: PTX selp (a masked cp.async picks its source size with one); "
+            "predicated: PTX global ld/st/atom/red under a predicate",
+            "launch 1 of _column_mass_kernel is the 'cls' pass: one query row, ragged at any token count",
+        ]
+        record = run_record("sm90_tail_masks", "cpu", config, mask_rows(records, *args.tokens), notes)
+        record["device"] = "cpu (offline sm_90 compile)"
+        record["command"] = "TRITON_INTERPRET=0 python " + " ".join(sys.argv)
+        write_record(record, args.masks_record)
+
+
+def mask_rows(records: list[dict], ragged: int, even: int) -> list[dict]:
+    """Each compile's mask operations at `ragged` and `even` tokens, paired by launch (kernel, dtype, head dim, mode
+    and its launches of that kernel so far) and config."""
+
+    def compiles(tokens: int) -> list[tuple[dict, int, dict]]:
+        seen: dict[tuple, int] = {}
+        found = []
+        for record in records:
+            if record["tokens"] == tokens:
+                case = (record["kernel"], record["dtype"], record["head_dim"], record["deterministic"])
+                seen[case] = seen.get(case, -1) + 1
+                found += [(record, seen[case], compiled) for compiled in record["compiled"]]
+        return found
+
+    rows = []
+    for (record, launch, r), (_, _, e) in zip(compiles(ragged), compiles(even), strict=True):
+        row = {key: record[key] for key in ("kernel", "dtype", "head_dim")}
+        row.update(launch=launch, mode="deterministic" if record["deterministic"] else "autotuned", config=r["config"])
+        row.update({f"ragged_{op}": r[op] for op in ("selects", "selp", "predicated")})
+        row.update({f"even_{op}": e[op] for op in ("selects", "selp", "predicated")})
+        rows.append(row)
+    return rows
 
 
 class Harness:
@@ -186,6 +247,7 @@ class Harness:
                 "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
                 "mma_sync": "mma.sync" in compiled.asm["ptx"],
                 "loop": loop_structure(compiled.asm["ttgir"]),
+                **mask_ops(compiled.asm["ttgir"], compiled.asm["ptx"]),
             }
             self.resource_cache.write_text(json.dumps(self.resources))
         record = self.resources[key]
@@ -193,6 +255,7 @@ class Harness:
             {
                 "kernel": kernel.__name__,
                 "config": [kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N"), options.num_warps, options.num_stages],
+                "key": key,
                 **record,
                 "signature": {k: v for k, v in signature.items() if v != "constexpr"},
                 "constexprs": {kernel.arg_names[k[0]]: str(v) for k, v in constexprs.items()},
@@ -242,45 +305,46 @@ class Harness:
             raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{text}")
         return {"registers": int(found["REG"]), "stack": int(found["STACK"]), "local": int(found["LOCAL"])}
 
-    def inputs(self, dtype, dim: int):
+    def inputs(self, dtype, dim: int, tokens: int):
         """q, k, v as timm's Attention makes them (views of one packed qkv projection) and the EPT sink [N]."""
         import torch
 
-        qkv = torch.randn(BATCH, TOKENS, 3, HEADS, dim).to(dtype).permute(2, 0, 3, 1, 4)
-        sink = torch.zeros(TOKENS).expand(BATCH, HEADS, TOKENS)  # broadcast, as sink_attention passes it
+        qkv = torch.randn(BATCH, tokens, 3, HEADS, dim).to(dtype).permute(2, 0, 3, 1, 4)
+        sink = torch.zeros(tokens).expand(BATCH, HEADS, tokens)  # broadcast, as sink_attention passes it
         return qkv[0], qkv[1], qkv[2], sink
 
-    def drive(self, dtype, dim: int) -> None:
+    def drive(self, dtype, dim: int, tokens: int) -> None:
         """Run every launch function once for this dtype and head dim (nothing executes; launches are recorded)."""
         import torch
 
-        q, k, v, sink = self.inputs(dtype, dim)
+        q, k, v, sink = self.inputs(dtype, dim, tokens)
         scale = dim**-0.5
         out, lse, _ = self.sink.forward(q, k, v, sink, scale)
-        dout = torch.randn(BATCH, TOKENS, HEADS, dim).to(dtype).transpose(1, 2)  # as autograd hands it back
+        dout = torch.randn(BATCH, tokens, HEADS, dim).to(dtype).transpose(1, 2)  # as autograd hands it back
         delta = self.sink.row_delta(out, dout)
         self.sink.backward(dout, q, k, v, lse, delta, scale)
-        self.importance.attention_importance(q, k, None, TOKENS, scale)  # 'global': both passes
+        self.importance.attention_importance(q, k, None, tokens, scale)  # 'global': both passes
         self.importance.attention_importance(q, k, lse, 1, scale)  # 'cls': one query row, the forward's lse
 
-    def run(self, dtypes: list[str], head_dims: list[int]) -> list[dict]:
+    def run(self, dtypes: list[str], head_dims: list[int], tokens: list[int], modes: list[bool]) -> list[dict]:
         import torch
 
         records = []
-        for name in dtypes:
-            for dim in head_dims:
-                for deterministic in (False, True):
-                    os.environ["FASTPROMPT_DETERMINISTIC"] = "1" if deterministic else "0"
-                    self.compiles, self.launches = [], []
-                    self.drive(getattr(torch, name), dim)
-                    records += self.collect(name, dim, deterministic)
+        for count in tokens:
+            for name in dtypes:
+                for dim in head_dims:
+                    for deterministic in modes:
+                        os.environ["FASTPROMPT_DETERMINISTIC"] = "1" if deterministic else "0"
+                        self.compiles, self.launches = [], []
+                        self.drive(getattr(torch, name), dim, count)
+                        records += self.collect(name, dim, deterministic, count)
         return records
 
-    def collect(self, dtype: str, dim: int, deterministic: bool) -> list[dict]:
+    def collect(self, dtype: str, dim: int, deterministic: bool, tokens: int) -> list[dict]:
         """One record per launch: the configs compiled for it, those the pruning kept, the chosen or fixed one."""
         records = []
         for kernel, grid, args, kwargs in self.launches:
-            record = {"dtype": dtype, "head_dim": dim, "deterministic": deterministic}
+            record = {"dtype": dtype, "head_dim": dim, "deterministic": deterministic, "tokens": tokens}
             if hasattr(kernel, "prune_configs"):  # autotuned: the configs the pruning compiled and kept
                 self.compiles = []
                 kernel.nargs = dict(zip(kernel.arg_names, args))

@@ -9,17 +9,10 @@ reuse its cache (~/.cache/fastprompt-sm90, or $FASTPROMPT_SM90_CACHE) and recomp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import TESTS
+from helpers import nvidia_tools, sm90_compile_check
 
-from fastprompt.kernels.dispatch import triton_importable
-
-SCRIPT = TESTS / "sm90_kernels.py"
 LIMIT = 232_448  # bytes of shared memory per program on sm_90
 LAUNCHED = {  # the kernels a forward + backward + importance run launches, by mode
     False: ("_forward_kernel", "_delta_kernel", "_backward_kernel", "_row_lse_kernel", "_column_mass_kernel"),
@@ -29,28 +22,12 @@ DTYPES = ("float16", "bfloat16", "float32")
 HEAD_DIMS = (64, 80, 128)
 
 
-def nvidia_tools() -> bool:
-    """Whether Triton ships its NVIDIA backend with ptxas and cuobjdump (Linux x86-64 and aarch64 wheels do)."""
-    if not triton_importable():
-        return False
-    import triton
-
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    return (tools / "ptxas").exists() and (tools / "cuobjdump").exists()
-
-
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not nvidia_tools(), reason="needs triton's NVIDIA backend tools")]
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("sm90") / "records.json"
-    env = {**os.environ, "TRITON_INTERPRET": "0", "FASTPROMPT_DETERMINISTIC": "0"}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=3600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    payload = json.loads(out.read_text())
+    payload = sm90_compile_check(tmp_path_factory.mktemp("sm90") / "records.json")
     assert payload["limit"] == LIMIT
     print(f"sm_90 compile check: {payload['seconds']:.1f} s")
     return payload["records"]

@@ -33,6 +33,9 @@ CACHE = ("tests/data/test_feature_cache.py",)
 SINK = ("tests/kernels/test_kernel_contracts.py", "tests/kernels/test_sink_attention.py")
 IMPORTANCE = ("tests/kernels/test_kernel_contracts.py", "tests/kernels/test_importance.py")
 GPU = ("tests/bench/test_benchmarks_gpu.py", "-m", "not slow")
+TUNING = ("tests/kernels/test_kernel_tuning.py",)
+SM90_BUCKET = ("tests/kernels/test_sm90_tuning.py", "-k", "bucket")  # compiles for sm_90: minutes, and needs ptxas
+SM90_EVEN = ("tests/kernels/test_sm90_tuning.py", "-k", "even")
 
 MUTANTS: list[Mutant] = [
     # ---- the nine behaviours of issue 22's table
@@ -180,6 +183,28 @@ MUTANTS: list[Mutant] = [
            IMPORTANCE, "'cls' mode averages every query row"),
     Mutant("importance-sum-not-mean", "kernels/importance.py", "    return total / rows", "    return total",
            IMPORTANCE, "global scores summed, not averaged"),
+    # ---- kernel tuning keys and tail masks (issue 24)
+    Mutant("tuning-key-exact-n", "kernels/sink_attention_triton.py", 'KEY = ["N_Q_BUCKET", "N_K_BUCKET", "D"]',
+           'KEY = ["N_Q", "N_K", "D"]', TUNING, "every resolution re-tunes every kernel (exact N in the key)"),
+    Mutant("tuning-bucket-specialised", "kernels/sink_attention_triton.py",
+           '@triton.jit(do_not_specialize=["N_Q_BUCKET", "N_K_BUCKET"])\ndef _forward_kernel(',
+           "@triton.jit\ndef _forward_kernel(", SM90_BUCKET,
+           "a bucket that is a multiple of 16 compiles the forward again (Triton specialises it)"),
+    Mutant("even-forced", "kernels/sink_attention_triton.py", "return args[size] % args[block] == 0", "return True",
+           TUNING, "ragged sizes take the unmasked even path"),
+    Mutant("even-never", "kernels/sink_attention_triton.py", "return args[size] % args[block] == 0",
+           "return False", TUNING + SM90_EVEN, "even sizes keep every tail mask"),
+    Mutant("ragged-load-unmasked", "kernels/sink_attention_triton.py",
+           "tile = tl.load(ptrs, mask=tile_mask(idx_ok, dim_ok, EVEN_ROWS, EVEN_D), other=0.0)",
+           "tile = tl.load(ptrs)", TUNING, "ragged tiles load past the last token and the head dim"),
+    Mutant("ragged-head-dim-unmasked", "kernels/sink_attention_triton.py",
+           "mask = idx_ok[:, None] & dim_ok[None, :]", "mask = idx_ok[:, None]", TUNING,
+           "a padded head dim (80 → 128) reads and writes the padding when the tokens are ragged too"),
+    Mutant("forward-padded-keys-kept", "kernels/sink_attention_triton.py",
+           's = tl.where(key_ok[None, :], s, float("-inf"))', "s = s", TUNING,
+           "the forward's padded keys take softmax mass"),
+    Mutant("importance-padded-rows-summed", "kernels/importance_triton.py",
+           "p = tl.where(mask_m[:, None], p, 0.0)", "p = p", TUNING, "padded query rows add to every column mass"),
     # ---- benchmarks/gpu.py
     Mutant("gpu-identical-any", "benchmarks/gpu.py",
            "identical = float(all(checks)) if checks else None", "identical = float(any(checks)) if checks else None",
