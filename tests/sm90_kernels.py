@@ -30,8 +30,11 @@ Cost: each compile's record is cached in `DIR/compiles.json` under a key made of
 source of the kernel and of every jit function and constexpr it names, transitively (not their line numbers, so
 editing the Python around the kernels recompiles nothing, and editing one kernel recompiles only that kernel), the
 specialisation, the compile options (config included), the Triton and ptxas versions. A warm run compiles only what
-a change touched; Triton's own cache (`DIR/triton`) backs it up. The default DIR is $FASTPROMPT_SM90_CACHE or
-~/.cache/fastprompt-sm90.
+a change touched; Triton's own cache (`DIR/triton`) backs it up. The cases (dtype x head dim x token count, a
+shape's modes together) are spread over `--jobs` processes (default: one per CPU), each writing its compiles to a
+shard `DIR/compiles.part-I.json` that the parent merges into compiles.json; the records come out in the same order
+as from one process. Cache files are written through a rename, so a killed run leaves them readable.
+The default DIR is $FASTPROMPT_SM90_CACHE or ~/.cache/fastprompt-sm90.
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", nargs="*", type=int, default=[TOKENS], help="token counts N (default: 1025)")
     parser.add_argument("--modes", nargs="*", choices=list(MODES), default=list(MODES))
     parser.add_argument("--record", type=Path, default=None, help="also write the run's time as a benchmarks record")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: CPUs)")
+    parser.add_argument("--part", type=int, default=None, help=argparse.SUPPRESS)  # a --jobs worker: its index
     parser.add_argument(
         "--masks-record",
         type=Path,
@@ -125,20 +130,41 @@ def main(argv: list[str] | None = None) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")  # read by triton's cache manager at compile time
     started = time.perf_counter()
-    harness = Harness(cache / "compiles.json")
-    records = harness.run(args.dtypes, args.head_dims, args.tokens, [MODES[mode] for mode in args.modes])
+    cases = [
+        (count, name, dim, MODES[mode])
+        for count in args.tokens
+        for name in args.dtypes
+        for dim in args.head_dims
+        for mode in args.modes
+    ]
+    if args.part is not None:  # a worker of --jobs: its share of the cases, its compiles in its own shard of the cache
+        owners = case_owners(len(cases), args.jobs, len(args.modes))
+        harness = Harness(cache / f"compiles.part-{args.part}.json", shared=cache / "compiles.json")
+        by_case = harness.run([case for case, owner in zip(cases, owners) if owner == args.part])
+        payload = {"by_case": by_case, "hits": harness.hits, "misses": harness.misses}
+        args.out.write_text(json.dumps(payload))
+        return
+    if args.jobs > 1 and len(cases) > len(args.modes):
+        jobs = min(args.jobs, len(cases) // len(args.modes))
+        options = ["--cache", str(cache), "--dtypes", *args.dtypes, "--modes", *args.modes, "--jobs", str(jobs)]
+        options += ["--head-dims", *map(str, args.head_dims), "--tokens", *map(str, args.tokens)]
+        records, hits, misses = run_parts(cache, case_owners(len(cases), jobs, len(args.modes)), options)
+    else:
+        harness = Harness(cache / "compiles.json")
+        records = [record for case in harness.run(cases) for record in case]
+        hits, misses = harness.hits, harness.misses
     seconds = time.perf_counter() - started
     payload = {"seconds": seconds, "limit": SM90_SHARED_MEMORY, "records": records}
     args.out.write_text(json.dumps(payload, indent=1))
-    print(f"{len(records)} launches, {harness.misses} compiled, {harness.hits} from the cache, {seconds:.1f} s")
+    print(f"{len(records)} launches, {misses} compiled, {hits} from the cache, {seconds:.1f} s")
     if args.record:
         from benchmarks.results import run_record, write_record
 
         children = resource.getrusage(resource.RUSAGE_CHILDREN)  # ptxas and cuobjdump
         cpu = time.process_time() + children.ru_utime + children.ru_stime
-        row = {"seconds": seconds, "cpu_seconds": cpu, "compiled": harness.misses, "cached": harness.hits}
-        row["launches"] = len(records)
-        config = {"dtypes": args.dtypes, "head_dims": args.head_dims, "cache": "warm" if harness.hits else "cold"}
+        row = {"seconds": seconds, "cpu_seconds": cpu, "compiled": misses, "cached": hits, "launches": len(records)}
+        config = {"dtypes": args.dtypes, "head_dims": args.head_dims, "jobs": args.jobs}
+        config["cache"] = "cold" if not hits else "warm" if not misses else "partly warm"
         notes = [f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine)"]
         record = run_record("sm90_compile_check", "cpu", config, [row], notes)
         record["command"] = "TRITON_INTERPRET=0 python " + " ".join(sys.argv)
@@ -157,6 +183,53 @@ def main(argv: list[str] | None = None) -> None:
         record["device"] = "cpu (offline sm_90 compile)"
         record["command"] = "TRITON_INTERPRET=0 python " + " ".join(sys.argv)
         write_record(record, args.masks_record)
+
+
+def case_owners(count: int, jobs: int, modes: int) -> list[int]:
+    """Which of `jobs` workers runs each of `count` cases: a shape's modes stay together (they share compiles)."""
+    return [(case // modes) % jobs for case in range(count)]
+
+
+def run_parts(cache: Path, owners: list[int], options: list[str]) -> tuple[list[dict], int, int]:
+    """Run the cases in worker processes (case i in worker owners[i]), then merge their compile records into
+    `cache`/compiles.json. Returns the launch records in case order (as one process lists them), hits and misses."""
+    jobs = max(owners) + 1
+    with tempfile.TemporaryDirectory() as scratch:
+        outs = [Path(scratch) / f"part-{index}.json" for index in range(jobs)]
+        workers = [
+            subprocess.Popen([sys.executable, __file__, str(out), *options, "--part", str(index)])
+            for index, out in enumerate(outs)
+        ]
+        failed = [index for index, worker in enumerate(workers) if worker.wait() != 0]
+        if failed:
+            raise SystemExit(f"compile workers {failed} failed (their errors are above)")
+        parts = [json.loads(out.read_text()) for out in outs]
+    shards = sorted(cache.glob("compiles.part-*.json"))
+    write_atomically(cache / "compiles.json", json.dumps(read_resources(cache / "compiles.json")))
+    for shard in shards:
+        shard.unlink()
+    by_case = [iter(part["by_case"]) for part in parts]
+    records = [record for owner in owners for record in next(by_case[owner])]
+    return records, sum(part["hits"] for part in parts), sum(part["misses"] for part in parts)
+
+
+def read_resources(path: Path, shared: Path | None = None) -> dict:
+    """The compile records in `path`, merged with every shard `compiles.part-*.json` beside it (and `shared`'s);
+    an unreadable file (a cache) counts as empty."""
+    resources = {}
+    for source in [shared, *sorted(path.parent.glob("compiles.part-*.json")), path]:
+        try:
+            resources.update(json.loads(source.read_text()) if source and source.exists() else {})
+        except (OSError, json.JSONDecodeError):
+            print(f"ignoring an unreadable compile cache file {source}", file=sys.stderr)
+    return resources
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename: a run killed mid-write leaves the old file whole."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def mask_rows(records: list[dict], ragged: int, even: int) -> list[dict]:
@@ -186,7 +259,7 @@ def mask_rows(records: list[dict], ragged: int, even: int) -> list[dict]:
 class Harness:
     """Patches Triton at its driver boundary, drives the launch functions and collects compile records."""
 
-    def __init__(self, resource_cache: Path) -> None:
+    def __init__(self, resource_cache: Path, shared: Path | None = None) -> None:
         import torch  # noqa: F401  (import order: torch before fastprompt and triton users)
         import triton
         from triton.backends.compiler import GPUTarget
@@ -204,7 +277,7 @@ class Harness:
         self.create_binder = create_function_from_signature
         self.cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
         self.resource_cache = resource_cache
-        self.resources = json.loads(resource_cache.read_text()) if resource_cache.exists() else {}
+        self.resources = read_resources(resource_cache, shared)
         self.hits = self.misses = 0  # compiles answered by the cache, and compiled
         self.compiles: list[dict] = []  # every compile since the last reset
         self.launches: list[tuple] = []  # (kernel, grid, args, kwargs) of every launch since the last reset
@@ -249,7 +322,7 @@ class Harness:
                 "loop": loop_structure(compiled.asm["ttgir"]),
                 **mask_ops(compiled.asm["ttgir"], compiled.asm["ptx"]),
             }
-            self.resource_cache.write_text(json.dumps(self.resources))
+            write_atomically(self.resource_cache, json.dumps(self.resources))
         record = self.resources[key]
         self.compiles.append(
             {
@@ -326,18 +399,16 @@ class Harness:
         self.importance.attention_importance(q, k, None, tokens, scale)  # 'global': both passes
         self.importance.attention_importance(q, k, lse, 1, scale)  # 'cls': one query row, the forward's lse
 
-    def run(self, dtypes: list[str], head_dims: list[int], tokens: list[int], modes: list[bool]) -> list[dict]:
+    def run(self, cases: list[tuple[int, str, int, bool]]) -> list[list[dict]]:
+        """The launch records of each (tokens, dtype name, head dim, deterministic) case, case by case."""
         import torch
 
         records = []
-        for count in tokens:
-            for name in dtypes:
-                for dim in head_dims:
-                    for deterministic in modes:
-                        os.environ["FASTPROMPT_DETERMINISTIC"] = "1" if deterministic else "0"
-                        self.compiles, self.launches = [], []
-                        self.drive(getattr(torch, name), dim, count)
-                        records += self.collect(name, dim, deterministic, count)
+        for count, name, dim, deterministic in cases:
+            os.environ["FASTPROMPT_DETERMINISTIC"] = "1" if deterministic else "0"
+            self.compiles, self.launches = [], []
+            self.drive(getattr(torch, name), dim, count)
+            records.append(self.collect(name, dim, deterministic, count))
         return records
 
     def collect(self, dtype: str, dim: int, deterministic: bool, tokens: int) -> list[dict]:
