@@ -160,11 +160,12 @@ def deterministic_config(kernel, grid, *args, **kwargs) -> triton.Config:
     """The first config of DETERMINISTIC_ORDER whose compiled `kernel` fits the device and spills no registers, for
     these arguments (where every fitting config spills: the first of those that spill least).
 
-    Chosen once per (kernel, dtype, padded head dim, device) and kept for the process, so every launch of a case
-    sums in the same order.
+    Chosen once per (kernel, dtype, head dim, device) and kept for the process, so every launch of a case sums in
+    the same order. The head dim itself, not its padded block: D = 80 and 128 share BLOCK_D = 128 but compile apart
+    (EVEN_D), and spill differently.
     """
     q = args[0]
-    case = (kernel, q.dtype, kwargs.get("BLOCK_D"), q.device)
+    case = (kernel, q.dtype, q.shape[-1], q.device)
     if case not in _DETERMINISTIC_CHOICE:
         fit = _fitting(kernel, [_config(shape) for shape in DETERMINISTIC_ORDER], args, {"grid": grid, **kwargs})
         if not fit:

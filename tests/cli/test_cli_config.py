@@ -7,14 +7,14 @@ import json
 
 import pytest
 import yaml
-from helpers import write_image_folder as write_folder
+from helpers import write_image_folder
 
 from fastprompt.cli import main
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_folder(tmp_path_factory.mktemp("config") / "data", 5)
+    return write_image_folder(tmp_path_factory.mktemp("config") / "data", 5)
 
 
 def tiny_settings(folder) -> dict:

@@ -9,8 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSES, FAST, TINY
-from helpers import write_image_folder as write_folder
+from helpers import CLASSES, FAST, TINY, write_image_folder
 from PIL import Image
 
 import fastprompt
@@ -24,7 +23,7 @@ from fastprompt.explain import class_evidence
 def trained(tmp_path_factory):
     """A 3-epoch EPT run on two classes, and a validation folder."""
     root = tmp_path_factory.mktemp("outputs")
-    train, val = write_folder(root / "train", 6), write_folder(root / "val", 3, seed=1)
+    train, val = write_image_folder(root / "train", 6), write_image_folder(root / "val", 3, seed=1)
     out = root / "run"
     argv = ["train", f"--data={train}", f"--val={val}", *TINY, "--method=ept", "--prompt-length=4", *FAST]
     assert main([*argv, "--epochs=3", f"--output-dir={out}"]) == 0

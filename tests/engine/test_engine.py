@@ -13,8 +13,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, WORKERS, shuffled, tiny_data
-from helpers import tiny_tuned_vit as tiny_vit
+from helpers import REPO, WORKERS, shuffled, tiny_data, tiny_tuned_vit
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from workers.engine_worker import STALL_AFTER, resume_engine
 
@@ -31,7 +30,7 @@ def train(method: str = "lora", *, data=None, batch_size: int = 4, **kwargs) -> 
     kwargs.setdefault("lr", 1e-2)
     kwargs.setdefault("epochs", 2)
     kwargs.setdefault("progress", False)
-    engine = Engine(tiny_vit(method), **kwargs)
+    engine = Engine(tiny_tuned_vit(method), **kwargs)
     history = engine.fit(shuffled(data if data is not None else tiny_data(), batch_size=batch_size))
     return engine, history
 
@@ -59,7 +58,7 @@ def torch_reference():
 
 
 def test_torch_backend_trains_only_the_trainable_parameters(tmp_path):
-    model = tiny_vit("lora")
+    model = tiny_tuned_vit("lora")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     engine = Engine(model, lr=1e-2, epochs=3, backend="torch", output_dir=tmp_path)
     val = DataLoader(tiny_data(12, seed=5), batch_size=6)
@@ -89,7 +88,7 @@ def test_torch_backend_trains_only_the_trainable_parameters(tmp_path):
 def test_deepspeed_zero_stages_agree_with_torch(stage, torch_reference):
     reference, reference_history = torch_reference
     linear = torch.nn.functional.linear
-    model = tiny_vit("lora")
+    model = tiny_tuned_vit("lora")
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     engine = Engine(model, lr=1e-2, epochs=2, backend="deepspeed", zero_stage=stage, progress=False, **DS_SETTINGS)
     history = engine.fit(shuffled(tiny_data()))
@@ -128,7 +127,7 @@ def test_deepspeed_resume_and_user_config(tmp_path, stage):
     ckpt = read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert ckpt["state"]["epoch"] == 1 and ckpt["state"]["step_in_epoch"] == 2
     user = {"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.0}
-    resumed = Engine(tiny_vit("lora"), output_dir=tmp_path / "cut", deepspeed_config=user, **settings)
+    resumed = Engine(tiny_tuned_vit("lora"), output_dir=tmp_path / "cut", deepspeed_config=user, **settings)
     resumed.fit(shuffled(tiny_data()), resume=True)
     assert resumed.backend.engine.config["zero_optimization"]["reduce_bucket_size"] == 1000
     assert resumed.backend.engine.config["zero_optimization"]["stage"] == stage
@@ -237,10 +236,12 @@ def test_resume_with_a_user_distributed_sampler_is_bit_identical(tmp_path):
 
     settings = dict(backend="torch", epochs=2, checkpoint_every=2, progress=False)
     with pytest.raises(Crash):
-        Engine(tiny_vit("lora", dropout=0.1), output_dir=tmp_path / "cut", loss=crash_at_9, **settings).fit(loader())
-    resumed = Engine(tiny_vit("lora", dropout=0.1), output_dir=tmp_path / "cut", **settings)
+        Engine(tiny_tuned_vit("lora", dropout=0.1), output_dir=tmp_path / "cut", loss=crash_at_9, **settings).fit(
+            loader()
+        )
+    resumed = Engine(tiny_tuned_vit("lora", dropout=0.1), output_dir=tmp_path / "cut", **settings)
     resumed.fit(loader(), resume=True)
-    full = Engine(tiny_vit("lora", dropout=0.1), output_dir=tmp_path / "full", **settings)
+    full = Engine(tiny_tuned_vit("lora", dropout=0.1), output_dir=tmp_path / "full", **settings)
     full.fit(loader())
     assert_equal(resumed.trainable_state_dict(), full.trainable_state_dict())
 
@@ -304,17 +305,17 @@ def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path):
     last.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum"):
         read_checkpoint(last)
-    engine = Engine(tiny_vit("linear"), epochs=2, backend="torch", output_dir=tmp_path, progress=False)
+    engine = Engine(tiny_tuned_vit("linear"), epochs=2, backend="torch", output_dir=tmp_path, progress=False)
     with pytest.warns(RuntimeWarning, match="falling back"):
         history = engine.fit(shuffled(tiny_data()), resume=True)
     assert [h["epoch"] for h in history] == [1, 2]  # resumed after epoch 1 from prev.pt, trained epoch 2 again
-    other = Engine(tiny_vit("linear"), epochs=2, backend="deepspeed", output_dir=tmp_path, progress=False)
+    other = Engine(tiny_tuned_vit("linear"), epochs=2, backend="deepspeed", output_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="written by the torch backend"):
         other.fit(shuffled(tiny_data()), resume=True)
     (tmp_path / "checkpoints" / "prev.pt").write_bytes(b"garbage")
     last.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="no intact checkpoint"), pytest.warns(RuntimeWarning):
-        engine = Engine(tiny_vit("linear"), epochs=2, backend="torch", output_dir=tmp_path, progress=False)
+        engine = Engine(tiny_tuned_vit("linear"), epochs=2, backend="torch", output_dir=tmp_path, progress=False)
         engine.fit(shuffled(tiny_data()), resume=True)
 
 
@@ -322,12 +323,12 @@ def test_save_load_round_trip(tmp_path):
     engine, _ = train("lora", backend="torch", epochs=1)
     engine.save(tmp_path / "model.pt")
     loader = DataLoader(tiny_data(6, seed=3), batch_size=3)
-    loaded = Engine.load(tmp_path / "model.pt", tiny_vit("lora"))
+    loaded = Engine.load(tmp_path / "model.pt", tiny_tuned_vit("lora"))
     assert loaded.config.lr == engine.config.lr
     assert_equal(loaded.trainable_state_dict(), engine.trainable_state_dict())
     torch.testing.assert_close(loaded.predict(loader), engine.predict(loader), rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="trainable parameters"):
-        Engine.load(tmp_path / "model.pt", tiny_vit("linear"))
+        Engine.load(tmp_path / "model.pt", tiny_tuned_vit("linear"))
 
 
 class TwoInputs(torch.nn.Module):
@@ -335,7 +336,7 @@ class TwoInputs(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.vit = tiny_vit("linear")
+        self.vit = tiny_tuned_vit("linear")
 
     def forward(self, images: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.vit(images * scale[:, None, None, None])
@@ -384,26 +385,26 @@ def test_dict_batches_tuple_inputs_and_multilabel():
 )
 def test_bad_arguments_name_the_option(kwargs, error, match):
     with pytest.raises(error, match=match):
-        Engine(tiny_vit("linear"), **kwargs)
+        Engine(tiny_tuned_vit("linear"), **kwargs)
 
 
 def test_model_errors():
-    model = tiny_vit("linear")
+    model = tiny_tuned_vit("linear")
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         Engine(model)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         Engine("vit")
-    engine = Engine(tiny_vit("linear"), backend="torch", progress=False)
+    engine = Engine(tiny_tuned_vit("linear"), backend="torch", progress=False)
     with pytest.raises(ValueError, match="needs Engine\\(output_dir"):
         engine.fit(shuffled(tiny_data()), resume=True)
     with pytest.raises(ValueError, match="grad_accum=9 exceeds"):
-        Engine(tiny_vit("linear"), backend="torch", grad_accum=9).fit(shuffled(tiny_data()))
+        Engine(tiny_tuned_vit("linear"), backend="torch", grad_accum=9).fit(shuffled(tiny_data()))
     with pytest.raises(ValueError, match="a batch must be"):
         engine.fit(DataLoader(tiny_data().tensors[0], batch_size=4))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="'fp16' with DeepSpeed needs a CUDA device"):
-            Engine(tiny_vit("linear"), backend="deepspeed", precision="fp16").fit(shuffled(tiny_data()))
+            Engine(tiny_tuned_vit("linear"), backend="deepspeed", precision="fp16").fit(shuffled(tiny_data()))
 
 
 def test_deep_merge_recurses():
@@ -425,7 +426,7 @@ def test_deterministic_mode_switches_torch_and_pins_kernel_configs(restore_deter
     from fastprompt.kernels import dispatch
 
     assert not dispatch.deterministic()
-    engine = Engine(tiny_vit("linear"), epochs=1, backend="torch", progress=False, deterministic=True)
+    engine = Engine(tiny_tuned_vit("linear"), epochs=1, backend="torch", progress=False, deterministic=True)
     assert torch.are_deterministic_algorithms_enabled() and dispatch.deterministic()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     engine.fit(shuffled(tiny_data(8)))  # the CPU path runs under torch's deterministic mode
@@ -453,4 +454,4 @@ def test_deterministic_mode_switches_torch_and_pins_kernel_configs(restore_deter
 
 def test_deterministic_must_be_a_bool():
     with pytest.raises(TypeError, match="deterministic"):
-        Engine(tiny_vit("linear"), deterministic="yes")
+        Engine(tiny_tuned_vit("linear"), deterministic="yes")

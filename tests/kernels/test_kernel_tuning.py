@@ -172,3 +172,23 @@ def test_tuning_keys_bucket_the_token_counts(monkeypatch):
     for name, (forty, fifty, seventy) in keys.items():
         assert forty == fifty != seventy, (name, keys[name])
         assert forty[:3] == (2, 2, 16) and seventy[:3] == (3, 3, 16), (name, forty, seventy)
+
+
+def test_the_deterministic_config_is_chosen_per_head_dim_not_per_padded_block(monkeypatch):
+    """D = 80 and D = 128 share BLOCK_D = 128 but compile apart (EVEN_D) and spill differently: each head dim gets
+    the first config that fits it, whichever was asked first in the process."""
+    from fastprompt.kernels import sink_attention_triton as kernels
+
+    fits = {80: [(16, 16, 4, 1)], 128: [(32, 32, 4, 1), (16, 16, 4, 1)]}  # what compiles spill-free, per head dim
+
+    def fitting(kernel, configs, args, kwargs):
+        return [(config, 0) for config in configs if kernels._shape(config) in fits[args[0].shape[-1]]]
+
+    monkeypatch.setattr(kernels, "_fitting", fitting)
+    monkeypatch.setattr(kernels, "_DETERMINISTIC_CHOICE", {})
+    chosen = {}
+    for dim in (80, 128, 80):
+        q = torch.empty(1, 2, 40, dim)
+        config = kernels.deterministic_config(kernels._dq_kernel, None, q, BLOCK_D=128)
+        chosen.setdefault(dim, kernels._shape(config))
+        assert kernels._shape(config) == chosen[dim] == fits[dim][0]

@@ -6,8 +6,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_matches, make_qkv, sink_of_shape
-from helpers import outputs_and_grads as run
+from helpers import assert_matches, make_qkv, outputs_and_grads, sink_of_shape
 
 from fastprompt.kernels import attention_forward, sink_attention
 from fastprompt.kernels.dispatch import triton_importable
@@ -499,9 +498,9 @@ def test_triton_backward_extreme_logits_and_sinks(monkeypatch, path, dtype, offs
     torch.manual_seed(3)
     dout = torch.randn(q.shape, dtype=torch.float64, device=TRITON_DEVICE).to(dtype).double()
     sink = torch.full((70,), sink, dtype=torch.float64, device=TRITON_DEVICE)
-    want_out, want_grads = run(sink_attention_reference, q, k, v, sink, dout)
+    want_out, want_grads = outputs_and_grads(sink_attention_reference, q, k, v, sink, dout)
     cast = [t.to(dtype) for t in (q, k, v)]
-    got_out, got_grads = run(sink_attention_triton, *cast, sink.float(), dout.to(dtype))
+    got_out, got_grads = outputs_and_grads(sink_attention_triton, *cast, sink.float(), dout.to(dtype))
     tol = 4e-3 if dtype == torch.float32 else 2e-2  # fp32 logits of 1e4 carry absolute errors of ~1e-3
     for name, got, want in zip(("out", "dq", "dk", "dv", "dsink"), (got_out, *got_grads), (want_out, *want_grads)):
         assert torch.isfinite(got).all(), f"{name} has NaN or inf"
@@ -521,7 +520,7 @@ def test_triton_atomic_dq_equals_deterministic_dq(monkeypatch, dtype):
     grads = {}
     for path in PATHS:
         backward_path(monkeypatch, path)
-        grads[path] = run(sink_attention_triton, *cast, sink, dout)[1]
+        grads[path] = outputs_and_grads(sink_attention_triton, *cast, sink, dout)[1]
     for name, fused, fixed in zip(("dq", "dk", "dv", "dsink"), grads["fused"], grads["deterministic"]):
         size = fixed.abs().max().item()
         ulp = torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps
