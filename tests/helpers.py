@@ -292,6 +292,14 @@ def sink_of_shape(shape, seed=2, device="cpu"):
     return (torch.randn(shape) * 2 + 1).to(device).requires_grad_()
 
 
+def flip_byte(path: Path, offset: int = -10) -> None:
+    """Corrupt the file at `path` in place: invert the byte at `offset` (near the end: inside the payload, so only a
+    checksum notices)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 # ---- the offline sm_90 compile check (tests/sm90_kernels.py)
 
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, WORKERS, shuffled, tiny_data, tiny_tuned_vit
+from helpers import REPO, WORKERS, flip_byte, shuffled, tiny_data, tiny_tuned_vit
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from workers.engine_worker import STALL_AFTER, resume_engine
 
@@ -300,9 +300,8 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path):
     train("linear", backend="torch", epochs=2, output_dir=tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"
-    data = bytearray(last.read_bytes())
-    data[-10] ^= 0xFF
-    last.write_bytes(bytes(data))
+    flip_byte(last)
+    corrupted = last.read_bytes()
     with pytest.raises(CheckpointError, match="checksum"):
         read_checkpoint(last)
     engine = Engine(tiny_tuned_vit("linear"), epochs=2, backend="torch", output_dir=tmp_path, progress=False)
@@ -313,7 +312,7 @@ def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path):
     with pytest.raises(CheckpointError, match="written by the torch backend"):
         other.fit(shuffled(tiny_data()), resume=True)
     (tmp_path / "checkpoints" / "prev.pt").write_bytes(b"garbage")
-    last.write_bytes(bytes(data))
+    last.write_bytes(corrupted)
     with pytest.raises(CheckpointError, match="no intact checkpoint"), pytest.warns(RuntimeWarning):
         engine = Engine(tiny_tuned_vit("linear"), epochs=2, backend="torch", output_dir=tmp_path, progress=False)
         engine.fit(shuffled(tiny_data()), resume=True)

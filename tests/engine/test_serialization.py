@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import images
+from helpers import flip_byte, images
 from safetensors.torch import load_file
 from safetensors.torch import save_file as save_safetensors
 from torch.utils.data import DataLoader, TensorDataset
@@ -341,9 +341,7 @@ def test_load_run_refuses_a_changed_weight_file_and_a_corrupt_checkpoint(tmp_pat
         load_run(tmp_path)
 
     ckpt = tmp_path / "checkpoints" / "best.pt"
-    raw = bytearray(ckpt.read_bytes())
-    raw[-10] ^= 0xFF
-    ckpt.write_bytes(bytes(raw))
+    flip_byte(ckpt)
     with pytest.raises(CheckpointError, match="checksum"):
         read_checkpoint(ckpt)
 
