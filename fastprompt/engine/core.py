@@ -232,12 +232,18 @@ class Engine:
         self.total_steps = 0
         self.rank, self.world_size = 0, 1
         self.history: list[dict[str, Any]] = []
-        # the class names in use: config.class_names, else (from fit on) those of the training dataset
-        self.class_names = list(cfg.class_names) if cfg.class_names is not None else None
+        self._dataset_class_names: list[str] | None = None  # the training dataset's, when the config has none
 
     @property
     def output_dir(self) -> Path | None:
         return self.config.output_dir
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names in use: the config's, else (from fit on) the training dataset's ``classes``; checkpoints
+        record them as the config's."""
+        names = self.config.class_names if self.config.class_names is not None else self._dataset_class_names
+        return list(names) if names is not None else None
 
     def _weighted_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         weight = torch.tensor(self.config.class_weights, dtype=torch.float32)
@@ -385,8 +391,8 @@ class Engine:
                 f"patience={self.config.patience} stops on a validation metric: pass val_loader (the CLI: --val "
                 "or --val-fraction), or drop patience"
             )
-        if self.class_names is None:
-            self.class_names = _dataset_classes(train_loader.dataset)
+        if self.config.class_names is None:
+            self._dataset_class_names = _dataset_classes(train_loader.dataset)
         self._setup(train_loader.batch_size or 1)
         weights = self._prepare_imbalance(train_loader)
         cfg = self.config
@@ -633,7 +639,7 @@ class Engine:
             return None
         return {
             "version": CHECKPOINT_VERSION,
-            "config": self.config.to_dict(),
+            "config": {**self.config.to_dict(), "class_names": self.class_names},
             "resolved": self.resolved.to_dict(),
             "trainable": trainable,
             "optimizer": optim,

@@ -160,6 +160,19 @@ def test_checkpoints_hold_the_config_and_state_as_plain_data(tmp_path):
     assert loaded.config == dataclasses.replace(engine.config, output_dir=None)
 
 
+def test_class_names_found_in_the_training_dataset_are_checkpointed_and_loaded(tmp_path):
+    class Named(TensorDataset):
+        classes = ["normal", "effusion", "nodule", "mass"]
+
+    images, labels = learnable_task()
+    engine = Engine(model(), epochs=1, progress=False, output_dir=tmp_path)
+    engine.fit(DataLoader(Named(images, labels), batch_size=8))
+    assert engine.class_names == Named.classes and engine.config.class_names is None  # found, not configured
+    assert fastprompt.read_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]["class_names"] == Named.classes
+    loaded = Engine.load(tmp_path / "checkpoints" / "last.pt", model())
+    assert loaded.class_names == Named.classes  # evaluate names the classes without the training dataset
+
+
 def test_train_state_reads_the_dict_it_replaced():
     old = {"epoch": 1, "step_in_epoch": 2, "global_step": 6, "best": {"metric": "val_auc", "value": 0.5, "epoch": 1}}
     state = TrainState.from_dict(old)  # a checkpoint written before the first epoch ended had no stale_epochs
